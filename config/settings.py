@@ -1,0 +1,214 @@
+"""The one source of configuration: environment variables ``IMGSYNC_*`` and a ``.env`` file.
+
+Precedence (highest first): explicit keyword arguments (tests, the CLI), environment variables,
+the ``.env`` file in the working directory, the defaults below. Every default serves the embedded
+mode (no servers to install), rooted at ``IMGSYNC_HOME``.
+
+Sub-systems get frozen views (``Settings.encoder``, ``Settings.batching`` ...) passed by keyword;
+nothing outside this module reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = [
+    "BatchConfig",
+    "EncoderConfig",
+    "FetchConfig",
+    "ImagingConfig",
+    "QueueNames",
+    "Settings",
+    "DEFAULT_MODEL",
+]
+
+#: The serving model of a fresh install: a real pretrained CLIP.
+DEFAULT_MODEL = "open_clip:ViT-B-32@openai"
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What the encoder factory needs."""
+
+    spec: str
+    device: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Micro-batching of the encode queue."""
+
+    max_size: int
+    wait_seconds: float
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Limits for fetching image bytes."""
+
+    max_bytes: int
+    file_roots: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class ImagingConfig:
+    """Limits for decoding images."""
+
+    max_pixels: int
+    min_side: int
+
+
+@dataclass(frozen=True)
+class QueueNames:
+    """Celery queue names, one per pipeline stage."""
+
+    preprocess: str
+    encode: str
+    sku: str
+
+    def all(self) -> tuple[str, str, str]:
+        return (self.preprocess, self.encode, self.sku)
+
+
+class Settings(BaseSettings):
+    """imgsync settings. Each field is the environment variable ``IMGSYNC_<FIELD>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IMGSYNC_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        frozen=True,
+    )
+
+    home: Path = Field(
+        Path(".imgsync"),
+        description="Directory for embedded-mode data: broker, state DB, Milvus Lite data, pixel store.",
+    )
+    broker_url: str = Field(
+        "",
+        description="Celery broker URL (redis://, amqp://). Empty: a SQLite file under IMGSYNC_HOME.",
+    )
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL of the worker state (ledger). Empty: SQLite file under IMGSYNC_HOME.",
+    )
+    catalog_url: str = Field(
+        "", description="SQLAlchemy URL of the product catalog database. Empty: same as IMGSYNC_DATABASE_URL."
+    )
+    milvus_uri: str = Field(
+        "",
+        description="Milvus URI (http://host:19530). Empty: the embedded Milvus Lite server under IMGSYNC_HOME.",
+    )
+    milvus_token: str = Field("", description="Milvus token (user:password), if the server needs one.")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Model spec <backend>:<name>[@<weights>]; backends open_clip, tiny.",
+    )
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Inference precision on CUDA (CPU always runs fp32)."
+    )
+    batch_max: int = Field(32, ge=1, le=4096, description="Encode micro-batch: flush at this many images.")
+    batch_wait_ms: int = Field(
+        200, ge=1, le=60_000, description="Encode micro-batch: flush after this many ms when not full."
+    )
+    max_image_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024, description="Largest image file accepted, in bytes."
+    )
+    max_image_pixels: int = Field(
+        100_000_000, ge=1, description="Largest decoded image accepted, in pixels (bomb guard)."
+    )
+    min_image_side: int = Field(8, ge=1, description="Images with a side shorter than this are refused.")
+    file_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Local folders file:// URIs may read from (comma-separated). Empty: any local path.",
+    )
+    queue_preprocess: str = Field("preprocess", description="Queue name of the preprocess stage.")
+    queue_encode: str = Field("encode", description="Queue name of the encode stage.")
+    queue_sku: str = Field("sku", description="Queue name of the SKU refresh stage.")
+    worker_concurrency: int = Field(
+        0, ge=0, le=256, description="Prefork processes of a CPU worker. 0: one per CPU core."
+    )
+    max_retries: int = Field(5, ge=0, le=100, description="Retries of a transient failure before giving up.")
+    s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto). Empty: AWS default.")
+    sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus exporter port. 0: disabled.")
+
+    @field_validator("file_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    # --- derived values -------------------------------------------------------------------------
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when the broker is the SQLite file under ``home``."""
+        return not self.broker_url
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.home / 'broker.db'}"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'state.db'}"
+
+    @property
+    def effective_catalog_url(self) -> str:
+        return self.catalog_url or self.effective_database_url
+
+    @property
+    def pixel_dir(self) -> Path:
+        return self.home / "pixels"
+
+    @property
+    def milvus_data_dir(self) -> Path:
+        return self.home / "milvus"
+
+    @property
+    def encoder(self) -> EncoderConfig:
+        return EncoderConfig(spec=self.model, device=self.device, precision=self.precision)
+
+    @property
+    def batching(self) -> BatchConfig:
+        return BatchConfig(max_size=self.batch_max, wait_seconds=self.batch_wait_ms / 1000.0)
+
+    @property
+    def fetch(self) -> FetchConfig:
+        return FetchConfig(
+            max_bytes=self.max_image_bytes,
+            file_roots=tuple(p.expanduser().resolve() for p in self.file_roots),
+        )
+
+    @property
+    def imaging(self) -> ImagingConfig:
+        return ImagingConfig(max_pixels=self.max_image_pixels, min_side=self.min_image_side)
+
+    @property
+    def queues(self) -> QueueNames:
+        return QueueNames(preprocess=self.queue_preprocess, encode=self.queue_encode, sku=self.queue_sku)
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``IMGSYNC_*`` variables, to hand to a child process."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value = ",".join(str(v) for v in value)
+            env[f"IMGSYNC_{name.upper()}"] = str(value)
+        return env

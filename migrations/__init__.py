@@ -1,0 +1,1 @@
+"""Alembic migrations of the worker state (ledger) and the reference catalog schema."""

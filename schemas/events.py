@@ -1,0 +1,130 @@
+"""The one event contract every source produces: :class:`ImageEvent`."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "Action",
+    "CropBox",
+    "ImageEvent",
+    "image_id_for",
+    "normalize_uri",
+    "normalize_version",
+    "path_from_uri",
+    "VERSION_WIDTH",
+]
+
+#: Width versions are left-padded to, so that string order is numeric order.
+VERSION_WIDTH = 40
+
+_SCHEMES = ("file", "s3", "http", "https")
+
+
+class Action(StrEnum):
+    upsert = "upsert"
+    delete = "delete"
+
+
+class CropBox(BaseModel):
+    """A crop given by the catalog, in normalized coordinates of the (EXIF-rotated) image."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    x: float = Field(ge=0.0, le=1.0)
+    y: float = Field(ge=0.0, le=1.0)
+    w: float = Field(gt=0.0, le=1.0)
+    h: float = Field(gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _inside(self) -> CropBox:
+        if self.x + self.w > 1.0 + 1e-9 or self.y + self.h > 1.0 + 1e-9:
+            raise ValueError(f"crop box {self.x},{self.y},{self.w},{self.h} reaches outside the image")
+        return self
+
+
+def normalize_uri(value: str) -> str:
+    """Canonical form of an image location: ``file:///abs/path``, ``s3://b/k`` or ``http(s)://…``.
+
+    Raises:
+        ValueError: an unknown scheme or an empty location.
+    """
+    value = value.strip()
+    if not value:
+        raise ValueError("empty image uri")
+    parsed = urlparse(value)
+    if parsed.scheme in _SCHEMES:
+        if parsed.scheme == "file":
+            return Path(unquote(parsed.path)).resolve().as_uri()
+        if not parsed.netloc:
+            raise ValueError(f"uri {value!r} has no host or bucket")
+        return value
+    if parsed.scheme and len(parsed.scheme) > 1:  # a Windows drive letter is not a scheme
+        raise ValueError(f"uri {value!r} has scheme {parsed.scheme!r}; expected one of {', '.join(_SCHEMES)}")
+    return Path(value).expanduser().resolve().as_uri()
+
+
+def path_from_uri(uri: str) -> Path:
+    """The local path of a ``file://`` uri."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise ValueError(f"{uri!r} is not a file:// uri")
+    return Path(unquote(parsed.path))
+
+
+def image_id_for(uri: str) -> str:
+    """The stable primary key of an image: a hash of its normalized uri."""
+    return hashlib.blake2b(uri.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def normalize_version(value: str | int) -> str:
+    """A version (S3 sequencer hex, catalog timestamp in µs, event id) as a sortable string."""
+    text = str(value).strip().upper()
+    if not text or not all(c in "0123456789ABCDEF" for c in text):
+        raise ValueError(f"version {value!r} must be a decimal or hexadecimal number")
+    if len(text) > VERSION_WIDTH:
+        raise ValueError(f"version {value!r} is longer than {VERSION_WIDTH} digits")
+    return text.rjust(VERSION_WIDTH, "0")
+
+
+class ImageEvent(BaseModel):
+    """One change to one catalog image, whatever its source."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    uri: str
+    sku: str = Field(min_length=1, max_length=256)
+    action: Action = Action.upsert
+    version: str = Field(default_factory=lambda: normalize_version(time.time_ns()))
+    crop: CropBox | None = None
+    event_time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    source: str = Field("cli", max_length=32)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return normalize_uri(value)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: object) -> str:
+        return normalize_version(value)  # type: ignore[arg-type]
+
+    @field_validator("sku")
+    @classmethod
+    def _sku(cls, value: str) -> str:
+        value = value.strip()
+        if not value or any(ord(c) < 32 for c in value):
+            raise ValueError(f"sku {value!r} is empty or has control characters")
+        return value
+
+    @property
+    def image_id(self) -> str:
+        return image_id_for(self.uri)

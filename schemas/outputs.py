@@ -1,0 +1,46 @@
+"""JSON documents printed by the CLI's ``--json`` mode (the public contract in DESIGN.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = ["IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
+
+
+class IndexResult(BaseModel):
+    uri: str
+    image_id: str
+    sku: str
+    outcome: Literal["indexed", "unchanged", "failed", "pending"]
+    reason: str | None = None
+
+
+class IndexOutput(BaseModel):
+    results: list[IndexResult]
+
+
+class SearchHit(BaseModel):
+    uri: str | None = None
+    image_id: str | None = None
+    sku: str
+    score: float = Field(description="cosine similarity")
+
+
+class SearchOutput(BaseModel):
+    hits: list[SearchHit]
+
+
+class StatusOutput(BaseModel):
+    ready: bool
+    milvus_uri: str
+    model_id: str | None = Field(description="model serving search (alias target), if any")
+    configured_model: str
+    broker_url: str
+    database_url: str
+    queues: dict[str, int | None]
+    ledger: dict[str, int]
+    skus: int
+    dirty_skus: int
+    errors: list[str] = Field(default_factory=list)

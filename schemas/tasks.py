@@ -1,0 +1,41 @@
+"""Task payloads: what travels in a Celery message (JSON only, validated at both ends)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.events import ImageEvent
+
+__all__ = ["PreprocessPayload", "EncodePayload", "SkuRefreshPayload"]
+
+
+class PreprocessPayload(BaseModel):
+    """Fetch, decode and normalize one image; hand its pixels to the encode stage."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event: ImageEvent
+    request_id: str = ""
+    attempt: int = Field(0, ge=0)
+    force: bool = False  # re-encode even when content, model and preprocessing are unchanged
+
+
+class EncodePayload(BaseModel):
+    """Encode one preprocessed image whose pixels wait in the pixel store under ``pixel_key``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    event: ImageEvent
+    request_id: str = ""
+    content_hash: str
+    pixel_key: str
+    attempt: int = Field(0, ge=0)
+
+
+class SkuRefreshPayload(BaseModel):
+    """Recompute the aggregate vector of one SKU."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sku: str
+    attempt: int = Field(0, ge=0)

@@ -1,0 +1,53 @@
+"""The three pipeline tasks. Each validates its payload (in the base class) and calls one function."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery_batches import Batches
+from pydantic import ValidationError
+
+from config.settings import BatchConfig
+from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
+from tasks.base import ImageTask, SkuTask
+from worker import pipeline
+from worker.celery_app import app, dispatcher, runtime
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU
+
+__all__ = ["preprocess", "encode", "refresh_sku", "apply_batching"]
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=TASK_PREPROCESS, base=ImageTask, bind=False)
+def preprocess(payload: PreprocessPayload) -> str:
+    return pipeline.preprocess(runtime(), dispatcher(), payload)
+
+
+@app.task(name=TASK_ENCODE, base=Batches, flush_every=32, flush_interval=0.2, acks_late=True)
+def encode(requests: list[Any]) -> dict[str, int]:
+    payloads: list[EncodePayload] = []
+    for req in requests:
+        try:
+            payloads.append(EncodePayload.model_validate(req.args[0]))
+        except (ValidationError, IndexError, TypeError) as exc:
+            log.error("encode: invalid payload dropped (task %s): %s", req.id, exc)
+    try:
+        return pipeline.encode_batch(runtime(), dispatcher(), payloads).__dict__
+    except Exception:  # noqa: BLE001 - encode_batch handles item faults; this is the ledger/broker itself
+        log.exception("encode: batch of %d could not be processed: re-publishing", len(payloads))
+        pipeline.republish_encode(dispatcher(), runtime().settings.max_retries, payloads)
+        return {"indexed": 0, "skipped": 0, "retried": len(payloads), "failed": 0}
+
+
+@app.task(name=TASK_REFRESH_SKU, base=SkuTask, bind=False)
+def refresh_sku(payload: SkuRefreshPayload) -> str:
+    return pipeline.refresh_sku(runtime(), payload.sku)
+
+
+def apply_batching(cfg: BatchConfig) -> None:
+    """Set the micro-batch limits from settings (celery-batches reads them at flush time)."""
+    task = app.tasks[TASK_ENCODE]
+    task.flush_every = cfg.max_size
+    task.flush_interval = cfg.wait_seconds

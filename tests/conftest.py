@@ -1,0 +1,90 @@
+"""Shared fixtures. Services (PostgreSQL, Redis, Milvus Lite server) are real; a missing one fails
+the test run instead of skipping it."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from config.settings import Settings
+from tests.helpers import photo
+
+#: PostgreSQL of this machine and CI (trust auth); override with IMGSYNC_TEST_PG.
+PG_ADMIN_DSN = os.environ.get("IMGSYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("IMGSYNC_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No IMGSYNC_* from the developer's shell leaks into a test."""
+    for key in list(os.environ):
+        if key.startswith("IMGSYNC_") and not key.startswith("IMGSYNC_TEST_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path):
+    """Settings for an embedded home under tmp_path (no .env file)."""
+
+    def _make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"home": tmp_path / "home", "model": "tiny"}
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session (dropped at the end)."""
+    import psycopg
+
+    name = f"imgsync_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Milvus Lite server shared by the session (tests use their own model ids / names)."""
+    from worker.index import LiteServer
+
+    server = LiteServer(tmp_path_factory.mktemp("milvus-session") / "milvus")
+    server.start()
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    from worker.encoders import create_encoder
+
+    return create_encoder("tiny").load()
+
+
+@pytest.fixture
+def catalog(tmp_path: Path):
+    """Write a catalog ``<root>/<sku>/<n>.jpg``: ``n_skus`` SKUs × ``per_sku`` images of varied sizes."""
+
+    def _make(n_skus: int = 5, per_sku: int = 4, root: Path | None = None) -> Path:
+        root = root or tmp_path / "catalog"
+        sizes = [(320, 240), (240, 320), (500, 500), (97, 211), (640, 180), (150, 150)]
+        k = 0
+        for s in range(n_skus):
+            for i in range(per_sku):
+                w, h = sizes[k % len(sizes)]
+                path = root / f"SKU-{s + 1}" / f"{i + 1}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                photo(w, h, seed=1000 * s + i).save(path, quality=90)
+                k += 1
+        return root
+
+    return _make

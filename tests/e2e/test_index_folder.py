@@ -1,0 +1,196 @@
+"""End to end on the embedded default: real Celery worker processes on the SQLite broker, a real
+Milvus Lite server, the ``imgsync index`` CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config.settings import Settings
+from schemas.events import image_id_for, normalize_uri
+from schemas.outputs import IndexOutput
+from tests.helpers import reference_open_clip
+from worker.cli.stack import worker_command
+from worker.index import IMAGES_ALIAS, SKUS_ALIAS, LiteServer, MilvusStore
+from worker.ledger import Ledger, make_engine
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    """A Milvus Lite server of its own and two worker processes (CPU queues, encode queue)."""
+    home = tmp_path_factory.mktemp("e2e") / "home"
+    server = LiteServer(home.parent / "milvus")
+    uri = server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
+    env.update(
+        IMGSYNC_HOME=str(home),
+        IMGSYNC_MODEL="tiny",
+        IMGSYNC_MILVUS_URI=uri,
+        IMGSYNC_BATCH_MAX="8",
+        IMGSYNC_BATCH_WAIT_MS="100",
+        IMGSYNC_WORKER_CONCURRENCY="2",
+    )
+    subprocess.run(
+        [sys.executable, "-m", "worker.cli", "db", "upgrade"], env=env, check=True, capture_output=True
+    )
+    logs = home.parent / "logs"
+    logs.mkdir()
+    procs = []
+    for name, queues in (("cpu", "preprocess,sku"), ("encode", "encode")):
+        with (logs / f"{name}.log").open("wb") as fh:
+            procs.append(subprocess.Popen(worker_command(queues), env=env, stdout=fh, stderr=subprocess.STDOUT))
+    settings = Settings(_env_file=None, home=home, model="tiny", milvus_uri=uri)  # type: ignore[call-arg]
+    yield {"env": env, "uri": uri, "settings": settings, "logs": logs}
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    server.stop()
+
+
+def run_cli(stack: dict, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT + 30,
+    )
+
+
+def index_json(stack: dict, *args: str) -> tuple[int, IndexOutput]:
+    proc = run_cli(stack, "index", *args, "--wait", "--json", "--timeout", str(TIMEOUT))
+    assert proc.stdout.strip(), f"no JSON on stdout; stderr:\n{proc.stderr[-3000:]}"
+    return proc.returncode, IndexOutput.model_validate_json(proc.stdout)
+
+
+def wait_skus_clean(settings: Settings, timeout: float = 60) -> None:
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    deadline = time.monotonic() + timeout
+    while ledger.sku_counts()[1] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ledger.sku_counts()[1] == 0, "SKU refreshes did not settle"
+
+
+def test_folder_indexes_end_to_end(stack: dict, catalog) -> None:
+    """20 images over 5 SKUs: vectors equal open_clip's own, SKU means exact, search finds each image,
+    ledger says indexed, a second process reads while workers write, and a re-run encodes nothing."""
+    root = catalog(n_skus=5, per_sku=4)
+    files = sorted(root.rglob("*.jpg"))
+    assert len(files) == 20
+    store = MilvusStore(stack["uri"])
+
+    seen_counts: list[int] = []
+    reader_errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:  # a second process (this one) reads while the workers write
+        from pymilvus import MilvusClient
+
+        client = MilvusClient(uri=stack["uri"])
+        while not stop.is_set():
+            try:
+                if IMAGES_ALIAS in client.list_aliases().get("aliases", []):
+                    res = client.query(IMAGES_ALIAS, filter="", output_fields=["count(*)"], consistency_level="Strong")
+                    seen_counts.append(int(res[0]["count(*)"]))
+            except BaseException as exc:  # noqa: BLE001
+                reader_errors.append(exc)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    code, out = index_json(stack, str(root))
+    stop.set()
+    t.join(5)
+
+    assert code == 0, out
+    assert len(out.results) == 20
+    assert {r.outcome for r in out.results} == {"indexed"}
+    assert {r.sku for r in out.results} == {f"SKU-{i}" for i in range(1, 6)}
+    assert not reader_errors, reader_errors[:3]
+    assert seen_counts and seen_counts[-1] == 20
+
+    # each vector equals open_clip's reference encoding of the same file
+    reference = reference_open_clip("imgsync-tiny")
+    ids = [image_id_for(normalize_uri(str(f))) for f in files]
+    rows = {r["image_id"]: r for r in store.get_images(IMAGES_ALIAS, ids)}
+    assert set(rows) == set(ids)
+    ref = reference([Image.open(f).convert("RGB") for f in files])
+    for f, image_id, ref_vec in zip(files, ids, ref, strict=True):
+        got = np.asarray(rows[image_id]["vector"], dtype=np.float32)
+        assert abs(float(np.linalg.norm(got)) - 1.0) < 1e-5
+        assert float(got @ ref_vec) >= 0.9999, f
+        assert rows[image_id]["sku"] == f.parent.name
+
+    # each SKU vector is the normalized mean of its images' vectors
+    wait_skus_clean(stack["settings"])
+    skus = {r["sku"]: r for r in store.get_skus(SKUS_ALIAS, [f"SKU-{i}" for i in range(1, 6)])}
+    assert len(skus) == 5
+    for sku, row in skus.items():
+        members = [rows[i]["vector"] for f, i in zip(files, ids, strict=True) if f.parent.name == sku]
+        mean = np.mean(np.asarray(members, dtype=np.float64), axis=0)
+        mean /= np.linalg.norm(mean)
+        np.testing.assert_allclose(np.asarray(row["vector"]), mean, atol=1e-5)
+        assert row["image_count"] == 4
+
+    # an image query returns that image first (through the CLI, JSON)
+    query = files[7]
+    proc = run_cli(stack, "search", "--image", str(query), "--json", "--limit", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hits = json.loads(proc.stdout)["hits"]
+    assert hits[0]["uri"] == normalize_uri(str(query))
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    # the ledger says indexed
+    ledger = Ledger(make_engine(stack["settings"].effective_database_url))
+    ledger_rows = ledger.rows(ids)
+    assert {r.state for r in ledger_rows.values()} == {"indexed"}
+    assert all(r.content_hash and r.model_id for r in ledger_rows.values())
+
+    # re-indexing the same files encodes nothing
+    before = {i: rows[i]["indexed_at"] for i in ids}
+    code, again = index_json(stack, str(root))
+    assert code == 0
+    assert {r.outcome for r in again.results} == {"unchanged"}
+    after = {r["image_id"]: r["indexed_at"] for r in store.get_images(IMAGES_ALIAS, ids)}
+    assert after == before
+    assert {i: r.state for i, r in ledger.rows(ids).items()} == {i: "indexed" for i in ids}
+    store.close()
+
+
+def test_bad_file_is_failed_with_reason_and_batch_mates_indexed(stack: dict, tmp_path: Path, catalog) -> None:
+    """An HTML page saved as .jpg and a truncated JPEG fail with their reason codes; the good images in
+    the same run are indexed; exit status 1."""
+    root = catalog(n_skus=1, per_sku=3, root=tmp_path / "mixed")
+    bad_html = root / "SKU-1" / "error-page.jpg"
+    bad_html.write_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")
+    good = root / "SKU-1" / "1.jpg"
+    truncated = root / "SKU-1" / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:600])
+    code, out = index_json(stack, str(root), "--sku", "MIXED-1")
+    by_name = {Path(r.uri).name: r for r in out.results}
+    assert code == 1
+    assert by_name["error-page.jpg"].outcome == "failed"
+    assert by_name["error-page.jpg"].reason == "unsupported_format"
+    assert by_name["truncated.jpg"].outcome == "failed"
+    assert by_name["truncated.jpg"].reason in ("truncated", "corrupt")
+    assert [by_name[f"{i}.jpg"].outcome for i in (1, 2, 3)] == ["indexed"] * 3
+    ledger = Ledger(make_engine(stack["settings"].effective_database_url))
+    row = ledger.get(by_name["error-page.jpg"].image_id)
+    assert row is not None and row.state == "failed" and row.reason == "unsupported_format"

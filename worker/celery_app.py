@@ -1,0 +1,98 @@
+"""The Celery app: JSON only, routes per stage, late acks. Configured at the entry point
+(``configure``), never at import time."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from config.settings import Settings
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU, Dispatcher
+from worker.runtime import Runtime
+
+__all__ = ["app", "configure", "runtime", "dispatcher", "settings"]
+
+log = logging.getLogger(__name__)
+
+app = Celery("imgsync")
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    event_serializer="json",
+)
+
+#: seconds between polls of the embedded (SQLite) broker; kombu's default of 1 s makes every task
+#: take about a second (see FACTS.md)
+EMBEDDED_POLLING_INTERVAL = 0.05
+
+_state: dict[str, object] = {}
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the app at the broker and queues of ``settings`` and remember them for this process."""
+    queues = settings.queues
+    conf = {
+        "broker_url": settings.effective_broker_url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_default_queue": queues.preprocess,
+        "task_routes": {
+            TASK_PREPROCESS: {"queue": queues.preprocess},
+            TASK_ENCODE: {"queue": queues.encode},
+            TASK_REFRESH_SKU: {"queue": queues.sku},
+        },
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        # longer than the longest retry delay, so a delayed message is not redelivered early (Redis)
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "timezone": "UTC",
+    }
+    if settings.embedded_broker:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        import kombu.transport.sqlalchemy as sqla_transport
+
+        # kombu passes broker_transport_options to create_engine for this transport
+        conf["broker_transport_options"] = {}
+        sqla_transport.Transport.polling_interval = EMBEDDED_POLLING_INTERVAL
+    app.conf.update(conf)
+    from tasks import pipeline as task_module  # registers the tasks on ``app``
+
+    task_module.apply_batching(settings.batching)
+    _state["settings"] = settings
+    _state.pop("runtime", None)
+    return app
+
+
+def settings() -> Settings:
+    """The settings of this process (built from the environment on first use in a bare worker)."""
+    if "settings" not in _state:
+        configure(Settings())
+    return _state["settings"]  # type: ignore[return-value]
+
+
+def runtime() -> Runtime:
+    if "runtime" not in _state:
+        _state["runtime"] = Runtime(settings())
+    return _state["runtime"]  # type: ignore[return-value]
+
+
+def dispatcher() -> Dispatcher:
+    return Dispatcher(app, settings().queues)
+
+
+@worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    rt = _state.get("runtime")
+    if isinstance(rt, Runtime):
+        rt.reset_after_fork()

@@ -1,0 +1,1 @@
+"""The ``imgsync`` command line."""

@@ -1,0 +1,149 @@
+"""What every CLI command shares: settings from the callback, error → exit code, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+from config.settings import Settings
+from worker.errors import ConfigError, ServiceUnavailable
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_FAILURES",
+    "EXIT_USAGE",
+    "EXIT_UNREACHABLE",
+    "State",
+    "console",
+    "err_console",
+    "emit_json",
+    "handle_errors",
+    "milvus_session",
+    "ensure_schema",
+]
+
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("imgsync")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class State:
+    """Per-invocation state set by the CLI callback."""
+
+    settings: Settings | None = None
+    debug: bool = False
+
+
+def settings_from(ctx: typer.Context) -> Settings:
+    state: State = ctx.obj
+    if state.settings is None:
+        try:
+            state.settings = Settings()
+        except ValidationError as exc:
+            raise ConfigError(_settings_error(exc)) from exc
+    return state.settings
+
+
+def _settings_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = "_".join(str(p) for p in err["loc"]).upper()
+        parts.append(f"IMGSYNC_{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def handle_errors(fn: F) -> F:
+    """Expected errors become one line on stderr and an exit code; ``--debug`` shows the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = kwargs.get("ctx") or (args[0] if args and isinstance(args[0], typer.Context) else None)
+        debug = bool(ctx and ctx.obj and ctx.obj.debug)
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            _fail(exc, EXIT_USAGE, debug)
+        except ServiceUnavailable as exc:
+            _fail(exc, EXIT_UNREACHABLE, debug)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(exc: Exception, code: int, debug: bool) -> None:
+    if debug:
+        err_console.print_exception()
+    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(code)
+
+
+def emit_json(doc: BaseModel | dict[str, Any]) -> None:
+    """One JSON document on stdout, nothing else there."""
+    if isinstance(doc, BaseModel):
+        text = doc.model_dump_json()
+    else:
+        text = json.dumps(doc, default=str)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def ensure_schema(settings: Settings) -> None:
+    """Embedded mode upgrades its own SQLite state; a production database must be upgraded on purpose
+    (``imgsync db upgrade``) and is only checked here."""
+    from worker.ledger.db import current_revision, upgrade
+
+    if not settings.database_url:
+        upgrade(settings.effective_database_url)
+        return
+    try:
+        rev = current_revision(settings.effective_database_url)
+    except Exception as exc:  # noqa: BLE001
+        raise ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", settings.effective_database_url, str(exc)) from exc
+    if rev is None:
+        raise ConfigError("the state database has no schema yet: run `imgsync db upgrade` (IMGSYNC_DATABASE_URL)")
+
+
+@contextmanager
+def milvus_session(settings: Settings) -> Iterator[str]:
+    """A Milvus URI for the duration of a command: the configured one, the running embedded server,
+    or a temporary embedded server started (and flushed and stopped) just for this command."""
+    from worker.index import LiteServer, MilvusStore, running_server_uri
+
+    if settings.milvus_uri:
+        yield settings.milvus_uri
+        return
+    uri = running_server_uri(settings.milvus_data_dir)
+    if uri:
+        yield uri
+        return
+    server = LiteServer(settings.milvus_data_dir)
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        store = MilvusStore(server.uri)
+        try:
+            store.flush()
+        except Exception:  # noqa: BLE001 - best effort before stopping
+            log.debug("flush before stop failed", exc_info=True)
+        finally:
+            store.close()
+            server.stop()

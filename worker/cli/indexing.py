@@ -1,0 +1,148 @@
+"""``imgsync index``: turn paths/URIs into events, publish them, and follow them to their outcome."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from config.settings import Settings
+from schemas.events import ImageEvent
+from schemas.outputs import IndexResult
+from schemas.tasks import PreprocessPayload
+from worker.errors import ConfigError
+from worker.ledger import Ledger, make_engine
+
+__all__ = ["collect_events", "publish", "wait_for", "IMAGE_SUFFIXES"]
+
+#: File name endings picked up when a folder is indexed (the bytes decide the format later).
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".avif", ".heic", ".heif"}
+)
+
+#: seconds between polls of the ledger while waiting
+POLL_SECONDS = 0.25
+
+
+def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
+    """Events for files, folders laid out ``<sku>/<image>``, and ``s3://`` / ``http(s)://`` URIs.
+
+    Raises:
+        ConfigError: a path that does not exist, or an image whose SKU cannot be told.
+    """
+    events: dict[str, ImageEvent] = {}
+    for target in targets:
+        for uri, image_sku in _expand(target, sku):
+            ev = ImageEvent(uri=uri, sku=image_sku, source="cli")
+            events.setdefault(ev.image_id, ev)
+    return list(events.values())
+
+
+def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
+    parsed = urlparse(target)
+    if parsed.scheme in ("s3", "http", "https"):
+        parts = [p for p in parsed.path.split("/") if p]
+        image_sku = sku or (parts[-2] if len(parts) >= 2 else None)
+        if not image_sku:
+            raise ConfigError(f"{target}: cannot tell its SKU from the key; pass --sku")
+        yield target, image_sku
+        return
+    path = Path(target[7:] if target.startswith("file://") else target).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{target}: no such file or folder")
+    if path.is_file():
+        yield str(path.resolve()), sku or path.resolve().parent.name
+        return
+    root = path.resolve()
+    for file in sorted(root.rglob("*")):
+        if not file.is_file() or file.suffix.lower() not in IMAGE_SUFFIXES or file.name.startswith("."):
+            continue
+        rel = file.relative_to(root)
+        if sku:
+            yield str(file), sku
+        elif len(rel.parts) >= 2:
+            yield str(file), rel.parts[0]
+        else:
+            raise ConfigError(
+                f"{file}: images directly in {root} have no SKU folder (layout <sku>/<image>); pass --sku"
+            )
+
+
+def publish(settings: Settings, events: Sequence[ImageEvent], *, force: bool = False) -> str:
+    """Publish preprocess tasks for ``events``; returns the request id that tags them in the ledger."""
+    from worker.celery_app import configure, dispatcher
+
+    configure(settings)
+    request_id = uuid.uuid4().hex
+    dispatcher().preprocess_many(
+        [PreprocessPayload(event=ev, request_id=request_id, force=force) for ev in events]
+    )
+    return request_id
+
+
+def wait_for(
+    settings: Settings,
+    events: Sequence[ImageEvent],
+    request_id: str,
+    *,
+    timeout: float | None = None,
+    show_progress: bool = True,
+    label: str = "indexing",
+) -> list[IndexResult]:
+    """Follow each event in the ledger until it has an outcome (or ``timeout`` seconds pass)."""
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    by_id = {ev.image_id: ev for ev in events}
+    done: dict[str, IndexResult] = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    from worker.cli.common import err_console
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+        disable=not show_progress,
+    )
+    try:
+        with progress:
+            task = progress.add_task(label, total=len(by_id), failed=0)
+            while len(done) < len(by_id):
+                pending = [i for i in by_id if i not in done]
+                for image_id, row in ledger.rows(pending).items():
+                    outcome = None
+                    if row.request_id == request_id and row.outcome:
+                        outcome = row.outcome
+                    elif row.version > by_id[image_id].version and row.state != "pending":
+                        # a newer event for the image overtook ours: report where it stands now
+                        outcome = "indexed" if row.state in ("indexed", "deleted") else row.state
+                    if outcome:
+                        ev = by_id[image_id]
+                        done[image_id] = IndexResult(
+                            uri=ev.uri,
+                            image_id=image_id,
+                            sku=ev.sku,
+                            outcome=outcome,  # type: ignore[arg-type]
+                            reason=row.reason if outcome == "failed" else None,
+                        )
+                failed = sum(r.outcome == "failed" for r in done.values())
+                progress.update(task, completed=len(done), failed=failed)
+                if len(done) == len(by_id) or (deadline is not None and time.monotonic() > deadline):
+                    break
+                time.sleep(POLL_SECONDS)
+    finally:
+        ledger.engine.dispose()
+    results = []
+    for image_id, ev in by_id.items():
+        results.append(
+            done.get(image_id)
+            or IndexResult(uri=ev.uri, image_id=image_id, sku=ev.sku, outcome="pending", reason=None)
+        )
+    return results

@@ -1,0 +1,330 @@
+"""The ``imgsync`` command line (typer + rich). Exit codes: 0 success, 1 the command ran and found or
+produced failures, 2 usage or configuration error, 3 a required service is unreachable."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from schemas.outputs import IndexOutput, SearchHit, SearchOutput, StatusOutput
+from worker.cli.common import (
+    EXIT_FAILURES,
+    State,
+    console,
+    emit_json,
+    ensure_schema,
+    err_console,
+    handle_errors,
+    milvus_session,
+    settings_from,
+)
+from worker.errors import ConfigError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="imgsync",
+    help="Keep a Milvus vector index in sync with a product catalog's images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="State database (ledger) schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    state = State()
+    state.debug = debug
+    ctx.obj = state
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# --- db ----------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+@handle_errors
+def db_upgrade(ctx: typer.Context) -> None:
+    """Create or upgrade the state database schema (alembic) to the newest revision."""
+    from worker.ledger.db import upgrade
+
+    settings = settings_from(ctx)
+    rev = upgrade(settings.effective_database_url)
+    err_console.print(f"state database at revision [bold]{rev}[/]")
+
+
+# --- worker / up -------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def worker(
+    ctx: typer.Context,
+    queues: Annotated[str, typer.Option(help="Comma-separated queues: preprocess, encode, sku.")] = "",
+    concurrency: Annotated[int, typer.Option(help="Prefork processes (CPU queues). 0: from settings.")] = 0,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker. The encode queue gets one process (one model per device) with micro-batching;
+    CPU queues get a prefork pool."""
+    from worker.celery_app import configure, runtime
+
+    logging.getLogger().setLevel(loglevel.upper())
+    settings = settings_from(ctx)
+    known = settings.queues.all()
+    chosen = [q.strip() for q in (queues or ",".join(known)).split(",") if q.strip()]
+    unknown = [q for q in chosen if q not in known]
+    if unknown:
+        raise ConfigError(f"--queues: unknown queue(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    ensure_schema(settings)
+    app_ = configure(settings)
+    encode_only = chosen == [settings.queues.encode]
+    if settings.queues.encode in chosen:
+        rt = runtime()
+        rt.encoder.warmup()  # fail fast on a bad model, before taking any message
+        rt.names()  # and on an unreachable Milvus
+        if not encode_only:
+            rt.reset_after_fork()
+    argv = ["worker", "-Q", ",".join(chosen), "--loglevel", loglevel, "-n", f"imgsync-{'-'.join(chosen)}-{os.getpid()}@%h"]
+    if encode_only:
+        # solo pool: the model lives in this process; prefetch enough for a full batch to form
+        argv += ["--pool", "solo", "--prefetch-multiplier", str(max(4, settings.batch_max * 2))]
+    else:
+        conc = concurrency or settings.worker_concurrency or (os.cpu_count() or 1)
+        argv += ["--pool", "prefork", "--concurrency", str(conc)]
+    app_.worker_main(argv)
+
+
+@app.command()
+@handle_errors
+def up(ctx: typer.Context) -> None:
+    """Run the embedded stack in the foreground (Milvus Lite server, workers) until Ctrl-C."""
+    from worker.cli.stack import EmbeddedStack
+    from worker.encoders import create_encoder
+
+    settings = settings_from(ctx)
+    ensure_schema(settings)
+    create_encoder(settings.encoder)  # a malformed spec fails here; weights load in the workers
+    stack = EmbeddedStack(settings)
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    uri = stack.start()
+    console.print(
+        f"[bold green]imgsync up[/]: Milvus {uri}, model {settings.model}, data {settings.home}, "
+        f"logs {stack.log_dir}. Ctrl-C stops."
+    )
+    try:
+        while not stopping:
+            if not stack.alive():
+                err_console.print(f"[bold red]a stack process exited; see {stack.log_dir}[/]")
+                raise typer.Exit(EXIT_FAILURES)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping: workers finish their batches, Milvus is flushed …")
+        stack.stop()
+
+
+# --- index -------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def index(
+    ctx: typer.Context,
+    targets: Annotated[list[str], typer.Argument(help="Files, folders (<sku>/<image>), s3:// or http(s):// URIs.")],
+    sku: Annotated[str | None, typer.Option(help="SKU for all given images (default: the parent folder).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the images to their outcome.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-encode even unchanged images.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Enqueue images for indexing; with --wait print one result per image (exit 1 if any failed)."""
+    from worker.cli.indexing import collect_events, publish, wait_for
+
+    settings = settings_from(ctx)
+    ensure_schema(settings)
+    events = collect_events(targets, sku)
+    if not events:
+        raise ConfigError(f"no images found in {', '.join(targets)}")
+    request_id = publish(settings, events, force=force)
+    if not wait:
+        if json_out:
+            emit_json({"request_id": request_id, "queued": len(events)})
+        else:
+            console.print(f"queued {len(events)} image(s) (request {request_id})")
+        return
+    results = wait_for(settings, events, request_id, timeout=timeout, show_progress=not json_out)
+    if json_out:
+        emit_json(IndexOutput(results=results))
+    else:
+        _print_index_results(results)
+    if any(r.outcome in ("failed", "pending") for r in results):
+        raise typer.Exit(EXIT_FAILURES)
+
+
+def _print_index_results(results: list) -> None:  # type: ignore[type-arg]
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    failed = [r for r in results if r.outcome != "indexed" and r.outcome != "unchanged"]
+    if failed:
+        table = Table("outcome", "reason", "sku", "uri", title="not indexed")
+        for r in failed[:50]:
+            table.add_row(r.outcome, r.reason or "", r.sku, r.uri)
+        console.print(table)
+    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+# --- search ------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def search(
+    ctx: typer.Context,
+    image: Annotated[Path | None, typer.Option(help="Query image file.")] = None,
+    text: Annotated[str | None, typer.Option(help="Query text (models with a text tower).")] = None,
+    skus: Annotated[bool, typer.Option("--skus", help="Search SKU aggregate vectors instead of images.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Number of hits.")] = 10,
+    json_out: JsonOpt = False,
+) -> None:
+    """Nearest images (or SKUs) to a query image or text; score is cosine similarity."""
+    from worker.search import run_search
+
+    if (image is None) == (text is None):
+        raise ConfigError("give exactly one of --image FILE or --text TEXT")
+    settings = settings_from(ctx)
+    ensure_schema(settings)
+    with milvus_session(settings) as uri:
+        hits = run_search(settings, uri, image=image, text=text, skus=skus, limit=limit)
+    if json_out:
+        emit_json(SearchOutput(hits=hits))
+        return
+    print_hits(hits, skus=skus)
+
+
+def print_hits(hits: list[SearchHit], *, skus: bool, title: str = "search results") -> None:
+    table = Table("#", "score", "sku", *(() if skus else ("uri",)), title=title)
+    for i, h in enumerate(hits, 1):
+        table.add_row(str(i), f"{h.score:.4f}", h.sku, *(() if skus else (h.uri or "",)))
+    console.print(table)
+
+
+# --- status ------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Is the stack answering; serving model; queue depths; ledger counts by state."""
+    from worker.status import collect_status
+
+    settings = settings_from(ctx)
+    if not settings.database_url:
+        ensure_schema(settings)  # embedded SQLite state: create it rather than report a missing table
+    doc: StatusOutput = collect_status(settings)
+    if json_out:
+        emit_json(doc)
+    else:
+        table = Table("", "", title="imgsync status", show_header=False)
+        table.add_row("ready", "[green]yes[/]" if doc.ready else "[red]no[/]")
+        table.add_row("milvus", doc.milvus_uri)
+        table.add_row("serving model", doc.model_id or "—")
+        table.add_row("configured model", doc.configured_model)
+        table.add_row("queues", ", ".join(f"{k}={'?' if v is None else v}" for k, v in doc.queues.items()))
+        table.add_row("images", ", ".join(f"{k}={v}" for k, v in doc.ledger.items()))
+        table.add_row("skus", f"{doc.skus} ({doc.dirty_skus} awaiting refresh)")
+        for e in doc.errors:
+            table.add_row("[red]error[/]", e)
+        console.print(table)
+    if not doc.ready:
+        raise typer.Exit(3)
+
+
+# --- demo --------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def demo(
+    ctx: typer.Context,
+    images: Annotated[int, typer.Option(min=1, max=100_000, help="Images in the synthetic catalog.")] = 200,
+    skus: Annotated[int, typer.Option(min=1, max=10_000, help="SKUs in the synthetic catalog.")] = 50,
+    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 1800,
+) -> None:
+    """Make a synthetic catalog, start the embedded stack, index it, show a search."""
+    import random
+
+    from worker.cli.demo import choose_demo_model, make_catalog
+    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.stack import EmbeddedStack
+    from worker.encoders import create_encoder
+    from worker.search import run_search
+
+    settings = settings_from(ctx)
+    settings, notice = choose_demo_model(settings)
+    if notice:
+        err_console.print(f"[bold yellow]note:[/] {notice}", highlight=False)
+    ensure_schema(settings)
+    root = settings.home / "demo-catalog"
+    with console.status(f"writing {images} product photos over {min(skus, images)} SKUs to {root} …"):
+        files, queries = make_catalog(root, images, min(skus, images))
+    console.print(f"catalog: {len(files)} images in {root}")
+    with console.status("starting the embedded stack (Milvus Lite server, workers) …"):
+        stack = EmbeddedStack(settings)
+        uri = stack.start()
+    try:
+        events = collect_events([str(root)], None)
+        request_id = publish(settings, events)
+        results = wait_for(settings, events, request_id, timeout=timeout, label="indexing")
+        _print_index_results(results)
+        sku = random.Random(1).choice(sorted(queries))
+        query = queries[sku]
+        encoder = create_encoder(settings.encoder)
+        hits = run_search(settings, uri, image=query, text=None, skus=False, limit=5, encoder=encoder)
+        print_hits(hits, skus=False, title=f"images nearest to a new photo of {sku} ({query.name})")
+        sku_hits = run_search(settings, uri, image=query, text=None, skus=True, limit=3, encoder=encoder)
+        print_hits(sku_hits, skus=True, title="nearest SKUs")
+    finally:
+        with console.status("stopping the stack …"):
+            stack.stop()
+    console.print(
+        f"done. Data stays in {settings.home}: `imgsync up` serves it again, "
+        f"`imgsync search --image FILE` queries it."
+    )
+    if any(r.outcome in ("failed", "pending") for r in results):
+        raise typer.Exit(EXIT_FAILURES)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

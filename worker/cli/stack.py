@@ -1,0 +1,102 @@
+"""The embedded stack: a Milvus Lite server and the Celery workers, as child processes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.settings import Settings
+from worker.index import LiteServer, MilvusStore
+
+__all__ = ["EmbeddedStack", "worker_command"]
+
+log = logging.getLogger(__name__)
+
+
+def worker_command(queues: str, *, concurrency: int | None = None) -> list[str]:
+    """The command line of an ``imgsync worker`` child."""
+    cmd = [sys.executable, "-m", "worker.cli", "worker", "--queues", queues]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
+    return cmd
+
+
+@dataclass
+class EmbeddedStack:
+    """Milvus Lite server + a CPU worker (preprocess, sku) + an encode worker, under ``settings.home``."""
+
+    settings: Settings
+    #: seconds a worker gets to finish its batch after SIGTERM before it is killed
+    stop_timeout: float = 60.0
+    server: LiteServer | None = None
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    log_dir: Path | None = None
+
+    def start(self) -> str:
+        """Start everything; returns the Milvus URI the workers use."""
+        home = self.settings.home
+        home.mkdir(parents=True, exist_ok=True)
+        self.log_dir = home / "logs"
+        self.log_dir.mkdir(exist_ok=True)
+        if self.settings.milvus_uri:
+            uri = self.settings.milvus_uri
+        else:
+            self.server = LiteServer(self.settings.milvus_data_dir, log_file=self.log_dir / "milvus.log")
+            uri = self.server.start()
+        env = {**os.environ, **self.settings.as_env(), "IMGSYNC_MILVUS_URI": uri}
+        q = self.settings.queues
+        cpu = self.settings.worker_concurrency or max(1, min(4, os.cpu_count() or 1))
+        for name, queues, conc in (("cpu", f"{q.preprocess},{q.sku}", cpu), ("encode", q.encode, None)):
+            logf = (self.log_dir / f"worker-{name}.log").open("ab")
+            proc = subprocess.Popen(
+                worker_command(queues, concurrency=conc),
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            logf.close()
+            self.workers.append(proc)
+        return uri
+
+    def alive(self) -> bool:
+        server_ok = self.server is None or (self.server.proc is not None and self.server.proc.poll() is None)
+        return server_ok and all(p.poll() is None for p in self.workers)
+
+    def stop(self) -> None:
+        """Warm-stop the workers (they finish or return their batch), flush Milvus, stop the server."""
+        for p in self.workers:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        for p in self.workers:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop in %ss: killing it", p.pid, self.stop_timeout)
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.workers.clear()
+        if self.server is not None:
+            store = MilvusStore(self.server.uri)
+            try:
+                store.flush()
+            except Exception:  # noqa: BLE001 - best effort; the server is stopped either way
+                log.warning("Milvus flush before stop failed", exc_info=True)
+            finally:
+                store.close()
+            self.server.stop()
+            self.server = None
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

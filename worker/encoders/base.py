@@ -1,0 +1,207 @@
+"""The encoder contract: ``preprocess → encode`` (+ ``encode_text``, ``warmup``), and its data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from schemas.reasons import Reason
+from worker.errors import TransientError
+from worker.imaging.geometry import apply_geometry
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+__all__ = ["Encoder", "ModelSpec", "PreprocessCfg", "l2_normalize"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``<backend>:<name>[@<weights>]``."""
+
+    backend: str
+    name: str
+    weights: str | None = None
+
+    def __str__(self) -> str:
+        base = self.backend if self.backend == "tiny" else f"{self.backend}:{self.name}"
+        return f"{base}@{self.weights}" if self.weights else base
+
+
+@dataclass(frozen=True)
+class PreprocessCfg:
+    """How pixels are prepared for a model, read from the model's own config.
+
+    ``size`` is (height, width); ``resize_mode`` is ``shortest`` (resize the short side, centre
+    crop), ``longest`` (resize the long side, pad with ``fill_color``) or ``squash``.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
+    mode: str = "RGB"
+
+    @property
+    def hash(self) -> str:
+        """A short digest that changes whenever any of the preprocessing changes."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32); all-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+class Encoder(ABC):
+    """An image (and maybe text) embedding model with its preprocessing.
+
+    Subclasses implement ``_load`` (build the torch module on ``self.device``),
+    ``_forward_images`` and, when they have a text tower, ``_forward_text``.
+    """
+
+    #: what the model can embed: "image", and "text" for CLIP-like models
+    capabilities: frozenset[str] = frozenset({"image"})
+
+    def __init__(self, spec: ModelSpec, *, device: str = "auto", precision: str = "fp32") -> None:
+        self.spec = spec
+        self._device_setting = device
+        self.precision = precision
+        self._lock = threading.Lock()
+        self._loaded = False
+        self.preprocess_cfg: PreprocessCfg
+        self.dim: int
+        self.weights_identity: str = spec.weights or "random"
+
+    # --- identity ----------------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        """backend, name, weights identity and preprocessing, in one string."""
+        self.load()
+        return f"{self.spec.backend}:{self.spec.name}@{self.weights_identity}#{self.preprocess_cfg.hash}"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def load(self) -> Encoder:
+        """Build the model once (thread-safe); later calls return at once."""
+        if self._loaded:
+            return self
+        with self._lock:
+            if not self._loaded:
+                from worker.encoders.device import resolve_device
+
+                self.device = resolve_device(self._device_setting)
+                self._load()
+                self._loaded = True
+                log.info("encoder %s loaded on %s (dim %d)", self.spec, self.device, self.dim)
+        return self
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Build the model; set ``preprocess_cfg`` and ``dim``."""
+
+    def warmup(self, batch_size: int = 2) -> None:
+        """One forward pass on blank images, so the first real batch pays no start-up cost."""
+        self.load()
+        h, w = self.preprocess_cfg.size
+        self.encode([np.zeros((h, w, 3), dtype=np.uint8)] * batch_size)
+
+    # --- the contract ------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """Model-input pixels (uint8, H×W×3) of RGB images: the model's own resize/crop."""
+        self.load()
+        return [apply_geometry(img, self.preprocess_cfg) for img in images]
+
+    def encode(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """L2-normalized float32 vectors, one row per model-input image.
+
+        A CUDA out-of-memory error splits the batch in halves down to single images; a single
+        image that still does not fit raises :class:`TransientError` (``device_error``).
+        """
+        self.load()
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._encode_split(list(pixels))
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """L2-normalized float32 vectors of ``texts``.
+
+        Raises:
+            ConfigError: the model has no text tower.
+        """
+        from worker.errors import ConfigError
+
+        if "text" not in self.capabilities:
+            raise ConfigError(f"model {self.spec} has no text tower: search by image instead")
+        self.load()
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            out = self._forward_text(list(texts))
+        return l2_normalize(out.float().cpu().numpy())
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _encode_split(self, pixels: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        try:
+            return self._encode_now(pixels)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            if len(pixels) == 1:
+                raise TransientError(Reason.device_error, f"CUDA out of memory on one image: {exc}") from exc
+            half = len(pixels) // 2
+            log.warning("CUDA OOM on a batch of %d: splitting into %d + %d", len(pixels), half, len(pixels) - half)
+            return np.concatenate([self._encode_split(pixels[:half]), self._encode_split(pixels[half:])])
+
+    def _encode_now(self, pixels: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        batch = torch.from_numpy(np.stack(pixels))  # N,H,W,3 uint8
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.preprocess_cfg.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.preprocess_cfg.std, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self._autocast():
+            out = self._forward_images(x)
+        return l2_normalize(out.float().cpu().numpy())
+
+    def _autocast(self):  # type: ignore[no-untyped-def]
+        import contextlib
+
+        import torch
+
+        if self.device.type == "cuda" and self.precision in ("fp16", "bf16"):
+            dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def _forward_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings of a normalized N×3×H×W batch."""
+
+    def _forward_text(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError

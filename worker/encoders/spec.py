@@ -1,0 +1,41 @@
+"""The one parser of model specs ``<backend>:<name>[@<weights>]``."""
+
+from __future__ import annotations
+
+from worker.encoders.base import ModelSpec
+from worker.errors import ConfigError
+
+__all__ = ["parse_spec", "BACKENDS"]
+
+#: Backends this build can load.
+BACKENDS = ("open_clip", "tiny")
+
+
+def parse_spec(text: str) -> ModelSpec:
+    """Parse ``IMGSYNC_MODEL``.
+
+    ``tiny`` alone is the test model; otherwise ``backend:name`` with an optional ``@weights``
+    (a pretrained tag, a hub id or a local path). The name may itself contain ``:`` (open_clip's
+    ``hf-hub:org/repo`` and ``local-dir:/path``).
+
+    Raises:
+        ConfigError: empty parts or an unknown backend; the message lists the valid backends.
+    """
+    raw = text.strip()
+    if raw == "tiny" or raw.startswith("tiny@"):
+        weights = raw.partition("@")[2] or None
+        return ModelSpec("tiny", "imgsync-tiny", weights)
+    backend, sep, rest = raw.partition(":")
+    if not sep or not rest:
+        raise ConfigError(
+            f"IMGSYNC_MODEL={text!r} is not <backend>:<name>[@<weights>] "
+            f"(backends: {', '.join(BACKENDS)}; e.g. open_clip:ViT-B-32@openai, or tiny)"
+        )
+    if backend not in BACKENDS:
+        raise ConfigError(f"IMGSYNC_MODEL={text!r}: unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    name, at, weights = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    if at and not weights:
+        raise ConfigError(f"IMGSYNC_MODEL={text!r}: empty weights after '@'")
+    if not name:
+        raise ConfigError(f"IMGSYNC_MODEL={text!r}: empty model name")
+    return ModelSpec(backend, name, weights or None)

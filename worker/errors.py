@@ -1,0 +1,47 @@
+"""The typed error hierarchy: the type decides retry (transient) or give-up (permanent)."""
+
+from __future__ import annotations
+
+from schemas.reasons import Reason
+
+__all__ = [
+    "ImgsyncError",
+    "PermanentError",
+    "TransientError",
+    "ConfigError",
+    "ServiceUnavailable",
+]
+
+
+class ImgsyncError(Exception):
+    """Base of every error imgsync raises on purpose."""
+
+
+class PermanentError(ImgsyncError):
+    """This image can never be indexed as it is: record ``reason`` and stop."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = Reason(reason)
+
+
+class TransientError(ImgsyncError):
+    """A passing fault (network, Milvus down, CUDA OOM): retry with backoff."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = Reason(reason)
+
+
+class ConfigError(ImgsyncError):
+    """A setting is wrong; the message names the setting and the valid choices."""
+
+
+class ServiceUnavailable(ImgsyncError):
+    """A required service (broker, database, Milvus) cannot be reached."""
+
+    def __init__(self, service: str, setting: str, target: str, cause: str) -> None:
+        super().__init__(f"{service} unreachable at {target} ({setting}): {cause}")
+        self.service = service
+        self.setting = setting
+        self.target = target

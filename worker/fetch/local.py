@@ -1,0 +1,54 @@
+"""Fetch from local files, confined to the configured roots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from config.settings import FetchConfig
+from schemas.events import path_from_uri
+from schemas.reasons import Reason
+from worker.errors import PermanentError, TransientError
+
+__all__ = ["fetch_local"]
+
+
+def fetch_local(uri: str, cfg: FetchConfig) -> bytes:
+    """The bytes of a ``file://`` image.
+
+    Raises:
+        PermanentError: ``not_found``, ``forbidden_address`` (outside IMGSYNC_FILE_ROOTS, also via
+            a symlink) or ``fetch_too_large``.
+        TransientError: an I/O error that may pass.
+    """
+    path = path_from_uri(uri)
+    try:
+        real = path.resolve(strict=True)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise PermanentError(Reason.not_found, f"no such file: {path}") from exc
+    except OSError as exc:
+        raise TransientError(Reason.fetch_error, f"cannot resolve {path}: {exc}") from exc
+    if cfg.file_roots and not any(_inside(real, root) for root in cfg.file_roots):
+        raise PermanentError(
+            Reason.forbidden_address,
+            f"{path} is outside IMGSYNC_FILE_ROOTS ({', '.join(str(r) for r in cfg.file_roots)})",
+        )
+    if not real.is_file():
+        raise PermanentError(Reason.not_found, f"not a regular file: {path}")
+    try:
+        with real.open("rb") as fh:
+            data = fh.read(cfg.max_bytes + 1)
+    except FileNotFoundError as exc:
+        raise PermanentError(Reason.not_found, f"no such file: {path}") from exc
+    except PermissionError as exc:
+        raise PermanentError(Reason.not_found, f"not readable: {path}") from exc
+    except OSError as exc:
+        raise TransientError(Reason.fetch_error, f"read error on {path}: {exc}") from exc
+    if len(data) > cfg.max_bytes:
+        raise PermanentError(
+            Reason.fetch_too_large, f"{path} is over IMGSYNC_MAX_IMAGE_BYTES={cfg.max_bytes} bytes"
+        )
+    return data
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents

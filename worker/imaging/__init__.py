@@ -1,0 +1,1 @@
+"""Image operations: decode and normalize bytes, model-input geometry."""

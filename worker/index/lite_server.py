@@ -1,0 +1,140 @@
+"""The embedded Milvus: a Milvus Lite *server* child process (a ``.db`` file cannot be shared by two
+processes, a server can), found by every process through a state file next to its data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from worker.errors import ServiceUnavailable
+
+__all__ = ["LiteServer", "running_server_uri", "free_port"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "server.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_server_uri(data_dir: Path) -> str | None:
+    """The URI of the embedded server serving ``data_dir``, if one is running."""
+    try:
+        state = json.loads((data_dir / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    if _pid_alive(int(state.get("pid", -1))) and _port_open(int(state["port"])):
+        return str(state["uri"])
+    return None
+
+
+class LiteServer:
+    """Start/stop a ``milvus_lite server`` for ``data_dir`` on 127.0.0.1."""
+
+    #: seconds to wait for the server to answer after start
+    start_timeout = 60.0
+    #: seconds to wait for a clean exit after SIGTERM before SIGKILL
+    stop_timeout = 30.0
+
+    def __init__(self, data_dir: Path, port: int = 0, *, log_file: Path | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.log_file = log_file or data_dir.parent / "milvus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> str:
+        """Start the server and wait until it answers; returns its URI.
+
+        Raises:
+            ServiceUnavailable: another server already serves ``data_dir``, or it did not start.
+        """
+        other = running_server_uri(self.data_dir)
+        if other:
+            raise ServiceUnavailable(
+                "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"already served at {other} by another process"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        cmd = [
+            sys.executable, "-m", "milvus_lite", "server",
+            "--data-dir", str(self.data_dir / "data"),
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--max-workers", "1",  # one writer thread: no loss of unflushed rows on stop
+        ]  # fmt: skip
+        logf = self.log_file.open("ab")
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        logf.close()
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceUnavailable(
+                    "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir),
+                    f"server exited with {self.proc.returncode}; see {self.log_file}",
+                )  # fmt: skip
+            if _port_open(self.port):
+                (self.data_dir / STATE_FILE).write_text(
+                    json.dumps({"pid": self.proc.pid, "port": self.port, "uri": self.uri})
+                )
+                log.info("Milvus Lite server on %s (data %s)", self.uri, self.data_dir)
+                return self.uri
+            time.sleep(0.1)
+        self.stop()
+        raise ServiceUnavailable(
+            "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"no answer within {self.start_timeout}s"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM, wait, then SIGKILL; removes the state file."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("Milvus Lite server did not stop in %ss: killing it", self.stop_timeout)
+                self.proc.kill()
+                self.proc.wait()
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)
+        self.proc = None
+
+    def __enter__(self) -> LiteServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

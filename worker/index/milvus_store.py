@@ -1,0 +1,303 @@
+"""The Milvus store: model-versioned collections behind the serving aliases.
+
+Collections ``imgsync_images__<slug>`` / ``imgsync_skus__<slug>`` hold one model version each;
+the aliases ``imgsync_images`` / ``imgsync_skus`` point at the version that serves search.
+Writes go to the writer's own version; reads and searches go through the aliases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.reasons import Reason
+from worker.errors import ServiceUnavailable, TransientError
+
+__all__ = ["MilvusStore", "IMAGES_ALIAS", "SKUS_ALIAS", "version_names", "ImageEntity", "VersionNames"]
+
+log = logging.getLogger(__name__)
+
+IMAGES_ALIAS = "imgsync_images"
+SKUS_ALIAS = "imgsync_skus"
+#: Strong consistency: a vector just written is visible to the next step in any process.
+CONSISTENCY = "Strong"
+URI_MAX = 4096
+SKU_MAX = 256
+
+
+@dataclass(frozen=True)
+class VersionNames:
+    model_id: str
+    images: str
+    skus: str
+
+
+@dataclass(frozen=True)
+class ImageEntity:
+    image_id: str
+    sku: str
+    uri: str
+    vector: np.ndarray
+    content_hash: str
+    model_id: str
+    indexed_at: int  # epoch milliseconds
+
+
+def version_names(model_id: str) -> VersionNames:
+    """Collection names of a model version: a readable slug plus a digest of the full id."""
+    readable = re.sub(r"[^0-9a-zA-Z]+", "_", model_id.split("#")[0]).strip("_")[:60]
+    digest = hashlib.sha256(model_id.encode()).hexdigest()[:10]
+    slug = f"{readable}_{digest}"
+    return VersionNames(model_id, f"{IMAGES_ALIAS}__{slug}", f"{SKUS_ALIAS}__{slug}")
+
+
+class MilvusStore:
+    """Thin, typed access to Milvus through ``pymilvus.MilvusClient``; one per process."""
+
+    def __init__(self, uri: str, token: str = "", *, timeout: float = 30.0) -> None:
+        self.uri = uri
+        self._token = token
+        self._timeout = timeout
+        self._client = None
+        self._lock = threading.Lock()
+        self._ready: set[str] = set()
+
+    # --- connection ----------------------------------------------------------------------------
+
+    @property
+    def client(self):  # type: ignore[no-untyped-def]
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    from pymilvus import MilvusClient
+
+                    try:
+                        self._client = MilvusClient(uri=self.uri, token=self._token, timeout=self._timeout)
+                    except Exception as exc:  # noqa: BLE001 - pymilvus raises many types here
+                        raise ServiceUnavailable("Milvus", "IMGSYNC_MILVUS_URI", self.uri, str(exc)) from exc
+        return self._client
+
+    def ping(self) -> bool:
+        try:
+            self.client.list_collections()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None
+                self._ready.clear()
+
+    # --- versions and aliases ------------------------------------------------------------------
+
+    def ensure_version(self, model_id: str, dim: int) -> VersionNames:
+        """Create (once) and load the collections of a model version; the first version serves."""
+        names = version_names(model_id)
+        if names.images in self._ready:
+            return names
+        with _wrap("create collections"):
+            c = self.client
+            existing = set(c.list_collections())
+            if names.images not in existing:
+                c.create_collection(
+                    names.images,
+                    schema=self._image_schema(dim),
+                    index_params=self._index_params(),
+                    consistency_level=CONSISTENCY,
+                )
+            if names.skus not in existing:
+                c.create_collection(
+                    names.skus,
+                    schema=self._sku_schema(dim),
+                    index_params=self._index_params(),
+                    consistency_level=CONSISTENCY,
+                )
+            for coll in (names.images, names.skus):
+                c.load_collection(coll)  # after a server restart collections come back released
+            aliases = set(c.list_aliases().get("aliases", []))
+            if IMAGES_ALIAS not in aliases:
+                c.create_alias(names.images, IMAGES_ALIAS)
+            if SKUS_ALIAS not in aliases:
+                c.create_alias(names.skus, SKUS_ALIAS)
+        self._ready.add(names.images)
+        return names
+
+    def serving_collection(self) -> str | None:
+        """The images collection the serving alias points at, or None before anything was indexed."""
+        with _wrap("describe alias"):
+            if IMAGES_ALIAS not in set(self.client.list_aliases().get("aliases", [])):
+                return None
+            return str(self.client.describe_alias(IMAGES_ALIAS)["collection_name"])
+
+    # --- images --------------------------------------------------------------------------------
+
+    def upsert_images(self, names: VersionNames, entities: Sequence[ImageEntity]) -> None:
+        if not entities:
+            return
+        rows = [
+            {
+                "image_id": e.image_id,
+                "sku": e.sku[:SKU_MAX],
+                "uri": e.uri[:URI_MAX],
+                "vector": np.asarray(e.vector, dtype=np.float32).tolist(),
+                "content_hash": e.content_hash,
+                "model_id": e.model_id,
+                "indexed_at": int(e.indexed_at),
+            }
+            for e in entities
+        ]
+        with _wrap("upsert images"):
+            self.client.upsert(names.images, rows)
+
+    def image_vectors(self, collection: str, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Vectors by primary key (no filter scan)."""
+        out: dict[str, np.ndarray] = {}
+        ids = list(image_ids)
+        with _wrap("get images"):
+            for i in range(0, len(ids), 500):
+                for r in self.client.get(
+                    collection, ids=ids[i : i + 500], output_fields=["vector"], consistency_level=CONSISTENCY
+                ):
+                    out[r["image_id"]] = np.asarray(r["vector"], dtype=np.float32)
+        return out
+
+    def get_images(self, collection: str, image_ids: Sequence[str]) -> list[dict]:
+        with _wrap("get images"):
+            return list(
+                self.client.get(
+                    collection,
+                    ids=list(image_ids),
+                    output_fields=["image_id", "sku", "uri", "vector", "content_hash", "model_id", "indexed_at"],
+                    consistency_level=CONSISTENCY,
+                )
+            )
+
+    def delete_images(self, collection: str, image_ids: Sequence[str]) -> None:
+        if image_ids:
+            with _wrap("delete images"):
+                self.client.delete(collection, ids=list(image_ids))
+
+    # --- SKUs ----------------------------------------------------------------------------------
+
+    def upsert_sku(self, names: VersionNames, sku: str, vector: np.ndarray, image_count: int) -> None:
+        row = {
+            "sku": sku[:SKU_MAX],
+            "vector": np.asarray(vector, dtype=np.float32).tolist(),
+            "image_count": int(image_count),
+            "model_id": names.model_id,
+        }
+        with _wrap("upsert sku"):
+            self.client.upsert(names.skus, [row])
+
+    def delete_sku(self, names: VersionNames, sku: str) -> None:
+        with _wrap("delete sku"):
+            self.client.delete(names.skus, ids=[sku])
+
+    def get_skus(self, collection: str, sku_ids: Sequence[str]) -> list[dict]:
+        with _wrap("get skus"):
+            return list(
+                self.client.get(
+                    collection,
+                    ids=list(sku_ids),
+                    output_fields=["sku", "vector", "image_count", "model_id"],
+                    consistency_level=CONSISTENCY,
+                )
+            )
+
+    # --- search --------------------------------------------------------------------------------
+
+    def search(self, vector: np.ndarray, *, limit: int = 10, skus: bool = False) -> list[dict]:
+        """Nearest neighbours through the serving alias; each hit has its fields and ``score``."""
+        coll = SKUS_ALIAS if skus else IMAGES_ALIAS
+        fields = ["sku", "image_count"] if skus else ["image_id", "sku", "uri"]
+        with _wrap("search"):
+            res = self.client.search(
+                coll,
+                data=[np.asarray(vector, dtype=np.float32).tolist()],
+                limit=limit,
+                output_fields=fields,
+                search_params={"metric_type": "COSINE"},
+                consistency_level=CONSISTENCY,
+            )
+        hits = []
+        for h in res[0]:
+            entity = dict(h.get("entity", {}))
+            pk = "sku" if skus else "image_id"
+            entity.setdefault(pk, h.get(pk, h.get("id")))
+            entity["score"] = float(h["distance"])
+            hits.append(entity)
+        return hits
+
+    def count(self, collection: str) -> int:
+        with _wrap("count"):
+            res = self.client.query(collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY)
+        return int(res[0]["count(*)"]) if res else 0
+
+    def flush(self) -> None:
+        """Persist everything written so far (the Milvus Lite server loses unflushed rows when several
+        writers were active and it is stopped)."""
+        with _wrap("flush"):
+            for coll in self.client.list_collections():
+                if coll.startswith((IMAGES_ALIAS, SKUS_ALIAS)):
+                    self.client.flush(coll)
+
+    # --- schema --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _image_schema(dim: int):  # type: ignore[no-untyped-def]
+        from pymilvus import DataType, MilvusClient
+
+        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("image_id", DataType.VARCHAR, is_primary=True, max_length=64)
+        s.add_field("sku", DataType.VARCHAR, max_length=SKU_MAX * 4)
+        s.add_field("uri", DataType.VARCHAR, max_length=URI_MAX * 4)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        s.add_field("content_hash", DataType.VARCHAR, max_length=64)
+        s.add_field("model_id", DataType.VARCHAR, max_length=256)
+        s.add_field("indexed_at", DataType.INT64)
+        return s
+
+    @staticmethod
+    def _sku_schema(dim: int):  # type: ignore[no-untyped-def]
+        from pymilvus import DataType, MilvusClient
+
+        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("sku", DataType.VARCHAR, is_primary=True, max_length=SKU_MAX * 4)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        s.add_field("image_count", DataType.INT64)
+        s.add_field("model_id", DataType.VARCHAR, max_length=256)
+        return s
+
+    def _index_params(self):  # type: ignore[no-untyped-def]
+        ip = self.client.prepare_index_params()
+        ip.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+        return ip
+
+
+class _wrap:
+    """Turn pymilvus/grpc failures into :class:`TransientError` (``index_unavailable``)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.started = time.monotonic()
+
+    def __enter__(self) -> _wrap:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
+        if exc is None or isinstance(exc, (TransientError, ServiceUnavailable)):
+            return False
+        if isinstance(exc, Exception):
+            raise TransientError(Reason.index_unavailable, f"Milvus {self.what} failed: {exc}") from exc
+        return False

@@ -1,0 +1,387 @@
+"""The ledger: per-image state and ordering, per-SKU dirty marks. The source of truth for membership.
+
+Every write is conditional on the event version it belongs to, so that duplicates and replays
+converge and a stale event never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from schemas.events import Action, ImageEvent
+from schemas.reasons import Reason
+from worker.ledger.tables import ImageState, images, index_versions, skus
+
+__all__ = ["Ledger", "Acceptance", "ImageRow", "IndexedImage"]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    image_id: str
+    uri: str
+    sku: str
+    state: str
+    reason: str | None
+    detail: str | None
+    content_hash: str | None
+    model_id: str | None
+    version: str
+    request_id: str | None
+    outcome: str | None
+    attempts: int
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """What the ledger made of an event: ``current`` (go on) or ``stale`` (a newer one was seen)."""
+
+    current: bool
+    previous: ImageRow | None
+
+
+@dataclass(frozen=True)
+class IndexedImage:
+    """An image whose vector Milvus accepted."""
+
+    image_id: str
+    version: str
+    content_hash: str
+    model_id: str
+    request_id: str
+
+
+def _row(r: sa.Row | None) -> ImageRow | None:
+    if r is None:
+        return None
+    m = r._mapping
+    return ImageRow(**{f: m[f] for f in ImageRow.__dataclass_fields__ if f in m})
+
+
+class Ledger:
+    """SQL operations on the ledger tables; every method is one short transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock_rows = engine.dialect.name != "sqlite"  # SQLite: BEGIN IMMEDIATE locks the file
+
+    # --- events --------------------------------------------------------------------------------
+
+    def accept(self, event: ImageEvent, request_id: str = "") -> Acceptance:
+        """Record ``event`` if it is not older than what the ledger has seen for its image.
+
+        A stale event changes nothing but the request's outcome (``unchanged``). A newer upsert
+        makes the image ``pending`` unless it is already indexed (it stays searchable meanwhile);
+        a SKU change marks the old SKU dirty at once.
+        """
+        now = _now()
+        with self.engine.begin() as conn:
+            prev = self._get(conn, event.image_id, lock=True)
+            if prev is not None and prev.version > event.version:
+                if request_id:
+                    conn.execute(
+                        images.update()
+                        .where(images.c.image_id == event.image_id)
+                        .values(request_id=request_id, outcome="unchanged", updated_at=now)
+                    )
+                return Acceptance(current=False, previous=prev)
+            values = {
+                "uri": event.uri,
+                "sku": event.sku,
+                "version": event.version,
+                "event_time": event.event_time,
+                "request_id": request_id or None,
+                "outcome": None,
+                "updated_at": now,
+            }
+            if prev is None:
+                state = ImageState.pending if event.action is Action.upsert else ImageState.deleted
+                conn.execute(
+                    images.insert().values(image_id=event.image_id, state=state, created_at=now, **values)
+                )
+            else:
+                if event.action is Action.upsert and prev.state != ImageState.indexed:
+                    values.update(state=ImageState.pending, reason=None, detail=None)
+                if prev.version != event.version:
+                    values["attempts"] = 0
+                conn.execute(images.update().where(images.c.image_id == event.image_id).values(**values))
+                if prev.sku != event.sku and prev.state == ImageState.indexed:
+                    # the image leaves its old SKU now; its vector follows when re-encoded
+                    conn.execute(
+                        images.update()
+                        .where(images.c.image_id == event.image_id)
+                        .values(state=ImageState.pending)
+                    )
+                    self._mark_dirty(conn, [prev.sku], now)
+            return Acceptance(current=True, previous=prev)
+
+    def is_current(self, image_id: str, version: str) -> bool:
+        """True when ``version`` is still the newest event seen for the image and it is not deleted."""
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                sa.select(images.c.version, images.c.state).where(images.c.image_id == image_id)
+            ).first()
+        return r is not None and r.version == version and r.state != ImageState.deleted
+
+    def current_versions(self, image_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``image_id -> (version, state)`` for the ids that have a row."""
+        out: dict[str, tuple[str, str]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(image_ids), 500):
+                for r in conn.execute(
+                    sa.select(images.c.image_id, images.c.version, images.c.state).where(
+                        images.c.image_id.in_(chunk)
+                    )
+                ):
+                    out[r.image_id] = (r.version, r.state)
+        return out
+
+    # --- outcomes ------------------------------------------------------------------------------
+
+    def mark_unchanged(self, image_id: str, version: str, request_id: str = "") -> None:
+        """The content, model and preprocessing are the same as indexed: nothing to encode."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                images.update()
+                .where(images.c.image_id == image_id, images.c.version == version)
+                .values(outcome="unchanged", request_id=request_id or images.c.request_id, updated_at=_now())
+            )
+
+    def mark_indexed(self, done: Sequence[IndexedImage]) -> tuple[list[str], set[str]]:
+        """Record vectors Milvus accepted and mark their SKUs dirty, in one transaction.
+
+        Returns the image ids recorded and the SKUs marked; ids whose version was overtaken
+        (a newer event arrived meanwhile) are left to the newer event.
+        """
+        now = _now()
+        recorded: list[str] = []
+        dirty: set[str] = set()
+        with self.engine.begin() as conn:
+            for item in done:
+                res = conn.execute(
+                    images.update()
+                    .where(
+                        images.c.image_id == item.image_id,
+                        images.c.version == item.version,
+                        images.c.state != ImageState.deleted,
+                    )
+                    .values(
+                        state=ImageState.indexed,
+                        outcome="indexed",
+                        reason=None,
+                        detail=None,
+                        content_hash=item.content_hash,
+                        model_id=item.model_id,
+                        updated_at=now,
+                        indexed_at=now,
+                    )
+                    .returning(images.c.sku)
+                )
+                row = res.first()
+                if row is not None:
+                    recorded.append(item.image_id)
+                    dirty.add(row.sku)
+            self._mark_dirty(conn, dirty, now)
+        return recorded, dirty
+
+    def mark_failed(
+        self, image_id: str, version: str, reason: Reason, detail: str, request_id: str = ""
+    ) -> bool:
+        """Record a permanent failure. An image that was indexed leaves the index (and its SKU)."""
+        now = _now()
+        with self.engine.begin() as conn:
+            prev = self._get(conn, image_id, lock=True)
+            if prev is None or prev.version != version:
+                return False
+            conn.execute(
+                images.update()
+                .where(images.c.image_id == image_id)
+                .values(
+                    state=ImageState.failed,
+                    outcome="failed",
+                    reason=str(reason),
+                    detail=detail[:2000],
+                    request_id=request_id or prev.request_id,
+                    updated_at=now,
+                )
+            )
+            if prev.state == ImageState.indexed:
+                self._mark_dirty(conn, [prev.sku], now)
+        return True
+
+    def note_attempt(self, image_id: str, version: str, reason: Reason, detail: str) -> int:
+        """Count a transient failure; returns the attempts so far."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                images.update()
+                .where(images.c.image_id == image_id, images.c.version == version)
+                .values(attempts=images.c.attempts + 1, reason=str(reason), detail=detail[:2000])
+                .returning(images.c.attempts)
+            ).first()
+        return int(row.attempts) if row else 0
+
+    def mark_deleted(self, image_id: str, version: str) -> str | None:
+        """Record a delete; returns the SKU to refresh when the image was a member."""
+        now = _now()
+        with self.engine.begin() as conn:
+            prev = self._get(conn, image_id, lock=True)
+            if prev is None or prev.version != version:
+                return None
+            conn.execute(
+                images.update()
+                .where(images.c.image_id == image_id)
+                .values(state=ImageState.deleted, outcome="indexed", updated_at=now)
+            )
+            self._mark_dirty(conn, [prev.sku], now)
+            return prev.sku
+
+    # --- SKUs ----------------------------------------------------------------------------------
+
+    def mark_dirty(self, sku_ids: Iterable[str]) -> None:
+        with self.engine.begin() as conn:
+            self._mark_dirty(conn, sku_ids, _now())
+
+    def sku_generation(self, sku: str) -> tuple[int, int]:
+        """``(dirty_gen, clean_gen)`` of a SKU; (0, 0) when unknown."""
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(skus.c.dirty_gen, skus.c.clean_gen).where(skus.c.sku == sku)).first()
+        return (int(r.dirty_gen), int(r.clean_gen)) if r else (0, 0)
+
+    def sku_members(self, sku: str) -> list[str]:
+        """Image ids currently indexed under ``sku``."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(images.c.image_id)
+                    .where(images.c.sku == sku, images.c.state == ImageState.indexed)
+                    .order_by(images.c.image_id)
+                ).scalars()
+            )
+
+    def finish_sku(self, sku: str, generation: int, image_count: int, model_id: str) -> bool:
+        """Record a SKU refresh computed after reading ``generation``.
+
+        Returns True when the SKU changed again meanwhile (the caller must recompute).
+        """
+        with self.engine.begin() as conn:
+            r = conn.execute(sa.select(skus.c.dirty_gen).where(skus.c.sku == sku)).first()
+            dirty_gen = int(r.dirty_gen) if r else 0
+            conn.execute(
+                skus.update()
+                .where(skus.c.sku == sku)
+                .values(
+                    clean_gen=sa.func.max(skus.c.clean_gen, generation)
+                    if self.engine.dialect.name == "sqlite"
+                    else sa.func.greatest(skus.c.clean_gen, generation),
+                    image_count=image_count,
+                    model_id=model_id,
+                    updated_at=_now(),
+                )
+            )
+        return dirty_gen != generation
+
+    # --- index versions ----------------------------------------------------------------------
+
+    def record_version(self, model_id: str, images_collection: str, skus_collection: str, dim: int) -> None:
+        """Remember that the collections of ``model_id`` exist (idempotent)."""
+        with self.engine.begin() as conn:
+            found = conn.execute(
+                sa.select(index_versions.c.model_id).where(index_versions.c.model_id == model_id)
+            ).first()
+            if found is None:
+                conn.execute(
+                    index_versions.insert().values(
+                        model_id=model_id,
+                        images_collection=images_collection,
+                        skus_collection=skus_collection,
+                        dim=dim,
+                        created_at=_now(),
+                    )
+                )
+
+    def model_for_collection(self, images_collection: str) -> str | None:
+        """The model id whose images live in ``images_collection``."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(index_versions.c.model_id).where(
+                    index_versions.c.images_collection == images_collection
+                )
+            ).scalar()
+
+    # --- reads for the CLI ---------------------------------------------------------------------
+
+    def get(self, image_id: str) -> ImageRow | None:
+        with self.engine.connect() as conn:
+            return self._get(conn, image_id, lock=False)
+
+    def rows(self, image_ids: Sequence[str]) -> dict[str, ImageRow]:
+        out: dict[str, ImageRow] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(image_ids), 500):
+                for r in conn.execute(sa.select(images).where(images.c.image_id.in_(chunk))):
+                    row = _row(r)
+                    assert row is not None
+                    out[row.image_id] = row
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Images by state (every state present, zero included)."""
+        out = {s: 0 for s in ImageState.ALL}
+        with self.engine.connect() as conn:
+            for state, n in conn.execute(sa.select(images.c.state, sa.func.count()).group_by(images.c.state)):
+                out[state] = int(n)
+        return out
+
+    def sku_counts(self) -> tuple[int, int]:
+        """``(skus known, skus awaiting refresh)``."""
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(skus)).scalar_one()
+            dirty = conn.execute(
+                sa.select(sa.func.count()).select_from(skus).where(skus.c.dirty_gen > skus.c.clean_gen)
+            ).scalar_one()
+        return int(total), int(dirty)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _get(self, conn: Connection, image_id: str, *, lock: bool) -> ImageRow | None:
+        q = sa.select(images).where(images.c.image_id == image_id)
+        if lock and self._lock_rows:
+            q = q.with_for_update()
+        return _row(conn.execute(q).first())
+
+    def _mark_dirty(self, conn: Connection, sku_ids: Iterable[str], now: datetime) -> None:
+        for sku in sorted(set(sku_ids)):  # sorted: a stable lock order between writers
+            res = conn.execute(
+                skus.update().where(skus.c.sku == sku).values(dirty_gen=skus.c.dirty_gen + 1, updated_at=now)
+            )
+            if res.rowcount == 0:
+                _insert_sku(conn, sku, now)
+
+
+def _insert_sku(conn: Connection, sku: str, now: datetime) -> None:
+    """Insert a dirty SKU row, or bump it when a concurrent writer inserted it first."""
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(skus).values(sku=sku, dirty_gen=1, clean_gen=0, image_count=0, updated_at=now)
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[skus.c.sku], set_={"dirty_gen": skus.c.dirty_gen + 1, "updated_at": now}
+        )
+    )
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,60 @@
+"""SQLAlchemy Core tables of the ledger (the schema itself is created by ``migrations/``)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = ["metadata", "images", "skus", "index_versions", "ImageState"]
+
+metadata = sa.MetaData()
+
+
+class ImageState:
+    pending = "pending"
+    indexed = "indexed"
+    failed = "failed"
+    deleted = "deleted"
+    ALL = (pending, indexed, failed, deleted)
+
+
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("image_id", sa.String(32), primary_key=True),
+    sa.Column("uri", sa.Text(), nullable=False),
+    sa.Column("sku", sa.String(256), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(32)),
+    sa.Column("detail", sa.Text()),
+    sa.Column("content_hash", sa.String(64)),
+    sa.Column("model_id", sa.String(200)),
+    sa.Column("version", sa.String(40), nullable=False),
+    sa.Column("event_time", sa.DateTime(timezone=True)),
+    sa.Column("request_id", sa.String(64)),
+    sa.Column("outcome", sa.String(16)),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("indexed_at", sa.DateTime(timezone=True)),
+)
+
+skus = sa.Table(
+    "skus",
+    metadata,
+    sa.Column("sku", sa.String(256), primary_key=True),
+    sa.Column("dirty_gen", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("clean_gen", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("image_count", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("model_id", sa.String(200)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+index_versions = sa.Table(
+    "index_versions",
+    metadata,
+    sa.Column("model_id", sa.String(200), primary_key=True),
+    sa.Column("images_collection", sa.String(255), nullable=False, unique=True),
+    sa.Column("skus_collection", sa.String(255), nullable=False),
+    sa.Column("dim", sa.Integer(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,271 @@
+"""The pipeline stages as plain functions over a :class:`Runtime` and a :class:`Dispatcher`:
+preprocess one event, encode a micro-batch, refresh one SKU. Tasks call exactly one of these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from schemas.events import Action, ImageEvent
+from schemas.reasons import Reason
+from schemas.tasks import EncodePayload, PreprocessPayload
+from worker.dispatch import Dispatcher
+from worker.encoders.base import l2_normalize
+from worker.errors import ImgsyncError, PermanentError, TransientError
+from worker.fetch import fetch_bytes
+from worker.imaging.decode import apply_crop, decode_image
+from worker.index import ImageEntity
+from worker.ledger import ImageState, IndexedImage
+from worker.runtime import Runtime
+
+__all__ = [
+    "preprocess",
+    "encode_batch",
+    "refresh_sku",
+    "prepare_pixels",
+    "record_failure",
+    "republish_encode",
+    "backoff_seconds",
+    "EncodeResult",
+]
+
+log = logging.getLogger(__name__)
+
+#: Upper bound of a retry delay, seconds.
+MAX_BACKOFF = 300.0
+#: Rounds a SKU refresh repeats while its SKU keeps changing under it.
+SKU_REFRESH_ROUNDS = 5
+
+
+def backoff_seconds(attempt: int, base: float = 1.0) -> float:
+    """Exponential backoff with full jitter: up to ``base * 2**attempt``, capped."""
+    return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, base * (2**attempt))
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def prepare_pixels(rt: Runtime, event: ImageEvent) -> tuple[str, np.ndarray]:
+    """Fetch, decode, crop and fit one image to the model input: ``(content_hash, uint8 pixels)``."""
+    data = fetch_bytes(event.uri, rt.settings.fetch)
+    digest = content_hash(data)
+    img = apply_crop(decode_image(data, rt.settings.imaging), event.crop)
+    return digest, rt.encoder.preprocess([img])[0]
+
+
+def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) -> str:
+    """Record the event, then delete, skip (unchanged/stale) or hand pixels to the encode stage.
+
+    Returns what happened: ``stale``, ``deleted``, ``unchanged`` or ``queued``.
+    Raises PermanentError / TransientError for the instrumentation to record or retry.
+    """
+    event = payload.event
+    acceptance = rt.ledger.accept(event, payload.request_id)
+    if not acceptance.current:
+        return "stale"
+    if event.action is Action.delete:
+        delete_image(rt, dispatch, event)
+        return "deleted"
+    data = fetch_bytes(event.uri, rt.settings.fetch)
+    digest = content_hash(data)
+    prev = acceptance.previous
+    if (
+        not payload.force
+        and prev is not None
+        and prev.state == ImageState.indexed
+        and prev.content_hash == digest
+        and prev.model_id == rt.model_id
+        and prev.sku == event.sku
+    ):
+        rt.ledger.mark_unchanged(event.image_id, event.version, payload.request_id)
+        return "unchanged"
+    img = apply_crop(decode_image(data, rt.settings.imaging), event.crop)
+    pixels = rt.encoder.preprocess([img])[0]
+    key = rt.pixels.put(pixels)
+    dispatch.encode(
+        EncodePayload(event=event, request_id=payload.request_id, content_hash=digest, pixel_key=key)
+    )
+    return "queued"
+
+
+def delete_image(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
+    """Remove an image's vector from every model version, then record it and refresh its SKU."""
+    names = rt.names()
+    rt.store.delete_images(names.images, [event.image_id])
+    sku = rt.ledger.mark_deleted(event.image_id, event.version)
+    if sku is not None:
+        dispatch.refresh_sku(sku)
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    indexed: int
+    skipped: int
+    retried: int
+    failed: int
+
+
+def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> EncodeResult:
+    """Encode a micro-batch and write its vectors. Never raises: a bad item is failed or re-published
+    on its own, and a failure of the whole batch (Milvus down, device error) re-publishes each item
+    with backoff."""
+    versions = rt.ledger.current_versions([p.event.image_id for p in payloads])
+    live: list[EncodePayload] = []
+    pixels: list[np.ndarray] = []
+    skipped = failed = retried = 0
+    for p in payloads:
+        current = versions.get(p.event.image_id)
+        if current is None or current[0] != p.event.version or current[1] == ImageState.deleted:
+            skipped += 1  # a newer event owns this image now
+            rt.pixels.delete(p.pixel_key)
+            continue
+        px = rt.pixels.get(p.pixel_key)
+        if px is None:  # expired or evicted: redo the preprocessing here rather than fail
+            try:
+                digest, px = prepare_pixels(rt, p.event)
+                p = p.model_copy(update={"content_hash": digest})
+            except ImgsyncError as exc:
+                outcome = record_failure(rt, dispatch, p, exc)
+                failed += outcome == "failed"
+                retried += outcome == "retried"
+                continue
+        live.append(p)
+        pixels.append(px)
+    if not live:
+        return EncodeResult(0, skipped, retried, failed)
+    try:
+        vectors = rt.encoder.encode(pixels)
+        names = rt.names()
+        now_ms = int(time.time() * 1000)
+        rt.store.upsert_images(
+            names,
+            [
+                ImageEntity(
+                    image_id=p.event.image_id,
+                    sku=p.event.sku,
+                    uri=p.event.uri,
+                    vector=v,
+                    content_hash=p.content_hash,
+                    model_id=names.model_id,
+                    indexed_at=now_ms,
+                )
+                for p, v in zip(live, vectors, strict=True)
+            ],
+        )
+    except Exception as exc:  # noqa: BLE001 - the whole batch failed: each item retries alone
+        err = exc if isinstance(exc, ImgsyncError) else TransientError(Reason.device_error, repr(exc))
+        log.warning("encode batch of %d failed (%s): re-publishing each item", len(live), exc)
+        for p in live:
+            outcome = record_failure(rt, dispatch, p, err, keep_pixels=True)
+            failed += outcome == "failed"
+            retried += outcome == "retried"
+        return EncodeResult(0, skipped, retried, failed)
+    recorded, dirty = rt.ledger.mark_indexed(
+        [
+            IndexedImage(p.event.image_id, p.event.version, p.content_hash, names.model_id, p.request_id)
+            for p in live
+        ]
+    )
+    overtaken = [p.event.image_id for p in live if p.event.image_id not in set(recorded)]
+    if overtaken:  # a delete may have run while we encoded: never resurrect a deleted image
+        now = rt.ledger.current_versions(overtaken)
+        gone = [i for i in overtaken if now.get(i, ("", ImageState.deleted))[1] == ImageState.deleted]
+        rt.store.delete_images(names.images, gone)
+    for p in live:
+        rt.pixels.delete(p.pixel_key)
+    for sku in sorted(dirty):
+        dispatch.refresh_sku(sku)
+    return EncodeResult(len(recorded), skipped + len(overtaken), retried, failed)
+
+
+def refresh_sku(rt: Runtime, sku: str) -> str:
+    """Recompute a SKU vector as the normalized mean of its current image vectors (fetched by
+    primary key). Repeats while the SKU changes under it, so the last write reads the newest
+    membership. Returns ``clean``, ``written`` or ``deleted``."""
+    names = rt.names()
+    result = "clean"
+    for _ in range(SKU_REFRESH_ROUNDS):
+        dirty_gen, clean_gen = rt.ledger.sku_generation(sku)
+        if dirty_gen <= clean_gen and result == "clean":
+            return result
+        members = rt.ledger.sku_members(sku)
+        vectors = rt.store.image_vectors(names.images, members) if members else {}
+        if len(vectors) < len(members):
+            log.warning("sku %s: %d of %d member vectors missing in Milvus", sku, len(members) - len(vectors), len(members))
+        if vectors:
+            mean = l2_normalize(np.mean(np.stack([vectors[i] for i in sorted(vectors)]), axis=0))
+            rt.store.upsert_sku(names, sku, mean, len(vectors))
+            result = "written"
+        else:
+            rt.store.delete_sku(names, sku)
+            result = "deleted"
+        if not rt.ledger.finish_sku(sku, dirty_gen, len(vectors), names.model_id):
+            return result
+    raise TransientError(Reason.index_unavailable, f"sku {sku} kept changing during {SKU_REFRESH_ROUNDS} refreshes")
+
+
+def record_failure(
+    rt: Runtime,
+    dispatch: Dispatcher,
+    payload: PreprocessPayload | EncodePayload,
+    exc: ImgsyncError,
+    *,
+    keep_pixels: bool = False,
+) -> str:
+    """Record a failed image: permanent errors at once; transient ones are re-published with backoff
+    until ``IMGSYNC_MAX_RETRIES``, then recorded as ``retries_exhausted``.
+
+    Returns ``failed`` or ``retried``.
+    """
+    event = payload.event
+    if isinstance(exc, PermanentError):
+        rt.ledger.mark_failed(event.image_id, event.version, exc.reason, str(exc), payload.request_id)
+        _drop_pixels(rt, payload)
+        return "failed"
+    reason = getattr(exc, "reason", Reason.fetch_error)
+    attempts = rt.ledger.note_attempt(event.image_id, event.version, reason, str(exc))
+    if payload.attempt >= rt.settings.max_retries:
+        rt.ledger.mark_failed(
+            event.image_id,
+            event.version,
+            Reason.retries_exhausted,
+            f"{payload.attempt + 1} attempts; last: {reason}: {exc}",
+            payload.request_id,
+        )
+        _drop_pixels(rt, payload)
+        return "failed"
+    delay = backoff_seconds(payload.attempt)
+    log.info("retrying %s in %.1fs (attempt %d, ledger attempts %d): %s", event.uri, delay, payload.attempt + 1, attempts, exc)
+    nxt = payload.model_copy(update={"attempt": payload.attempt + 1})
+    if isinstance(nxt, EncodePayload) and keep_pixels:
+        dispatch.encode(nxt, countdown=delay)
+    elif isinstance(nxt, EncodePayload):
+        dispatch.preprocess(
+            PreprocessPayload(event=event, request_id=payload.request_id, attempt=nxt.attempt, force=True),
+            countdown=delay,
+        )
+    else:
+        dispatch.preprocess(nxt, countdown=delay)
+    return "retried"
+
+
+def republish_encode(dispatch: Dispatcher, max_retries: int, payloads: Sequence[EncodePayload]) -> None:
+    """Send encode payloads again with backoff when even recording their failure was impossible."""
+    for p in payloads:
+        if p.attempt >= max_retries:
+            log.error("giving up on %s after %d attempts (state store unavailable)", p.event.uri, p.attempt + 1)
+            continue
+        dispatch.encode(p.model_copy(update={"attempt": p.attempt + 1}), countdown=backoff_seconds(p.attempt))
+
+
+def _drop_pixels(rt: Runtime, payload: PreprocessPayload | EncodePayload) -> None:
+    if isinstance(payload, EncodePayload):
+        rt.pixels.delete(payload.pixel_key)

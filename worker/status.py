@@ -1,0 +1,88 @@
+"""``imgsync status``: the facts an operator checks first, gathered without failing on the first error."""
+
+from __future__ import annotations
+
+from config.settings import Settings
+from schemas.outputs import StatusOutput
+from worker.index import MilvusStore, running_server_uri
+from worker.ledger import Ledger, make_engine
+
+__all__ = ["collect_status", "queue_depths"]
+
+
+def queue_depths(settings: Settings) -> dict[str, int | None]:
+    """Messages waiting per queue (None where the broker cannot tell)."""
+    from worker.celery_app import configure
+
+    app = configure(settings)
+    out: dict[str, int | None] = {}
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=5)
+        channel = conn.default_channel
+        for q in settings.queues.all():
+            try:
+                out[q] = int(channel.queue_declare(queue=q, passive=True).message_count)
+            except Exception:  # noqa: BLE001 - a queue never declared yet holds nothing
+                out[q] = 0
+    return out
+
+
+def collect_status(settings: Settings) -> StatusOutput:
+    errors: list[str] = []
+    ledger_counts: dict[str, int] = {}
+    skus = dirty = 0
+    db_ok = broker_ok = milvus_ok = False
+    try:
+        ledger = Ledger(make_engine(settings.effective_database_url))
+        ledger_counts = ledger.counts()
+        skus, dirty = ledger.sku_counts()
+        ledger.engine.dispose()
+        db_ok = True
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"database (IMGSYNC_DATABASE_URL): {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
+    queues: dict[str, int | None] = {q: None for q in settings.queues.all()}
+    try:
+        queues = queue_depths(settings)
+        broker_ok = True
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"broker (IMGSYNC_BROKER_URL): {exc}")
+    uri = settings.milvus_uri or running_server_uri(settings.milvus_data_dir)
+    model_id = None
+    if uri:
+        store = MilvusStore(uri, settings.milvus_token, timeout=5)
+        try:
+            from worker.search import serving_model_id
+
+            model_id = serving_model_id(settings, store) if db_ok else None
+            milvus_ok = store.ping()
+            if not milvus_ok:
+                errors.append(f"Milvus (IMGSYNC_MILVUS_URI) does not answer at {uri}")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"Milvus (IMGSYNC_MILVUS_URI) at {uri}: {exc}")
+        finally:
+            store.close()
+    else:
+        errors.append("Milvus: IMGSYNC_MILVUS_URI is empty and no embedded server runs (start `imgsync up`)")
+    return StatusOutput(
+        ready=db_ok and broker_ok and milvus_ok,
+        milvus_uri=uri or "",
+        model_id=model_id,
+        configured_model=settings.model,
+        broker_url=_safe(settings.effective_broker_url),
+        database_url=_safe(settings.effective_database_url),
+        queues=queues,
+        ledger=ledger_counts,
+        skus=skus,
+        dirty_skus=dirty,
+        errors=errors,
+    )
+
+
+def _safe(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
