@@ -37,11 +37,13 @@ class ConfigError(ImgsyncError):
     """A setting is wrong; the message names the setting and the valid choices."""
 
 
-class ServiceUnavailable(ImgsyncError):
-    """A required service (broker, database, Milvus) cannot be reached."""
+class ServiceUnavailable(TransientError):
+    """A required service (broker, database, Milvus) cannot be reached: transient for a worker, exit
+    status 3 for the CLI. The message names the setting and the address tried."""
 
     def __init__(self, service: str, setting: str, target: str, cause: str) -> None:
-        super().__init__(f"{service} unreachable at {target} ({setting}): {cause}")
+        reason = Reason.index_unavailable if service.lower().startswith("milvus") else Reason.internal_error
+        super().__init__(reason, f"{service} unreachable at {target} ({setting}): {cause}")
         self.service = service
         self.setting = setting
         self.target = target

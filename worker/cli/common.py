@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
 from config.settings import Settings
-from worker.errors import ConfigError, ServiceUnavailable
+from worker.errors import ConfigError, ServiceUnavailable, TransientError
 
 __all__ = [
     "EXIT_OK",
@@ -79,7 +79,7 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _fail(exc, EXIT_USAGE, debug)
-        except ServiceUnavailable as exc:
+        except (ServiceUnavailable, TransientError) as exc:
             _fail(exc, EXIT_UNREACHABLE, debug)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -1,0 +1,173 @@
+"""Pipeline stages over a real ledger (SQLite), a real Milvus Lite server and the tiny model.
+
+The broker is replaced by a recording dispatcher so each stage can be driven step by step; the
+real-broker path is covered in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from config.settings import Settings
+from schemas.events import Action, ImageEvent
+from schemas.tasks import EncodePayload, PreprocessPayload
+from tests.helpers import photo
+from worker import pipeline
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU, Dispatcher
+from worker.index.lite_server import free_port
+from worker.ledger import upgrade
+from worker.runtime import Runtime
+
+
+class RecordingDispatcher(Dispatcher):
+    """Collects what would be published, per task name."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(app=None, queues=settings.queues)  # type: ignore[arg-type]
+        self.sent: list[tuple[str, dict, float | None]] = []
+
+    def _send(self, name: str, body: dict, queue: str, countdown: float | None) -> None:
+        self.sent.append((name, body, countdown))
+
+    def take(self, name: str) -> list[tuple[dict, float | None]]:
+        out = [(b, c) for n, b, c in self.sent if n == name]
+        self.sent = [s for s in self.sent if s[0] != name]
+        return out
+
+
+@pytest.fixture
+def env(make_settings, milvus_uri: str, tmp_path: Path, tiny_encoder):
+    # each test: its own home and its own Milvus collections (a unique SKU prefix keeps data apart)
+    settings = make_settings(milvus_uri=milvus_uri, max_retries=2)
+    upgrade(settings.effective_database_url)
+    rt = Runtime(settings)
+    rt.__dict__["encoder"] = tiny_encoder  # share the loaded model between tests
+    return settings, rt, RecordingDispatcher(settings)
+
+
+def write_image(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    photo(160, 120, seed=seed).save(path, quality=90)
+    return path
+
+
+def run_until_idle(rt: Runtime, d: RecordingDispatcher) -> None:
+    """Drain what the stages publish: preprocess, encode (one batch), SKU refreshes."""
+    for _ in range(10):
+        for body, _ in d.take(TASK_PREPROCESS):
+            pipeline.preprocess(rt, d, PreprocessPayload.model_validate(body))
+        enc = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+        if enc:
+            pipeline.encode_batch(rt, d, enc)
+        for body, _ in d.take(TASK_REFRESH_SKU):
+            pipeline.refresh_sku(rt, body["sku"])
+        if not d.sent:
+            return
+
+
+def test_index_refresh_and_unchanged(env, tmp_path: Path) -> None:
+    """preprocess → encode → SKU refresh writes vectors; the same content again is 'unchanged'."""
+    settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    events = [ImageEvent(uri=str(write_image(tmp_path / sku / f"{i}.jpg", i)), sku=sku) for i in range(3)]
+    for e in events:
+        d.preprocess(PreprocessPayload(event=e, request_id="r1"))
+    run_until_idle(rt, d)
+    names = rt.names()
+    vecs = rt.store.image_vectors(names.images, [e.image_id for e in events])
+    assert len(vecs) == 3
+    sku_row = rt.store.get_skus(names.skus, [sku])[0]
+    mean = np.mean([vecs[e.image_id] for e in events], axis=0)
+    np.testing.assert_allclose(sku_row["vector"], mean / np.linalg.norm(mean), atol=1e-5)
+    assert sku_row["image_count"] == 3
+    again = ImageEvent(uri=events[0].uri, sku=sku)
+    assert pipeline.preprocess(rt, d, PreprocessPayload(event=again, request_id="r2")) == "unchanged"
+    assert d.sent == []
+    assert rt.ledger.get(again.image_id).outcome == "unchanged"  # type: ignore[union-attr]
+
+
+def test_missing_pixels_are_recomputed(env, tmp_path: Path) -> None:
+    """An encode whose pixel entry expired re-runs preprocessing instead of failing the image."""
+    settings, rt, d = env
+    e = ImageEvent(uri=str(write_image(tmp_path / "S" / "a.jpg", 7)), sku=f"S-{uuid.uuid4().hex[:6]}")
+    pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    (body, _), = d.take(TASK_ENCODE)
+    payload = EncodePayload.model_validate(body)
+    rt.pixels.delete(payload.pixel_key)
+    result = pipeline.encode_batch(rt, d, [payload])
+    assert result.indexed == 1
+    assert rt.ledger.get(e.image_id).state == "indexed"  # type: ignore[union-attr]
+
+
+def test_bad_item_does_not_fail_batch_mates(env, tmp_path: Path) -> None:
+    """In one batch, an item whose file vanished fails (not_found) and the others are indexed."""
+    settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    files = [write_image(tmp_path / sku / f"{i}.jpg", 20 + i) for i in range(4)]
+    events = [ImageEvent(uri=str(f), sku=sku) for f in files]
+    for e in events:
+        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    payloads = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+    rt.pixels.delete(payloads[1].pixel_key)
+    files[1].unlink()
+    result = pipeline.encode_batch(rt, d, payloads)
+    assert (result.indexed, result.failed) == (3, 1)
+    row = rt.ledger.get(events[1].image_id)
+    assert row is not None and (row.state, row.reason) == ("failed", "not_found")
+
+
+def test_milvus_down_retries_with_backoff_then_gives_up(env, tmp_path: Path, make_settings) -> None:
+    """Milvus unreachable: each item is re-published with a delay; past the retry limit it is
+    recorded as retries_exhausted and nothing is marked indexed."""
+    settings, rt, d = env
+    dead = Runtime(make_settings(milvus_uri=f"http://127.0.0.1:{free_port()}", max_retries=2))
+    dead.__dict__["encoder"] = rt.encoder
+    e = ImageEvent(uri=str(write_image(tmp_path / "S" / "m.jpg", 3)), sku="S-dead")
+    pipeline.preprocess(dead, d, PreprocessPayload(event=e))
+    (body, _), = d.take(TASK_ENCODE)
+    payload = EncodePayload.model_validate(body)
+    for attempt in range(2):
+        result = pipeline.encode_batch(dead, d, [payload])
+        assert result.retried == 1
+        (body, countdown), = d.take(TASK_ENCODE)
+        payload = EncodePayload.model_validate(body)
+        assert payload.attempt == attempt + 1 and countdown and countdown > 0
+        assert dead.ledger.get(e.image_id).state == "pending"  # type: ignore[union-attr]
+    result = pipeline.encode_batch(dead, d, [payload])
+    assert result.failed == 1
+    row = dead.ledger.get(e.image_id)
+    assert row is not None and (row.state, row.reason) == ("failed", "retries_exhausted")
+    assert "index_unavailable" in (row.detail or "")
+
+
+def test_delete_removes_vector_and_sku(env, tmp_path: Path) -> None:
+    """A delete event removes the image vector; the SKU left without images is removed too."""
+    settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    e = ImageEvent(uri=str(write_image(tmp_path / sku / "x.jpg", 9)), sku=sku)
+    pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    run_until_idle(rt, d)
+    names = rt.names()
+    assert rt.store.get_skus(names.skus, [sku])
+    gone = ImageEvent(uri=e.uri, sku=sku, action=Action.delete)
+    assert pipeline.preprocess(rt, d, PreprocessPayload(event=gone)) == "deleted"
+    run_until_idle(rt, d)
+    assert rt.store.image_vectors(names.images, [e.image_id]) == {}
+    assert rt.store.get_skus(names.skus, [sku]) == []
+
+
+def test_encode_after_delete_does_not_resurrect(env, tmp_path: Path) -> None:
+    """An encode of an older version that finishes after a delete never writes the vector back."""
+    settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    e = ImageEvent(uri=str(write_image(tmp_path / sku / "y.jpg", 11)), sku=sku)
+    pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    (body, _), = d.take(TASK_ENCODE)
+    pipeline.preprocess(rt, d, PreprocessPayload(event=ImageEvent(uri=e.uri, sku=sku, action=Action.delete)))
+    result = pipeline.encode_batch(rt, d, [EncodePayload.model_validate(body)])
+    assert result.indexed == 0
+    assert rt.store.image_vectors(rt.names().images, [e.image_id]) == {}

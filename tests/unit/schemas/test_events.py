@@ -1,0 +1,70 @@
+"""The ImageEvent contract: normalized uris, stable ids, sortable versions, strict validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import Action, CropBox, ImageEvent, image_id_for, normalize_uri, normalize_version
+from schemas.tasks import PreprocessPayload
+
+
+def test_local_paths_become_file_uris(tmp_path: Path) -> None:
+    """A relative or absolute path and its file:// form normalize to the same uri."""
+    p = tmp_path / "a b" / "x+y.jpg"
+    assert normalize_uri(str(p)) == p.resolve().as_uri()
+    assert normalize_uri(p.resolve().as_uri()) == p.resolve().as_uri()
+
+
+def test_remote_uris_kept_and_bad_schemes_refused() -> None:
+    """s3/http uris are kept as given; unknown schemes and missing hosts are refused."""
+    assert normalize_uri("s3://bucket/a/b.jpg") == "s3://bucket/a/b.jpg"
+    with pytest.raises(ValueError, match="ftp"):
+        normalize_uri("ftp://host/x.jpg")
+    with pytest.raises(ValueError, match="no host"):
+        normalize_uri("s3:///key.jpg")
+
+
+def test_image_id_is_stable_per_uri() -> None:
+    """The same uri always gives the same id; another uri another id."""
+    a = ImageEvent(uri="s3://b/k/1.jpg", sku="S")
+    b = ImageEvent(uri="s3://b/k/1.jpg", sku="T", action=Action.delete)
+    assert a.image_id == b.image_id == image_id_for("s3://b/k/1.jpg")
+    assert len(a.image_id) == 32
+    assert ImageEvent(uri="s3://b/k/2.jpg", sku="S").image_id != a.image_id
+
+
+def test_versions_sort_numerically() -> None:
+    """Padded versions compare as numbers: 9 < 10, hex sequencers of different length too."""
+    assert normalize_version(9) < normalize_version(10)
+    assert normalize_version("0055B9E6A0C2C3E5D4") < normalize_version("0055B9E6A0C2C3E5D5")
+    assert normalize_version("ff") == normalize_version("FF")
+    with pytest.raises(ValueError):
+        normalize_version("12:30")
+    later = ImageEvent(uri="s3://b/k", sku="S")
+    assert ImageEvent(uri="s3://b/k", sku="S", version=1).version < later.version
+
+
+def test_crop_box_must_stay_inside() -> None:
+    """A crop reaching outside the unit square is refused."""
+    CropBox(x=0.5, y=0.5, w=0.5, h=0.5)
+    with pytest.raises(ValidationError):
+        CropBox(x=0.6, y=0.0, w=0.5, h=0.5)
+
+
+def test_unknown_fields_and_empty_sku_refused() -> None:
+    """Events are strict: no unknown fields, no empty or control-character SKUs."""
+    with pytest.raises(ValidationError):
+        ImageEvent(uri="s3://b/k", sku="S", colour="red")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        ImageEvent(uri="s3://b/k", sku="  ")
+    with pytest.raises(ValidationError):
+        ImageEvent(uri="s3://b/k", sku="a\nb")
+
+
+def test_payload_json_round_trip() -> None:
+    """Task payloads survive JSON (the only message format) unchanged."""
+    p = PreprocessPayload(event=ImageEvent(uri="s3://b/k.jpg", sku="S", crop=CropBox(x=0, y=0, w=1, h=1)), request_id="r")
+    assert PreprocessPayload.model_validate_json(p.model_dump_json()) == p
