@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the worker state (ledger). Empty: SQLite file under IMGSYNC_HOME.",
     )
     catalog_url: str = Field(
-        "", description="SQLAlchemy URL of the product catalog database. Empty: same as IMGSYNC_DATABASE_URL."
+        "", description="SQLAlchemy URL of the product catalog (outbox source, not built yet). Empty: same as IMGSYNC_DATABASE_URL."
     )
     milvus_uri: str = Field(
         "",
@@ -137,9 +137,13 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="Prefork processes of a CPU worker. 0: one per CPU core."
     )
     max_retries: int = Field(5, ge=0, le=100, description="Retries of a transient failure before giving up.")
-    s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto). Empty: AWS default.")
-    sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source.")
-    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus exporter port. 0: disabled.")
+    s3_endpoint_url: str = Field(
+        "", description="S3 endpoint (MinIO, moto) for s3:// fetches (not built yet). Empty: AWS default."
+    )
+    sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source (not built yet).")
+    metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Prometheus exporter port (exporter not built yet). 0: disabled."
+    )
 
     @field_validator("file_roots", mode="before")
     @classmethod

@@ -39,17 +39,30 @@ def make_settings(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session (dropped at the end)."""
+def pg_database() -> Iterator:
+    """Factory of fresh PostgreSQL databases (dropped at the end of the session)."""
     import psycopg
 
-    name = f"imgsync_test_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    created: list[str] = []
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
+
+    def _create() -> str:
+        name = f"imgsync_test_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return f"{base}/{name}"
+
+    yield _create
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in created:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_database) -> str:
+    """A PostgreSQL database shared by the session's ledger tests."""
+    return pg_database()
 
 
 @pytest.fixture(scope="session")

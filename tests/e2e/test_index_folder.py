@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 from config.settings import Settings
 from schemas.events import image_id_for, normalize_uri
 from schemas.outputs import IndexOutput
+from tests.conftest import REDIS_URL
 from tests.helpers import reference_open_clip
 from worker.cli.stack import worker_command
 from worker.index import IMAGES_ALIAS, SKUS_ALIAS, LiteServer, MilvusStore
@@ -28,9 +30,10 @@ pytestmark = pytest.mark.e2e
 TIMEOUT = 240
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
-    """A Milvus Lite server of its own and two worker processes (CPU queues, encode queue)."""
+@pytest.fixture(scope="module", params=["embedded", "production"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_database):
+    """A Milvus Lite server of its own and two worker processes (CPU queues, encode queue), on the
+    embedded default (SQLite broker and state) or production settings (Redis broker, PostgreSQL state)."""
     home = tmp_path_factory.mktemp("e2e") / "home"
     server = LiteServer(home.parent / "milvus")
     uri = server.start()
@@ -43,16 +46,37 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         IMGSYNC_BATCH_WAIT_MS="100",
         IMGSYNC_WORKER_CONCURRENCY="2",
     )
+    overrides: dict[str, str] = {}
+    if request.param == "production":
+        tag = uuid.uuid4().hex[:8]
+        overrides = {
+            "IMGSYNC_BROKER_URL": REDIS_URL,
+            "IMGSYNC_DATABASE_URL": pg_database(),
+            "IMGSYNC_QUEUE_PREPROCESS": f"preprocess-{tag}",
+            "IMGSYNC_QUEUE_ENCODE": f"encode-{tag}",
+            "IMGSYNC_QUEUE_SKU": f"sku-{tag}",
+        }
+        env.update(overrides)
+    queues = (
+        env.get("IMGSYNC_QUEUE_PREPROCESS", "preprocess") + "," + env.get("IMGSYNC_QUEUE_SKU", "sku"),
+        env.get("IMGSYNC_QUEUE_ENCODE", "encode"),
+    )
     subprocess.run(
         [sys.executable, "-m", "worker.cli", "db", "upgrade"], env=env, check=True, capture_output=True
     )
     logs = home.parent / "logs"
     logs.mkdir()
     procs = []
-    for name, queues in (("cpu", "preprocess,sku"), ("encode", "encode")):
+    for name, qs in zip(("cpu", "encode"), queues, strict=True):
         with (logs / f"{name}.log").open("wb") as fh:
-            procs.append(subprocess.Popen(worker_command(queues), env=env, stdout=fh, stderr=subprocess.STDOUT))
-    settings = Settings(_env_file=None, home=home, model="tiny", milvus_uri=uri)  # type: ignore[call-arg]
+            procs.append(subprocess.Popen(worker_command(qs), env=env, stdout=fh, stderr=subprocess.STDOUT))
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        home=home,
+        model="tiny",
+        milvus_uri=uri,
+        **{k.removeprefix("IMGSYNC_").lower(): v for k, v in overrides.items()},
+    )
     yield {"env": env, "uri": uri, "settings": settings, "logs": logs}
     for p in procs:
         p.terminate()

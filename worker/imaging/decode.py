@@ -38,6 +38,8 @@ def decode_image(data: bytes, limits: ImagingConfig) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
         except UnidentifiedImageError as exc:
+            if _magic_format(data):  # an accepted format's signature that Pillow cannot parse
+                raise PermanentError(Reason.corrupt, f"damaged {_magic_format(data)} file: {exc}") from exc
             raise PermanentError(
                 Reason.unsupported_format,
                 f"not an image in an accepted format ({', '.join(sorted(ALLOWED_FORMATS))}): {_sniff(data)}",
@@ -53,11 +55,15 @@ def decode_image(data: bytes, limits: ImagingConfig) -> Image.Image:
                 f"{width}×{height} = {width * height} pixels is over IMGSYNC_MAX_IMAGE_PIXELS={limits.max_pixels}",
             )
         try:
+            if img.format == "PNG":  # chunk CRCs: Pillow skips them when decoding pixel data
+                Image.open(io.BytesIO(data), formats=["PNG"]).verify()
             img.seek(0)  # animated: first frame
             img.load()
             img = ImageOps.exif_transpose(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise PermanentError(Reason.decompression_bomb, str(exc)) from exc
+        except SyntaxError as exc:  # Pillow's PNG verify() reports broken chunks this way
+            raise PermanentError(Reason.corrupt, f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             text = str(exc)
             if "truncated" in text or "image file is" in text.lower() and "incomplete" in text.lower():
@@ -107,6 +113,27 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def _magic_format(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _SIGNATURES:
+        if data.startswith(magic):
+            return fmt
+    return None
 
 
 def _sniff(data: bytes) -> str:

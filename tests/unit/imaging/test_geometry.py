@@ -73,7 +73,9 @@ def _assert_matches_open_clip(img: Image.Image, cfg: PreprocessCfg) -> np.ndarra
         (20, 13, 3),  # tiny: smaller than the target, upscaled
         (64, 64, 4),  # already the exact size
         (64, 97, 5),  # short side already the target, long side cropped
-        (255, 129, 6),  # odd sizes: rounding of the centre crop
+        (255, 129, 6),  # odd sizes
+        (71, 64, 8),  # crop offset 3.5: round-half-even picks 4, floor would pick 3
+        (200, 134, 9),  # resized to 95×64, crop offset 15.5 → 16
     ],
 )
 def test_shortest_square_matches_open_clip(width: int, height: int, seed: int, interpolation: str) -> None:
@@ -91,7 +93,7 @@ def test_exact_size_image_is_unchanged() -> None:
 @pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
 @pytest.mark.parametrize(
     ("width", "height", "seed"),
-    [(300, 200, 11), (150, 260, 12), (20, 13, 13), (96, 64, 14), (97, 65, 15)],
+    [(300, 200, 11), (150, 260, 12), (20, 13, 13), (96, 64, 14), (97, 65, 15), (103, 64, 16)],
 )
 def test_shortest_non_square_matches_open_clip(width: int, height: int, seed: int, interpolation: str) -> None:
     """Non-square (64, 96) target, shortest mode: open_clip's ResizeKeepRatio + centre crop, exactly."""

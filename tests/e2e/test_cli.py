@@ -1,0 +1,125 @@
+"""The CLI as a person and a script use it: help, JSON documents, exit codes, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from schemas.outputs import StatusOutput
+from worker.cli.main import app
+from worker.index.lite_server import free_port
+
+runner = CliRunner()
+
+COMMANDS = ["demo", "up", "worker", "index", "search", "status", "db"]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    """Each command answers --help with exit 0."""
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_bad_setting_is_exit_2_one_line(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An invalid setting: exit 2, one line naming the variable, no traceback."""
+    monkeypatch.setenv("IMGSYNC_BATCH_MAX", "0")
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 2
+    assert "IMGSYNC_BATCH_MAX" in result.output and "Traceback" not in result.output
+
+
+def test_bad_model_spec_is_exit_2(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`worker` with an unknown backend fails at startup naming IMGSYNC_MODEL and the backends."""
+    monkeypatch.setenv("IMGSYNC_MODEL", "nope:thing")
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", f"http://127.0.0.1:{free_port()}")
+    result = runner.invoke(app, ["worker", "--queues", "encode"])
+    assert result.exit_code == 2
+    assert "IMGSYNC_MODEL" in result.output and "open_clip" in result.output
+
+
+def test_unknown_queue_is_exit_2(home: Path) -> None:
+    """`worker --queues` refuses names it does not know, listing the valid ones."""
+    result = runner.invoke(app, ["worker", "--queues", "encode,bogus"])
+    assert result.exit_code == 2 and "bogus" in result.output and "preprocess" in result.output
+
+
+def test_unreachable_milvus_is_exit_3(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search against a Milvus that does not answer: exit 3, naming the setting and the URL."""
+    from tests.helpers import photo
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", uri)
+    q = tmp_path / "q.jpg"
+    photo(64, 64, seed=1).save(q)
+    result = runner.invoke(app, ["search", "--image", str(q), "--json"])
+    assert result.exit_code == 3, result.output
+    assert "IMGSYNC_MILVUS_URI" in result.output and uri in result.output
+    assert "Traceback" not in result.output
+
+
+def test_search_needs_exactly_one_query(home: Path) -> None:
+    """search without a query, or with both kinds, is a usage error."""
+    assert runner.invoke(app, ["search"]).exit_code == 2
+    assert runner.invoke(app, ["search", "--image", "x.jpg", "--text", "shoe"]).exit_code == 2
+
+
+def test_index_missing_path_is_exit_2(home: Path) -> None:
+    """Indexing a path that does not exist is a usage error naming the path."""
+    result = runner.invoke(app, ["index", "/no/such/folder", "--json"])
+    assert result.exit_code == 2 and "/no/such/folder" in result.output
+
+
+def test_status_json(home: Path, milvus_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """status --json is one valid document; ready when DB, broker and Milvus answer, exit 3 when not."""
+    result = runner.invoke(app, ["status", "--json"])
+    doc = StatusOutput.model_validate_json(result.stdout)
+    assert result.exit_code == 3 and not doc.ready and doc.errors
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", milvus_uri)
+    result = runner.invoke(app, ["status", "--json"])
+    doc = StatusOutput.model_validate_json(result.stdout)
+    assert result.exit_code == 0 and doc.ready, doc.errors
+    assert doc.milvus_uri == milvus_uri and doc.configured_model == "tiny"
+    assert set(doc.queues) == {"preprocess", "encode", "sku"}
+    assert doc.ledger == {"pending": 0, "indexed": 0, "failed": 0, "deleted": 0}
+
+
+def test_demo_runs_and_prints_search(tmp_path: Path) -> None:
+    """`imgsync demo` on a fresh home (no hub here) falls back to tiny with a notice, indexes the
+    synthetic catalog, prints a search table, and stops its stack cleanly."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
+    env["IMGSYNC_HOME"] = str(tmp_path / "demo-home")
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "demo", "--images", "24", "--skus", "6"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "24 indexed" in out
+    assert "images nearest to a new photo of" in out and "nearest SKUs" in out
+    assert "tiny" in out and "RANDOM WEIGHTS" in out
+    assert not (tmp_path / "demo-home" / "milvus" / "server.json").exists()  # server stopped
+    status = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    doc = json.loads(status.stdout)
+    assert doc["ledger"]["indexed"] == 24
