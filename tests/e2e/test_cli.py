@@ -123,3 +123,42 @@ def test_demo_runs_and_prints_search(tmp_path: Path) -> None:
     )
     doc = json.loads(status.stdout)
     assert doc["ledger"]["indexed"] == 24
+
+
+@pytest.mark.parametrize("args", [["up"], ["worker", "--queues", "encode"]])
+def test_no_silent_fallback_when_weights_unavailable(tmp_path: Path, args: list[str]) -> None:
+    """`up` and `worker` with the default pretrained model and no way to get its weights fail at once
+    with exit 2 naming IMGSYNC_MODEL (only `demo` falls back to tiny)."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGSYNC_", "HF_"))}
+    env.update(
+        IMGSYNC_HOME=str(tmp_path / "home"),
+        IMGSYNC_MILVUS_URI=f"http://127.0.0.1:{free_port()}",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+    )
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "IMGSYNC_MODEL=open_clip:ViT-B-32@openai" in proc.stderr and "Traceback" not in proc.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_wait_without_workers_hints_and_times_out(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`index --wait` with no worker running: a hint on stderr, then after --timeout exit 1 with the
+    images reported as pending (nothing claimed as indexed)."""
+    from tests.helpers import photo
+    from worker.cli import indexing
+
+    monkeypatch.setattr(indexing, "STALL_HINT_SECONDS", 0.3)
+    (tmp_path / "cat" / "S1").mkdir(parents=True)
+    photo(64, 64, seed=2).save(tmp_path / "cat" / "S1" / "a.jpg")
+    result = runner.invoke(app, ["index", str(tmp_path / "cat"), "--wait", "--json", "--timeout", "1.5"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert [r["outcome"] for r in doc["results"]] == ["pending"]
+    assert doc["results"][0]["sku"] == "S1"
+    assert "are workers running" in result.stderr

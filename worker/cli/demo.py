@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from config.settings import DEFAULT_MODEL, Settings
-from worker.encoders import parse_spec
+from worker.encoders.hub import hub_reachable, weights_cached
 
-__all__ = ["make_catalog", "choose_demo_model", "hub_reachable"]
+__all__ = ["make_catalog", "choose_demo_model"]
 
 _SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "ring", "stripes")
 
@@ -76,38 +75,6 @@ def _draw(shape: str, fg: tuple[int, ...], accent: tuple[int, ...], rng: random.
     d.ellipse((cx - s / 8, cy - s / 8, cx + s / 8, cy + s / 8), fill=accent)  # type: ignore[arg-type]
     img = img.rotate(rng.uniform(-12, 12), fillcolor=bg, resample=Image.Resampling.BICUBIC)  # type: ignore[arg-type]
     return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the model hub answers on HTTPS (a quick probe, so the demo never hangs on retries)."""
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def weights_cached(spec_text: str) -> bool:
-    """Whether an open_clip pretrained tag's weights are already in the local cache."""
-    spec = parse_spec(spec_text)
-    if spec.backend != "open_clip" or not spec.weights:
-        return True
-    if Path(spec.weights).expanduser().exists():
-        return True
-    try:
-        import open_clip
-        from huggingface_hub import try_to_load_from_cache
-
-        cfg = open_clip.get_pretrained_cfg(spec.name, spec.weights)
-        hub = cfg.get("hf_hub", "").rstrip("/")
-        if not hub:
-            return False
-        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(hub, filename), str):
-                return True
-    except Exception:  # noqa: BLE001 - any doubt means "not cached"
-        return False
-    return False
 
 
 def choose_demo_model(settings: Settings) -> tuple[Settings, str | None]:

@@ -26,6 +26,8 @@ IMAGE_SUFFIXES = frozenset(
 
 #: seconds between polls of the ledger while waiting
 POLL_SECONDS = 0.25
+#: seconds without any image finishing before ``--wait`` suggests checking the workers
+STALL_HINT_SECONDS = 30.0
 
 
 def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
@@ -114,7 +116,9 @@ def wait_for(
     try:
         with progress:
             task = progress.add_task(label, total=len(by_id), failed=0)
+            last_change, hinted = time.monotonic(), False
             while len(done) < len(by_id):
+                before = len(done)
                 pending = [i for i in by_id if i not in done]
                 for image_id, row in ledger.rows(pending).items():
                     outcome = None
@@ -134,6 +138,14 @@ def wait_for(
                         )
                 failed = sum(r.outcome == "failed" for r in done.values())
                 progress.update(task, completed=len(done), failed=failed)
+                if len(done) != before:
+                    last_change = time.monotonic()
+                elif not hinted and time.monotonic() - last_change > STALL_HINT_SECONDS:
+                    hinted = True
+                    err_console.print(
+                        f"[yellow]no progress for {STALL_HINT_SECONDS:.0f}s: are workers running? "
+                        "(`imgsync up` for the embedded stack; `imgsync status` shows queue depths)[/]"
+                    )
                 if len(done) == len(by_id) or (deadline is not None and time.monotonic() > deadline):
                     break
                 time.sleep(POLL_SECONDS)

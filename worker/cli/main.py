@@ -26,6 +26,7 @@ from worker.cli.common import (
     milvus_session,
     settings_from,
 )
+from worker.encoders.hub import check_weights_available
 from worker.errors import ConfigError
 
 __all__ = ["app", "main"]
@@ -97,6 +98,8 @@ def worker(
     ensure_schema(settings)
     app_ = configure(settings)
     encode_only = chosen == [settings.queues.encode]
+    if settings.queues.encode in chosen or settings.queues.preprocess in chosen:
+        check_weights_available(settings.model)  # never fall back silently, never retry for minutes
     if settings.queues.encode in chosen:
         rt = runtime()
         rt.encoder.warmup()  # fail fast on a bad model, before taking any message
@@ -119,10 +122,12 @@ def up(ctx: typer.Context) -> None:
     """Run the embedded stack in the foreground (Milvus Lite server, workers) until Ctrl-C."""
     from worker.cli.stack import EmbeddedStack
     from worker.encoders import create_encoder
+    from worker.ledger.db import upgrade
 
     settings = settings_from(ctx)
-    ensure_schema(settings)
+    upgrade(settings.effective_database_url)
     create_encoder(settings.encoder)  # a malformed spec fails here; weights load in the workers
+    check_weights_available(settings.model)
     stack = EmbeddedStack(settings)
     stopping = False
 
@@ -284,13 +289,14 @@ def demo(
     from worker.cli.indexing import collect_events, publish, wait_for
     from worker.cli.stack import EmbeddedStack
     from worker.encoders import create_encoder
+    from worker.ledger.db import upgrade
     from worker.search import run_search
 
     settings = settings_from(ctx)
     settings, notice = choose_demo_model(settings)
     if notice:
         err_console.print(f"[bold yellow]note:[/] {notice}", highlight=False)
-    ensure_schema(settings)
+    upgrade(settings.effective_database_url)
     root = settings.home / "demo-catalog"
     with console.status(f"writing {images} product photos over {min(skus, images)} SKUs to {root} …"):
         files, queries = make_catalog(root, images, min(skus, images))

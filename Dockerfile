@@ -1,0 +1,24 @@
+# imgsync worker image. CPU by default; the CUDA wheels of torch run on GPU hosts as they are
+# (pass TORCH="torch==2.14.1 torchvision==0.29.1" or a CPU-only index build to slim it down).
+FROM python:3.11-slim AS base
+
+ARG TORCH="torch==2.14.1 torchvision==0.29.1"
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    HF_HOME=/models IMGSYNC_HOME=/data
+
+RUN useradd --create-home --uid 10001 imgsync \
+ && mkdir -p /models /data && chown imgsync:imgsync /models /data
+WORKDIR /app
+RUN pip install ${TORCH}
+COPY pyproject.toml README.md ./
+COPY config ./config
+COPY schemas ./schemas
+COPY migrations ./migrations
+COPY tasks ./tasks
+COPY worker ./worker
+RUN pip install .
+
+USER imgsync
+VOLUME ["/models", "/data"]
+ENTRYPOINT ["imgsync"]
+CMD ["--help"]
