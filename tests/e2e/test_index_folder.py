@@ -23,6 +23,7 @@ from tests.conftest import REDIS_URL
 from tests.helpers import reference_open_clip
 from worker.cli.stack import worker_command
 from worker.index import IMAGES_ALIAS, SKUS_ALIAS, LiteServer, MilvusStore
+from worker.index.milvus_store import GRPC_OPTIONS
 from worker.ledger import Ledger, make_engine
 
 pytestmark = pytest.mark.e2e
@@ -127,7 +128,7 @@ def test_folder_indexes_end_to_end(stack: dict, catalog) -> None:
     def reader() -> None:  # a second process (this one) reads while the workers write
         from pymilvus import MilvusClient
 
-        client = MilvusClient(uri=stack["uri"])
+        client = MilvusClient(uri=stack["uri"], grpc_options=GRPC_OPTIONS)
         while not stop.is_set():
             try:
                 if IMAGES_ALIAS in client.list_aliases().get("aliases", []):

@@ -29,6 +29,10 @@ SKUS_ALIAS = "imgsync_skus"
 #: Strong consistency: a vector just written is visible to the next step in any process.
 CONSISTENCY = "Strong"
 URI_MAX = 4096
+#: pymilvus pings every 10 s, also with no call in flight; gRPC Python servers (the Milvus Lite server)
+#: allow one ping per 5 min without data and answer more with GOAWAY "too_many_pings", after which
+#: the shared connection fails to recover. Ping only during calls, and no more often than allowed.
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False}
 SKU_MAX = 256
 
 
@@ -79,7 +83,9 @@ class MilvusStore:
                     from pymilvus import MilvusClient
 
                     try:
-                        self._client = MilvusClient(uri=self.uri, token=self._token, timeout=self._timeout)
+                        self._client = MilvusClient(
+                            uri=self.uri, token=self._token, timeout=self._timeout, grpc_options=GRPC_OPTIONS
+                        )
                     except Exception as exc:  # noqa: BLE001 - pymilvus raises many types here
                         raise ServiceUnavailable("Milvus", "IMGSYNC_MILVUS_URI", self.uri, str(exc)) from exc
         return self._client
