@@ -10,11 +10,11 @@ from celery import Task
 from pydantic import ValidationError
 
 from schemas.reasons import Reason
-from schemas.tasks import PreprocessPayload
+from schemas.tasks import PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
 from worker.errors import ImgsyncError, PermanentError, TransientError
 
-__all__ = ["ImageTask"]
+__all__ = ["ImageTask", "SkuTask"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ class SkuTask(Task):
     abstract = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from schemas.tasks import SkuRefreshPayload
-
         try:
             payload = SkuRefreshPayload.model_validate(args[0] if args else kwargs)
         except (ValidationError, IndexError) as exc:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.events import Action, ImageEvent
+from schemas.events import Action, CropBox, ImageEvent
 from schemas.reasons import Reason
 from schemas.tasks import EncodePayload, PreprocessPayload
 from worker.dispatch import Dispatcher
@@ -53,12 +53,16 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None) -> np.ndarray:
+    """Decode, crop and fit one image's bytes to the model input (uint8 H×W×3)."""
+    img = apply_crop(decode_image(data, rt.settings.imaging), crop)
+    return rt.encoder.preprocess([img])[0]
+
+
 def prepare_pixels(rt: Runtime, event: ImageEvent) -> tuple[str, np.ndarray]:
-    """Fetch, decode, crop and fit one image to the model input: ``(content_hash, uint8 pixels)``."""
+    """Fetch and prepare one image: ``(content_hash, model-input pixels)``."""
     data = fetch_bytes(event.uri, rt.settings.fetch)
-    digest = content_hash(data)
-    img = apply_crop(decode_image(data, rt.settings.imaging), event.crop)
-    return digest, rt.encoder.preprocess([img])[0]
+    return content_hash(data), model_pixels(rt, data, event.crop)
 
 
 def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) -> str:
@@ -87,9 +91,7 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
     ):
         rt.ledger.mark_unchanged(event.image_id, event.version, payload.request_id)
         return "unchanged"
-    img = apply_crop(decode_image(data, rt.settings.imaging), event.crop)
-    pixels = rt.encoder.preprocess([img])[0]
-    key = rt.pixels.put(pixels)
+    key = rt.pixels.put(model_pixels(rt, data, event.crop))
     dispatch.encode(
         EncodePayload(event=event, request_id=payload.request_id, content_hash=digest, pixel_key=key)
     )

@@ -69,6 +69,4 @@ def run_search(
         raw = store.search(vector, limit=limit, skus=skus)
     finally:
         store.close()
-    return [
-        SearchHit(uri=h.get("uri"), image_id=h.get("image_id"), sku=h["sku"], score=h["score"]) for h in raw
-    ] if not skus else [SearchHit(sku=h["sku"], score=h["score"]) for h in raw]
+    return [SearchHit(uri=h.get("uri"), image_id=h.get("image_id"), sku=h["sku"], score=h["score"]) for h in raw]

@@ -109,18 +109,14 @@ class Ledger:
                     images.insert().values(image_id=event.image_id, state=state, created_at=now, **values)
                 )
             else:
-                if event.action is Action.upsert and prev.state != ImageState.indexed:
+                moved = prev.sku != event.sku and prev.state == ImageState.indexed
+                if event.action is Action.upsert and (prev.state != ImageState.indexed or moved):
+                    # an indexed image stays searchable until re-encoded, unless it left its SKU
                     values.update(state=ImageState.pending, reason=None, detail=None)
                 if prev.version != event.version:
                     values["attempts"] = 0
                 conn.execute(images.update().where(images.c.image_id == event.image_id).values(**values))
-                if prev.sku != event.sku and prev.state == ImageState.indexed:
-                    # the image leaves its old SKU now; its vector follows when re-encoded
-                    conn.execute(
-                        images.update()
-                        .where(images.c.image_id == event.image_id)
-                        .values(state=ImageState.pending)
-                    )
+                if moved:
                     self._mark_dirty(conn, [prev.sku], now)
             return Acceptance(current=True, previous=prev)
 
