@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     milvus_token: str = Field("", description="Milvus token (user:password), if the server needs one.")
     model: str = Field(
         DEFAULT_MODEL,
-        description="Model spec <backend>:<name>[@<weights>]; backends open_clip, tiny.",
+        description="Model spec <backend>:<name>[@<weights>]; backends open_clip, hf, timm, tiny.",
     )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     precision: Literal["fp32", "fp16", "bf16"] = Field(

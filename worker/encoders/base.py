@@ -9,6 +9,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,9 +22,24 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["Encoder", "ModelSpec", "PreprocessCfg", "l2_normalize"]
+__all__ = ["Encoder", "ModelSpec", "PreprocessCfg", "l2_normalize", "file_digest", "RANDOM_INIT_SEED"]
 
 log = logging.getLogger(__name__)
+
+#: Seed of random-initialised weights, so every process builds the very same model.
+RANDOM_INIT_SEED = 0
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """Short sha256 of a weights file or of every file in a weights folder (part of ``model_id``)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -43,8 +59,10 @@ class ModelSpec:
 class PreprocessCfg:
     """How pixels are prepared for a model, read from the model's own config.
 
-    ``size`` is (height, width); ``resize_mode`` is ``shortest`` (resize the short side, centre
-    crop), ``longest`` (resize the long side, pad with ``fill_color``) or ``squash``.
+    ``size`` is (height, width); ``resize_mode`` is ``shortest`` (resize the short side to
+    ``resize_to`` — default the crop size — then centre crop), ``longest`` (resize the long side, pad
+    with ``fill_color``) or ``squash``. ``geometry`` names who computes the pixels: ``imgsync`` (our
+    PIL code, identical to torchvision/open_clip/timm) or ``hf`` (the model's own HF image processor).
     """
 
     size: tuple[int, int]
@@ -54,6 +72,8 @@ class PreprocessCfg:
     resize_mode: str = "shortest"
     fill_color: int = 0
     mode: str = "RGB"
+    resize_to: int | None = None
+    geometry: str = "imgsync"
 
     @property
     def hash(self) -> str:
@@ -128,6 +148,9 @@ class Encoder(ABC):
     def preprocess(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         """Model-input pixels (uint8, H×W×3) of RGB images: the model's own resize/crop."""
         self.load()
+        return self._geometry(list(images))
+
+    def _geometry(self, images: list[Image.Image]) -> list[np.ndarray]:
         return [apply_geometry(img, self.preprocess_cfg) for img in images]
 
     def encode(self, pixels: Sequence[np.ndarray]) -> np.ndarray:

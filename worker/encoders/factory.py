@@ -24,6 +24,14 @@ def create_encoder(config: EncoderConfig | str) -> Encoder:
             from worker.encoders.open_clip_backend import OpenClipEncoder
 
             return OpenClipEncoder(spec, device=config.device, precision=config.precision)
+        case "hf":
+            from worker.encoders.hf_backend import HfEncoder
+
+            return HfEncoder(spec, device=config.device, precision=config.precision)
+        case "timm":
+            from worker.encoders.timm_backend import TimmEncoder
+
+            return TimmEncoder(spec, device=config.device, precision=config.precision)
         case "tiny":
             from worker.encoders.tiny import TinyEncoder
 

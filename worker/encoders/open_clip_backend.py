@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
-from worker.encoders.base import Encoder, PreprocessCfg
+from worker.encoders.base import RANDOM_INIT_SEED, Encoder, PreprocessCfg, file_digest
 from worker.errors import ConfigError
 
-__all__ = ["OpenClipEncoder", "file_digest", "RANDOM_INIT_SEED"]
+__all__ = ["OpenClipEncoder"]
 
 log = logging.getLogger(__name__)
-
-#: Seed of random-initialised weights, so every process builds the very same model.
-RANDOM_INIT_SEED = 0
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """Short sha256 of a weights file (part of ``model_id`` for local weights)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
-
 
 class OpenClipEncoder(Encoder):
     """open_clip ``create_model_and_transforms(name, pretrained=weights)``."""

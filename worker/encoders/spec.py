@@ -8,7 +8,7 @@ from worker.errors import ConfigError
 __all__ = ["parse_spec", "BACKENDS"]
 
 #: Backends this build can load.
-BACKENDS = ("open_clip", "tiny")
+BACKENDS = ("open_clip", "hf", "timm", "tiny")
 
 
 def parse_spec(text: str) -> ModelSpec:

@@ -45,7 +45,9 @@ def apply_geometry(img: Image.Image, cfg: PreprocessCfg) -> np.ndarray:
         img = _resize_keep_ratio(img, (th, tw), longest=1.0, flt=flt)
         img = _center_crop_or_pad(img, (th, tw), fill=cfg.fill_color)
     elif cfg.resize_mode == "shortest":
-        if th == tw:
+        if cfg.resize_to is not None:  # timm: resize to size / crop_pct, then centre crop
+            img = _resize_short_side(img, cfg.resize_to, flt)
+        elif th == tw:
             img = _resize_short_side(img, th, flt)
         else:  # open_clip uses ResizeKeepRatio with its default (bicubic) filter here
             img = _resize_keep_ratio(img, (th, tw), longest=0.0, flt=Image.Resampling.BICUBIC)

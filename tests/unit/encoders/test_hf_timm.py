@@ -1,0 +1,140 @@
+"""hf (transformers) and timm backends: small random models saved to disk, loaded by local path
+through imgsync's factory, compared with each library's own reference path (no hub here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import photo
+from worker.encoders import create_encoder
+from worker.errors import ConfigError
+
+SIZES = [(320, 240), (100, 400), (64, 64), (33, 517), (71, 64), (257, 129)]
+
+
+def images() -> list[Image.Image]:
+    return [photo(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+
+
+def vision(**extra):  # type: ignore[no-untyped-def]
+    return dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, image_size=64, patch_size=16, **extra)
+
+
+def text(**extra):  # type: ignore[no-untyped-def]
+    return dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000, max_position_embeddings=64, **extra)
+
+
+def save_family(family: str, folder: Path) -> Path:
+    """A tiny random model of ``family`` with its image processor, in save_pretrained layout."""
+    import transformers as tf
+
+    torch.manual_seed(1)
+    if family == "clip":
+        model = tf.CLIPModel(tf.CLIPConfig(text_config=text(bos_token_id=0, eos_token_id=1, pad_token_id=1), vision_config=vision(), projection_dim=24))
+        proc = tf.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    elif family == "chinese_clip":
+        model = tf.ChineseCLIPModel(tf.ChineseCLIPConfig(text_config=text(), vision_config=vision(), projection_dim=24))
+        proc = tf.ChineseCLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    elif family == "siglip":
+        model = tf.SiglipModel(tf.SiglipConfig(text_config=text(), vision_config=vision()))
+        proc = tf.SiglipImageProcessor(size={"height": 64, "width": 64})
+    elif family == "dinov2":
+        model = tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=16))
+        proc = tf.BitImageProcessor(
+            size={"shortest_edge": 72},
+            crop_size={"height": 64, "width": 64},
+            do_center_crop=True,
+            image_mean=[0.485, 0.456, 0.406],
+            image_std=[0.229, 0.224, 0.225],
+        )
+    else:  # pragma: no cover
+        raise AssertionError(family)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def hf_reference(folder: Path, family: str, pics: list[Image.Image]) -> np.ndarray:
+    """transformers' own path: AutoImageProcessor + get_image_features (or DINOv2's pooled CLS)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    proc = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    with torch.no_grad():
+        x = proc(images=pics, return_tensors="pt")["pixel_values"]
+        if family == "dinov2":
+            out = model(pixel_values=x).pooler_output
+        else:
+            out = model.get_image_features(pixel_values=x)
+            out = getattr(out, "pooler_output", out)
+    v = out.float().numpy()
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("family", ["clip", "chinese_clip", "siglip", "dinov2"])
+def test_hf_matches_transformers_reference(family: str, tmp_path: Path) -> None:
+    """Each HF family loaded from a local folder: cos >= 0.9999 to transformers' own path, per image."""
+    folder = save_family(family, tmp_path / family)
+    enc = create_encoder(f"hf:{folder}").load()
+    pics = images()
+    ours = enc.encode(enc.preprocess(pics))
+    ref = hf_reference(folder, family, pics)
+    cos = (ours * ref).sum(axis=1)
+    assert cos.min() >= 0.9999, cos
+    assert enc.dim == ref.shape[1] and enc.model_id.startswith("hf:") and "@dir-" in enc.model_id
+    assert ("text" in enc.capabilities) == (family != "dinov2")
+
+
+def test_dinov2_has_no_text_tower(tmp_path: Path) -> None:
+    """Text search with a vision-only model is a clear ConfigError."""
+    enc = create_encoder(f"hf:{save_family('dinov2', tmp_path / 'd')}").load()
+    with pytest.raises(ConfigError, match="no text tower"):
+        enc.encode_text(["a shoe"])
+
+
+def test_hf_missing_folder_and_unsupported_type(tmp_path: Path) -> None:
+    """A missing folder, or a model type we do not embed with, fails naming the setting."""
+    with pytest.raises(ConfigError, match="IMGSYNC_MODEL"):
+        create_encoder(f"hf:{tmp_path}/nope").load()
+    import transformers as tf
+
+    tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match="not supported"):
+        create_encoder(f"hf:{tmp_path / 'bert'}").load()
+
+
+def test_timm_matches_timm_reference(tmp_path: Path) -> None:
+    """timm model from a local checkpoint: cos >= 0.9999 to timm's create_transform + forward."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    torch.manual_seed(5)
+    ref_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).eval()
+    ckpt = tmp_path / "vit_tiny.pth"
+    torch.save(ref_model.state_dict(), ckpt)
+    enc = create_encoder(f"timm:vit_tiny_patch16_224@{ckpt}").load()
+    assert enc.preprocess_cfg.resize_to == 248 and enc.dim == 192  # crop_pct 0.9 of 224
+    pics = images()
+    ours = enc.encode(enc.preprocess(pics))
+    transform = create_transform(**resolve_data_config({}, model=ref_model))
+    with torch.no_grad():
+        ref = ref_model(torch.stack([transform(p) for p in pics])).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert (ours * ref).sum(axis=1).min() >= 0.9999
+    assert "@file-" in enc.model_id
+    with pytest.raises(ConfigError, match="no text tower"):
+        enc.encode_text(["x"])
+
+
+def test_timm_cnn_and_unknown_model() -> None:
+    """A CNN (resnet18, random weights) works as a 512-d extractor; an unknown name is a ConfigError."""
+    enc = create_encoder("timm:resnet18").load()
+    v = enc.encode(enc.preprocess([photo(200, 150, seed=1)]))
+    assert v.shape == (1, 512) and abs(float(np.linalg.norm(v)) - 1) < 1e-5
+    with pytest.raises(ConfigError, match="no_such_net"):
+        create_encoder("timm:no_such_net").load()
