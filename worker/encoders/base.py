@@ -128,6 +128,8 @@ class Encoder(ABC):
                 from worker.encoders.device import resolve_device
 
                 self.device = resolve_device(self._device_setting)
+                if self.device.type != "cuda" and self.precision != "fp32":
+                    log.warning("IMGSYNC_PRECISION=%s applies on CUDA only: %s runs fp32", self.precision, self.device)
                 self._load()
                 self._loaded = True
                 log.info("encoder %s loaded on %s (dim %d)", self.spec, self.device, self.dim)

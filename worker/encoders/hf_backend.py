@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 #: model_type → whether it has a text tower
 HF_FAMILIES = {"clip": True, "chinese_clip": True, "siglip": True, "siglip2": True, "dinov2": False}
+#: files that carry a tokenizer in a save_pretrained folder
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model")
+#: a tokenizer with no more tokens than this has no real vocabulary (special tokens only)
+_MIN_VOCAB = 5
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -83,10 +87,20 @@ class HfEncoder(Encoder):
     def _forward_text(self, texts: list[str]) -> torch.Tensor:
         from transformers import AutoTokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(self._path, local_files_only=self._is_local)
-        except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"IMGSYNC_MODEL={self.spec}: no tokenizer for text search: {exc}") from exc
+        if self._is_local and not any((Path(self._path) / f).exists() for f in _TOKENIZER_FILES):
+            # transformers 5 would build an empty tokenizer here and every text would embed alike
+            raise ConfigError(f"IMGSYNC_MODEL={self.spec}: no tokenizer files in {self._path} for text search")
+        tok = getattr(self, "_tokenizer", None)
+        if tok is None:
+            try:
+                tok = AutoTokenizer.from_pretrained(self._path, local_files_only=self._is_local)
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(f"IMGSYNC_MODEL={self.spec}: no tokenizer for text search: {exc}") from exc
+            if len(tok) <= _MIN_VOCAB:
+                raise ConfigError(
+                    f"IMGSYNC_MODEL={self.spec}: the tokenizer has an empty vocabulary ({len(tok)} tokens)"
+                )
+            self._tokenizer = tok
         padding = "max_length" if self.family.startswith("siglip") else True
         enc = tok(texts, padding=padding, truncation=True, return_tensors="pt").to(self.device)
         out = self.model.get_text_features(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})

@@ -138,3 +138,41 @@ def test_timm_cnn_and_unknown_model() -> None:
     assert v.shape == (1, 512) and abs(float(np.linalg.norm(v)) - 1) < 1e-5
     with pytest.raises(ConfigError, match="no_such_net"):
         create_encoder("timm:no_such_net").load()
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A tiny word-level tokenizer (no hub): enough to drive the text tower."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate("a red blue shoe bag leather".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", model_max_length=64).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family", ["clip", "chinese_clip", "siglip"])
+def test_hf_text_tower_matches_reference(family: str, tmp_path: Path) -> None:
+    """Text vectors equal transformers' get_text_features on the model's own tokenizer output."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = save_family(family, tmp_path / family)
+    save_tokenizer(folder)
+    enc = create_encoder(f"hf:{folder}").load()
+    texts = ["a red shoe", "blue leather bag"]
+    ours = enc.encode_text(texts)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    batch = tok(texts, padding="max_length" if family == "siglip" else True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    ref = getattr(out, "pooler_output", out).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert ours.shape == (2, enc.dim) and (ours * ref).sum(axis=1).min() >= 0.9999
+
+
+def test_hf_text_without_tokenizer_is_config_error(tmp_path: Path) -> None:
+    """A CLIP folder saved without its tokenizer: text search fails with a clear ConfigError."""
+    enc = create_encoder(f"hf:{save_family('clip', tmp_path / 'c')}").load()
+    with pytest.raises(ConfigError, match="tokenizer"):
+        enc.encode_text(["a shoe"])

@@ -146,3 +146,12 @@ def test_bad_device_setting() -> None:
         with pytest.raises(ConfigError, match="no CUDA"):
             create_encoder(EncoderConfig(spec="tiny", device="cuda", precision="fp32")).load()
 
+
+
+def test_reduced_precision_request_runs_fp32_on_cpu(tiny_encoder) -> None:
+    """IMGSYNC_PRECISION=bf16 on a CPU device encodes in fp32: the same vectors as fp32."""
+    from config.settings import EncoderConfig
+
+    enc = create_encoder(EncoderConfig(spec="tiny", device="cpu", precision="bf16")).load()
+    pixels = tiny_encoder.preprocess([photo(90, 70, seed=8)])
+    np.testing.assert_allclose(enc.encode(pixels), tiny_encoder.encode(pixels), atol=1e-6)
