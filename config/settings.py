@@ -54,14 +54,22 @@ class FetchConfig:
 
     max_bytes: int
     file_roots: tuple[Path, ...]
+    connect_timeout: float = 5.0
+    read_timeout: float = 15.0
+    deadline: float = 60.0
+    max_redirects: int = 3
+    allow_hosts: tuple[str, ...] = ()
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
 
 
 @dataclass(frozen=True)
 class ImagingConfig:
-    """Limits for decoding images."""
+    """Limits and options for decoding images."""
 
     max_pixels: int
     min_side: int
+    auto_trim: bool = True
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,15 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Local folders file:// URIs may read from (comma-separated). Empty: any local path.",
     )
+    fetch_connect_timeout: float = Field(5.0, gt=0, le=120, description="HTTP/S3 connect timeout, seconds.")
+    fetch_read_timeout: float = Field(15.0, gt=0, le=600, description="HTTP/S3 read timeout between bytes, seconds.")
+    fetch_deadline: float = Field(60.0, gt=0, le=3600, description="Total time allowed for one download, seconds.")
+    fetch_max_redirects: int = Field(3, ge=0, le=10, description="HTTP redirects followed (each re-checked).")
+    fetch_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs that may be fetched although private/loopback (comma-separated).",
+    )
+    auto_trim: bool = Field(True, description="Trim a uniform (white or transparent) border when no crop is given.")
     queue_preprocess: str = Field("preprocess", description="Queue name of the preprocess stage.")
     queue_encode: str = Field("encode", description="Queue name of the encode stage.")
     queue_sku: str = Field("sku", description="Queue name of the SKU refresh stage.")
@@ -137,15 +154,14 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="Prefork processes of a CPU worker. 0: one per CPU core."
     )
     max_retries: int = Field(5, ge=0, le=100, description="Retries of a transient failure before giving up.")
-    s3_endpoint_url: str = Field(
-        "", description="S3 endpoint (MinIO, moto) for s3:// fetches (not built yet). Empty: AWS default."
-    )
+    s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto) for s3:// fetches. Empty: AWS default.")
+    s3_region: str = Field("", description="S3 region for s3:// fetches. Empty: the AWS default chain.")
     sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source (not built yet).")
     metrics_port: int = Field(
         9464, ge=0, le=65535, description="Prometheus exporter port (exporter not built yet). 0: disabled."
     )
 
-    @field_validator("file_roots", mode="before")
+    @field_validator("file_roots", "fetch_allow_hosts", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
@@ -197,11 +213,18 @@ class Settings(BaseSettings):
         return FetchConfig(
             max_bytes=self.max_image_bytes,
             file_roots=tuple(p.expanduser().resolve() for p in self.file_roots),
+            connect_timeout=self.fetch_connect_timeout,
+            read_timeout=self.fetch_read_timeout,
+            deadline=self.fetch_deadline,
+            max_redirects=self.fetch_max_redirects,
+            allow_hosts=tuple(self.fetch_allow_hosts),
+            s3_endpoint_url=self.s3_endpoint_url,
+            s3_region=self.s3_region,
         )
 
     @property
     def imaging(self) -> ImagingConfig:
-        return ImagingConfig(max_pixels=self.max_image_pixels, min_side=self.min_image_side)
+        return ImagingConfig(max_pixels=self.max_image_pixels, min_side=self.min_image_side, auto_trim=self.auto_trim)
 
     @property
     def queues(self) -> QueueNames:
