@@ -21,6 +21,7 @@ from worker.encoders.base import l2_normalize
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.fetch import fetch_bytes
 from worker.imaging.decode import apply_crop, decode_image
+from worker.imaging.trim import trim_border
 from worker.index import ImageEntity
 from worker.ledger import ImageState, IndexedImage
 from worker.runtime import Runtime
@@ -54,8 +55,13 @@ def content_hash(data: bytes) -> str:
 
 
 def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None) -> np.ndarray:
-    """Decode, crop and fit one image's bytes to the model input (uint8 H×W×3)."""
-    img = apply_crop(decode_image(data, rt.settings.imaging), crop)
+    """Decode, crop (the catalog's box, else auto-trim of a uniform border) and fit one image's bytes
+    to the model input (uint8 H×W×3)."""
+    img = decode_image(data, rt.settings.imaging)
+    if crop is not None:
+        img = apply_crop(img, crop)
+    elif rt.settings.imaging.auto_trim:
+        img = trim_border(img)
     return rt.encoder.preprocess([img])[0]
 
 
