@@ -1,0 +1,207 @@
+"""HTTP fetch against a real local HTTP server: timeouts, byte cap, status mapping, redirects, and
+the SSRF guard (every refused address is refused before any connection is attempted)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from config.settings import FetchConfig
+from schemas.reasons import Reason
+from worker.errors import PermanentError, TransientError
+from worker.fetch import fetch_bytes
+from worker.fetch import http as http_fetch
+
+BODY = b"\xff\xd8\xff" + b"x" * 5000
+
+
+class Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        routes = {
+            "/ok.jpg": lambda: self._send(200, BODY),
+            "/missing.jpg": lambda: self._send(404, b"no"),
+            "/forbidden.jpg": lambda: self._send(403, b"no"),
+            "/boom.jpg": lambda: self._send(503, b"later"),
+            "/huge-declared.jpg": lambda: self._send(200, b"", length=10**9),
+            "/huge-streamed.jpg": self._stream_forever,
+            "/slow.jpg": self._slow,
+            "/to-ok": lambda: self._redirect("/ok.jpg"),
+            "/to-metadata": lambda: self._redirect("http://169.254.169.254/latest/meta-data/"),
+            "/to-private": lambda: self._redirect("http://10.0.0.7/x.jpg"),
+            "/loop": lambda: self._redirect("/loop"),
+        }
+        routes.get(self.path, lambda: self._send(404, b"?"))()
+
+    def _send(self, status: int, body: bytes, length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        if body:
+            self.wfile.write(body)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _stream_forever(self) -> None:
+        self.send_response(200)
+        self.end_headers()  # no Content-Length: the cap must stop the read
+        try:
+            for _ in range(10_000):
+                self.wfile.write(b"y" * 65536)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _slow(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        try:
+            for _ in range(100):
+                self.wfile.write(b"z" * 10)
+                self.wfile.flush()
+                time.sleep(0.3)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def only_loopback_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Safety net: the tests never open a connection to anything but 127.0.0.1."""
+    opened: list[str] = []
+    real = http_fetch._open
+
+    def guarded(target, cfg, timeout):  # type: ignore[no-untyped-def]
+        assert target.address == "127.0.0.1", f"test tried to connect to {target.address}"
+        opened.append(target.address)
+        return real(target, cfg, timeout)
+
+    monkeypatch.setattr(http_fetch, "_open", guarded)
+    return opened
+
+
+def cfg(**kw: object) -> FetchConfig:
+    values: dict = {"max_bytes": 1_000_000, "file_roots": (), "allow_hosts": ("127.0.0.1",),
+                    "connect_timeout": 2.0, "read_timeout": 2.0, "deadline": 10.0}
+    values.update(kw)
+    return FetchConfig(**values)
+
+
+def reason_of(url: str, config: FetchConfig) -> tuple[type, Reason]:
+    with pytest.raises((PermanentError, TransientError)) as err:
+        fetch_bytes(url, config)
+    return type(err.value), err.value.reason
+
+
+def test_fetches_bytes_through_allowlist(server: str) -> None:
+    """An allowlisted local server is fetched, bytes intact."""
+    assert fetch_bytes(f"{server}/ok.jpg", cfg()) == BODY
+
+
+def test_redirect_followed_and_rechecked(server: str) -> None:
+    """A redirect to an allowed place is followed."""
+    assert fetch_bytes(f"{server}/to-ok", cfg()) == BODY
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/missing.jpg", (PermanentError, Reason.not_found)), ("/forbidden.jpg", (PermanentError, Reason.not_found)),
+     ("/boom.jpg", (TransientError, Reason.fetch_error)), ("/loop", (PermanentError, Reason.not_found))],
+)
+def test_status_mapping(server: str, path: str, expected: tuple) -> None:
+    """404/403 and redirect loops are permanent not_found; 5xx is transient."""
+    assert reason_of(f"{server}{path}", cfg()) == expected
+
+
+def test_declared_too_large_refused_without_reading(server: str) -> None:
+    """A Content-Length over the cap is refused at once."""
+    assert reason_of(f"{server}/huge-declared.jpg", cfg()) == (PermanentError, Reason.fetch_too_large)
+
+
+def test_streamed_body_stops_at_cap(server: str) -> None:
+    """A body without Content-Length is cut at the cap (never read unbounded)."""
+    started = time.monotonic()
+    assert reason_of(f"{server}/huge-streamed.jpg", cfg(max_bytes=200_000)) == (PermanentError, Reason.fetch_too_large)
+    assert time.monotonic() - started < 5
+
+
+def test_slow_body_hits_deadline(server: str) -> None:
+    """A server trickling bytes is cut by the total deadline (transient fetch_timeout)."""
+    started = time.monotonic()
+    assert reason_of(f"{server}/slow.jpg", cfg(deadline=1.0)) == (TransientError, Reason.fetch_timeout)
+    assert time.monotonic() - started < 4
+
+
+def test_loopback_refused_without_allowlist(server: str, only_loopback_connections: list[str]) -> None:
+    """Without the allowlist, the local server itself is a forbidden address; nothing is opened."""
+    assert reason_of(f"{server}/ok.jpg", cfg(allow_hosts=())) == (PermanentError, Reason.forbidden_address)
+    assert only_loopback_connections == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/x.jpg",
+        "http://localhost/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::ffff:127.0.0.1]/x.jpg",
+        "http://[::1]/x.jpg",
+        "http://2130706433/x.jpg",
+        "http://0x7f000001/x.jpg",
+        "http://0177.0.0.1/x.jpg",
+        "http://10.1.2.3/x.jpg",
+        "http://192.168.0.10/x.jpg",
+        "http://172.16.5.4/x.jpg",
+        "http://100.64.0.1/x.jpg",
+        "http://0.0.0.0/x.jpg",
+        "http://224.0.0.1/x.jpg",
+        "http://[fe80::1]/x.jpg",
+        "http://[fd00::1]/x.jpg",
+    ],
+)
+def test_forbidden_addresses(url: str, only_loopback_connections: list[str]) -> None:
+    """Loopback, metadata, private, CGNAT, multicast, unspecified, mapped and odd IP spellings are
+    refused before connecting."""
+    assert reason_of(url, cfg(allow_hosts=())) == (PermanentError, Reason.forbidden_address)
+    assert only_loopback_connections == []
+
+
+@pytest.mark.parametrize("path", ["/to-metadata", "/to-private"])
+def test_redirect_to_forbidden_address(server: str, path: str, only_loopback_connections: list[str]) -> None:
+    """A redirect from an allowed server to a forbidden address is refused at the hop."""
+    assert reason_of(f"{server}{path}", cfg()) == (PermanentError, Reason.forbidden_address)
+    assert only_loopback_connections == ["127.0.0.1"]
+
+
+def test_allowlist_by_network() -> None:
+    """The allowlist takes CIDRs as well as host names."""
+    http_fetch.check_address("intranet", "10.2.3.4", ("10.0.0.0/8",))
+    with pytest.raises(PermanentError):
+        http_fetch.check_address("intranet", "10.2.3.4", ("192.168.0.0/16",))
+    http_fetch.check_address("8.8.8.8", "8.8.8.8")  # a public address passes (no connection made)
+
+
+def test_connection_refused_is_transient() -> None:
+    """Nothing listening on the port: a transient fetch_error (retried later)."""
+    from worker.index.lite_server import free_port
+
+    assert reason_of(f"http://127.0.0.1:{free_port()}/x.jpg", cfg())[0] is TransientError

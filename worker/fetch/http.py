@@ -1,0 +1,197 @@
+"""HTTP(S) fetch with an SSRF guard, timeouts, a total deadline, a byte cap and checked redirects.
+
+The host is resolved once; every address it resolves to must be public (or allowlisted), and the
+connection goes to that checked address (no second lookup an attacker could answer differently).
+Proxies from the environment are never used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+
+from config.settings import FetchConfig
+from schemas.reasons import Reason
+from worker.errors import PermanentError, TransientError
+
+__all__ = ["fetch_http", "check_address", "resolve_checked"]
+
+#: statuses meaning "this image is not there (for us)": permanent
+_GONE = {401, 403, 404, 410, 451}
+_REDIRECTS = {301, 302, 303, 307, 308}
+_CHUNK = 64 * 1024
+_USER_AGENT = "imgsync/0.1 (+catalog image indexer)"
+
+
+@dataclass(frozen=True)
+class Target:
+    scheme: str
+    host: str
+    port: int
+    path: str
+    address: str  # the checked IP the connection goes to
+
+
+def _allowed_by_list(host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: tuple[str, ...]) -> bool:
+    for entry in allow:
+        entry = entry.strip()
+        if not entry:
+            continue
+        if entry.lower() == host.lower():
+            return True
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def check_address(host: str, address: str, allow: tuple[str, ...] = ()) -> None:
+    """Refuse non-global addresses: loopback, private, link-local (cloud metadata), CGNAT, multicast,
+    unspecified, reserved, and IPv4-mapped/6to4 forms of them — unless ``allow`` lists the host or a
+    network containing it.
+
+    Raises:
+        PermanentError: ``forbidden_address``.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if inner is not None:
+            ip = inner
+    if _allowed_by_list(host, ip, allow):
+        return
+    if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+        raise PermanentError(
+            Reason.forbidden_address,
+            f"{host} resolves to {ip}, a non-public address (allow it with IMGSYNC_FETCH_ALLOW_HOSTS)",
+        )
+
+
+def resolve_checked(url: str, cfg: FetchConfig) -> Target:
+    """Parse ``url``, resolve its host once and check every address it resolves to."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PermanentError(Reason.invalid_event, f"{url}: not an http(s) URL with a host")
+    if parts.username or parts.password:
+        raise PermanentError(Reason.invalid_event, f"{url}: credentials in URLs are not accepted")
+    host = parts.hostname
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise PermanentError(Reason.invalid_event, f"{url}: bad port") from exc
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TransientError(Reason.fetch_error, f"{url}: cannot resolve {host}: {exc}") from exc
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if not addresses:
+        raise TransientError(Reason.fetch_error, f"{url}: {host} has no address")
+    for address in addresses:  # every answer must pass: no mixing a public and a private record
+        check_address(host, address, cfg.allow_hosts)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(parts.scheme, host, port, path, addresses[0])
+
+
+def _open(target: Target, cfg: FetchConfig, timeout: urllib3.Timeout):  # type: ignore[no-untyped-def]
+    """A connection pool bound to the checked address (TLS still verifies the host name)."""
+    if target.scheme == "https":
+        import certifi
+
+        return urllib3.HTTPSConnectionPool(
+            target.address,
+            target.port,
+            timeout=timeout,
+            retries=False,
+            maxsize=1,
+            server_hostname=target.host,
+            assert_hostname=target.host,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+        )
+    return urllib3.HTTPConnectionPool(target.address, target.port, timeout=timeout, retries=False, maxsize=1)
+
+
+def fetch_http(url: str, cfg: FetchConfig) -> bytes:
+    """Download an image over HTTP(S), safely.
+
+    Raises:
+        PermanentError: ``forbidden_address``, ``not_found`` (401/403/404/410, too many redirects),
+            ``fetch_too_large``, ``invalid_event``.
+        TransientError: ``fetch_timeout`` (connect/read timeout, total deadline) or ``fetch_error``
+            (connection errors, 5xx, 429).
+    """
+    started = time.monotonic()
+    current = url
+    for _hop in range(cfg.max_redirects + 1):
+        target = resolve_checked(current, cfg)
+        remaining = cfg.deadline - (time.monotonic() - started)
+        if remaining <= 0:
+            raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline")
+        timeout = urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=min(cfg.read_timeout, remaining))
+        pool = _open(target, cfg, timeout)
+        host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+        try:
+            resp = pool.urlopen(
+                "GET",
+                target.path,
+                headers={"Host": host_header, "User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"},
+                redirect=False,
+                preload_content=False,
+                assert_same_host=False,
+            )
+        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError) as exc:
+            pool.close()
+            raise TransientError(Reason.fetch_timeout, f"{url}: timed out: {exc}") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            pool.close()
+            raise TransientError(Reason.fetch_error, f"{url}: {type(exc).__name__}: {exc}") from exc
+        try:
+            if resp.status in _REDIRECTS:
+                location = resp.headers.get("Location")
+                if not location:
+                    raise PermanentError(Reason.not_found, f"{current}: redirect without Location")
+                current = urljoin(current, location)
+                continue
+            return _read_body(url, resp, cfg, started)
+        finally:
+            resp.release_conn()
+            pool.close()
+    raise PermanentError(Reason.not_found, f"{url}: more than {cfg.max_redirects} redirects")
+
+
+def _read_body(url: str, resp, cfg: FetchConfig, started: float) -> bytes:  # type: ignore[no-untyped-def]
+    if resp.status in _GONE:
+        raise PermanentError(Reason.not_found, f"{url}: HTTP {resp.status}")
+    if resp.status == 429 or resp.status >= 500:
+        raise TransientError(Reason.fetch_error, f"{url}: HTTP {resp.status}")
+    if resp.status != 200:
+        raise PermanentError(Reason.not_found, f"{url}: HTTP {resp.status}")
+    declared = resp.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
+        raise PermanentError(
+            Reason.fetch_too_large, f"{url}: {declared} bytes is over IMGSYNC_MAX_IMAGE_BYTES={cfg.max_bytes}"
+        )
+    body = bytearray()
+    try:
+        while chunk := resp.read1(_CHUNK):  # returns what has arrived: the deadline is checked often
+            body.extend(chunk)
+            if len(body) > cfg.max_bytes:
+                raise PermanentError(
+                    Reason.fetch_too_large, f"{url}: over IMGSYNC_MAX_IMAGE_BYTES={cfg.max_bytes} bytes"
+                )
+            if time.monotonic() - started > cfg.deadline:
+                raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline")
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        raise TransientError(Reason.fetch_timeout, f"{url}: read timed out: {exc}") from exc
+    except urllib3.exceptions.ProtocolError as exc:
+        raise TransientError(Reason.fetch_error, f"{url}: connection broken: {exc}") from exc
+    return bytes(body)
