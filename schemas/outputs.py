@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-__all__ = ["IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
+__all__ = ["FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
 
 
 class IndexResult(BaseModel):
@@ -44,3 +45,18 @@ class StatusOutput(BaseModel):
     skus: int
     dirty_skus: int
     errors: list[str] = Field(default_factory=list)
+
+
+class FailureItem(BaseModel):
+    image_id: str
+    uri: str
+    sku: str
+    reason: str | None
+    detail: str | None
+    attempts: int
+    updated_at: datetime | None
+
+
+class FailuresOutput(BaseModel):
+    failures: list[FailureItem]
+    by_reason: dict[str, int]

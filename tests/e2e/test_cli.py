@@ -17,7 +17,7 @@ from worker.index.lite_server import free_port
 
 runner = CliRunner()
 
-COMMANDS = ["demo", "up", "worker", "index", "search", "status", "db"]
+COMMANDS = ["demo", "up", "worker", "index", "search", "status", "db", "failures"]
 
 
 @pytest.fixture
@@ -162,3 +162,11 @@ def test_wait_without_workers_hints_and_times_out(home: Path, tmp_path: Path, mo
     assert [r["outcome"] for r in doc["results"]] == ["pending"]
     assert doc["results"][0]["sku"] == "S1"
     assert "are workers running" in result.stderr
+
+
+def test_failures_options_validated(home: Path) -> None:
+    """`failures list` refuses an unknown reason or time filter (exit 2) and is empty on a new ledger."""
+    assert runner.invoke(app, ["failures", "list", "--reason", "nope"]).exit_code == 2
+    assert runner.invoke(app, ["failures", "list", "--since", "yesterday"]).exit_code == 2
+    result = runner.invoke(app, ["failures", "list", "--since", "7d", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == {"failures": [], "by_reason": {}}

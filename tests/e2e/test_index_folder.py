@@ -219,3 +219,53 @@ def test_bad_file_is_failed_with_reason_and_batch_mates_indexed(stack: dict, tmp
     ledger = Ledger(make_engine(stack["settings"].effective_database_url))
     row = ledger.get(by_name["error-page.jpg"].image_id)
     assert row is not None and row.state == "failed" and row.reason == "unsupported_format"
+
+
+def test_batch_of_64_with_5_bad_files_then_replay(stack: dict, tmp_path: Path, catalog) -> None:
+    """64 images with 5 bad ones: the 59 good are indexed, the 5 are listed by `imgsync failures` with
+    their reasons; after one file is fixed, `failures replay` indexes it."""
+    from tests.helpers import photo
+
+    root = catalog(n_skus=1, per_sku=59, root=tmp_path / "big")
+    bad_dir = root / "SKU-1"
+    (bad_dir / "empty.jpg").write_bytes(b"")
+    (bad_dir / "page.jpg").write_bytes(b"<html><body>oops</body></html>")
+    (bad_dir / "tiny.png").write_bytes(_png(photo(3, 3, seed=1)))
+    good = (bad_dir / "1.jpg").read_bytes()
+    (bad_dir / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (bad_dir / "eps.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+    code, out = index_json(stack, str(root), "--sku", "BIG-1")
+    assert code == 1 and len(out.results) == 64
+    outcomes = {Path(r.uri).name: (r.outcome, r.reason) for r in out.results}
+    assert sum(o == "indexed" for o, _ in outcomes.values()) == 59
+    expected = {
+        "empty.jpg": "corrupt",
+        "page.jpg": "unsupported_format",
+        "tiny.png": "too_small",
+        "cut.jpg": "truncated",
+        "eps.png": "unsupported_format",
+    }
+    assert {k: outcomes[k] for k in expected} == {k: ("failed", v) for k, v in expected.items()}
+
+    proc = run_cli(stack, "failures", "list", "--sku", "BIG-1", "--json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    listed = json.loads(proc.stdout)
+    assert {Path(f["uri"]).name: f["reason"] for f in listed["failures"]} == expected
+
+    (bad_dir / "cut.jpg").write_bytes(good)  # the file is fixed upstream
+    proc = run_cli(
+        stack, "failures", "replay", "--reason", "truncated", "--sku", "BIG-1", "--wait", "--json", "--timeout", "120"
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    replayed = json.loads(proc.stdout)["results"]
+    assert [(Path(r["uri"]).name, r["outcome"]) for r in replayed] == [("cut.jpg", "indexed")]
+    proc = run_cli(stack, "failures", "list", "--sku", "BIG-1", "--json")
+    assert "cut.jpg" not in proc.stdout and len(json.loads(proc.stdout)["failures"]) == 4
+
+
+def _png(img: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -15,6 +15,7 @@ import typer
 from rich.table import Table
 
 from schemas.outputs import IndexOutput, SearchHit, SearchOutput, StatusOutput
+from worker.cli.failures import failures_app
 from worker.cli.common import (
     EXIT_FAILURES,
     State,
@@ -40,6 +41,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="State database (ledger) schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(failures_app, name="failures")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 

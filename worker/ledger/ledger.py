@@ -329,6 +329,36 @@ class Ledger:
                     out[row.image_id] = row
         return out
 
+    def failures(
+        self,
+        *,
+        reason: str | None = None,
+        sku: str | None = None,
+        since: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[ImageRow]:
+        """Failed images, newest first, filtered by reason, SKU and time."""
+        q = sa.select(images).where(images.c.state == ImageState.failed)
+        if reason:
+            q = q.where(images.c.reason == reason)
+        if sku:
+            q = q.where(images.c.sku == sku)
+        if since is not None:
+            q = q.where(images.c.updated_at >= since)
+        q = q.order_by(images.c.updated_at.desc(), images.c.image_id).limit(limit)
+        with self.engine.connect() as conn:
+            return [r for r in (_row(x) for x in conn.execute(q)) if r is not None]
+
+    def failure_counts(self) -> dict[str, int]:
+        """Failed images by reason."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(images.c.reason, sa.func.count())
+                .where(images.c.state == ImageState.failed)
+                .group_by(images.c.reason)
+            )
+            return {str(reason): int(n) for reason, n in rows}
+
     def counts(self) -> dict[str, int]:
         """Images by state (every state present, zero included)."""
         out = {s: 0 for s in ImageState.ALL}

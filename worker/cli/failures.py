@@ -1,0 +1,148 @@
+"""``imgsync failures list|show|replay``: quarantined images, why, and a way back in."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from schemas.events import ImageEvent, image_id_for, normalize_uri
+from schemas.outputs import FailureItem, FailuresOutput, IndexOutput
+from schemas.reasons import Reason
+from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, settings_from
+from worker.errors import ConfigError
+from worker.ledger import ImageRow, Ledger, make_engine
+
+__all__ = ["failures_app"]
+
+failures_app = typer.Typer(help="Failed images: list, show, replay.", no_args_is_help=True)
+
+ReasonOpt = Annotated[str | None, typer.Option(help=f"Only this reason code ({', '.join(r.value for r in Reason)}).")]
+SkuOpt = Annotated[str | None, typer.Option(help="Only this SKU.")]
+SinceOpt = Annotated[str | None, typer.Option(help="Only failures newer than this: 30m, 12h, 7d, or an ISO time.")]
+
+
+def _since(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(**{units[text[-1]]: int(text[:-1])})
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise ConfigError(f"--since {text!r}: use 30m, 12h, 7d or an ISO time") from exc
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _reason(text: str | None) -> str | None:
+    if text is not None and text not in {r.value for r in Reason}:
+        raise ConfigError(f"--reason {text!r}: valid reasons are {', '.join(r.value for r in Reason)}")
+    return text
+
+
+def _item(r: ImageRow) -> FailureItem:
+    return FailureItem(
+        image_id=r.image_id, uri=r.uri, sku=r.sku, reason=r.reason, detail=r.detail,
+        attempts=r.attempts, updated_at=r.updated_at,
+    )  # fmt: skip
+
+
+def _ledger(ctx: typer.Context) -> Ledger:
+    settings = settings_from(ctx)
+    ensure_schema(settings)
+    return Ledger(make_engine(settings.effective_database_url))
+
+
+@failures_app.command("list")
+@handle_errors
+def list_(
+    ctx: typer.Context,
+    reason: ReasonOpt = None,
+    sku: SkuOpt = None,
+    since: SinceOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many rows.")] = 100,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Failed images, newest first, with their reason codes (exit 1 when there are any)."""
+    ledger = _ledger(ctx)
+    rows = ledger.failures(reason=_reason(reason), sku=sku, since=_since(since), limit=limit)
+    doc = FailuresOutput(failures=[_item(r) for r in rows], by_reason=ledger.failure_counts())
+    if json_out:
+        emit_json(doc)
+    else:
+        table = Table("reason", "sku", "uri", "detail", title=f"failed images ({len(rows)} shown)")
+        for f in doc.failures:
+            table.add_row(f.reason or "", f.sku, f.uri, (f.detail or "")[:80])
+        console.print(table)
+        console.print("by reason: " + (", ".join(f"{k}={v}" for k, v in sorted(doc.by_reason.items())) or "none"))
+    if rows:
+        raise typer.Exit(EXIT_FAILURES)
+
+
+@failures_app.command("show")
+@handle_errors
+def show(
+    ctx: typer.Context,
+    image: Annotated[str, typer.Argument(help="An image id or its uri/path.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Everything the ledger knows about one failed image."""
+    ledger = _ledger(ctx)
+    image_id = image if len(image) == 32 and all(c in "0123456789abcdef" for c in image) else image_id_for(normalize_uri(image))
+    row = ledger.get(image_id)
+    if row is None:
+        raise ConfigError(f"no image {image!r} in the ledger")
+    item = _item(row)
+    if json_out:
+        emit_json(item)
+    else:
+        table = Table(show_header=False, title=f"image {row.image_id}")
+        for k, v in {**item.model_dump(), "state": row.state, "version": row.version}.items():
+            table.add_row(k, str(v))
+        console.print(table)
+
+
+@failures_app.command("replay")
+@handle_errors
+def replay(
+    ctx: typer.Context,
+    reason: ReasonOpt = None,
+    sku: SkuOpt = None,
+    since: SinceOpt = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the replayed images to their outcome.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Re-enqueue failed images (e.g. after their files were fixed); reports what happened to each."""
+    from worker.cli.indexing import publish, wait_for
+
+    settings = settings_from(ctx)
+    ledger = _ledger(ctx)
+    rows = ledger.failures(reason=_reason(reason), sku=sku, since=_since(since), limit=100_000)
+    events = [ImageEvent(uri=r.uri, sku=r.sku, source="replay") for r in rows]
+    if not events:
+        if json_out:
+            emit_json(IndexOutput(results=[]))
+        else:
+            console.print("nothing to replay")
+        return
+    request_id = publish(settings, events, force=True)
+    if not wait:
+        if json_out:
+            emit_json({"request_id": request_id, "queued": len(events)})
+        else:
+            console.print(f"replaying {len(events)} image(s) (request {request_id})")
+        return
+    results = wait_for(settings, events, request_id, timeout=timeout, show_progress=not json_out, label="replaying")
+    if json_out:
+        emit_json(IndexOutput(results=results))
+    else:
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    if any(r.outcome in ("failed", "pending") for r in results):
+        raise typer.Exit(EXIT_FAILURES)
