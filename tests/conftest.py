@@ -101,3 +101,52 @@ def catalog(tmp_path: Path):
         return root
 
     return _make
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real moto S3 server on a free local port, shared by the session: its endpoint url.
+
+    Fails (never skips) when the server does not answer within 30 s.
+    """
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    from worker.index.lite_server import free_port
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30.0
+        while True:
+            if proc.poll() is not None:
+                log_tail = log_path.read_text(errors="replace")[-2000:]
+                pytest.fail(f"moto server exited with {proc.returncode}: {log_tail}")
+            try:
+                with urllib.request.urlopen(endpoint + "/", timeout=1.0):
+                    break
+            except urllib.error.HTTPError:
+                break  # any HTTP answer means the server is up
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto server at {endpoint} did not answer within 30 s: "
+                                f"{log_path.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
