@@ -21,7 +21,7 @@ def _default(name: str) -> str:
         value = field.default
     if isinstance(value, list):
         value = ",".join(str(v) for v in value)
-    text = str(value)
+    text = "" if value is None else str(value)
     return f"`{text}`" if text else "(empty)"
 
 

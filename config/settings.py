@@ -157,8 +157,10 @@ class Settings(BaseSettings):
     s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto) for s3:// fetches. Empty: AWS default.")
     s3_region: str = Field("", description="S3 region for s3:// fetches. Empty: the AWS default chain.")
     sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source (not built yet).")
-    metrics_port: int = Field(
-        9464, ge=0, le=65535, description="Prometheus exporter port (exporter not built yet). 0: disabled."
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus exporter port of a worker node. 0: none.")
+    metrics_dir: Path | None = Field(
+        None,
+        description="Prometheus multiprocess directory shared by a node's processes. Empty: a fresh one per node under IMGSYNC_HOME/metrics.",
     )
 
     @field_validator("file_roots", "fetch_allow_hosts", mode="before")
@@ -235,6 +237,8 @@ class Settings(BaseSettings):
         env: dict[str, str] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
+            if value is None:
+                continue
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)
             env[f"IMGSYNC_{name.upper()}"] = str(value)

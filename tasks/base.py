@@ -13,6 +13,7 @@ from schemas.reasons import Reason
 from schemas.tasks import PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
 from worker.errors import ImgsyncError, PermanentError, TransientError
+from worker.metrics import metrics
 
 __all__ = ["ImageTask", "SkuTask"]
 
@@ -25,6 +26,8 @@ class ImageTask(Task):
     abstract = True
     #: the payload model the single positional argument is validated against
     payload_model: type[PreprocessPayload] = PreprocessPayload
+    #: the ``stage`` label of this task's metrics
+    stage = "preprocess"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if len(args) != 1 or kwargs:
@@ -36,15 +39,17 @@ class ImageTask(Task):
             log.error("%s: invalid payload dropped: %s", self.name, exc)
             return "invalid"
         try:
-            return self.run(payload)
+            outcome = self.run(payload)
         except ImgsyncError as exc:
             if not isinstance(exc, (PermanentError, TransientError)):
                 exc = TransientError(Reason.internal_error, str(exc))
-            return pipeline.record_failure(celery_app.runtime(), celery_app.dispatcher(), payload, exc)
+            outcome = pipeline.record_failure(celery_app.runtime(), celery_app.dispatcher(), payload, exc)
         except Exception as exc:  # noqa: BLE001 - an unexpected fault (DB hiccup, bug): retry, never lose
             log.exception("%s: unexpected error on %s", self.name, payload.event.uri)
             err = TransientError(Reason.internal_error, f"{type(exc).__name__}: {exc}")
-            return pipeline.record_failure(celery_app.runtime(), celery_app.dispatcher(), payload, err)
+            outcome = pipeline.record_failure(celery_app.runtime(), celery_app.dispatcher(), payload, err)
+        metrics().images.labels(self.stage, outcome).inc()
+        return outcome
 
 
 class SkuTask(Task):

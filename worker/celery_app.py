@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from config.settings import Settings
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU, Dispatcher
@@ -96,3 +96,12 @@ def _after_fork(**_: object) -> None:
     rt = _state.get("runtime")
     if isinstance(rt, Runtime):
         rt.reset_after_fork()
+
+
+@worker_process_shutdown.connect
+def _child_exit(pid: int | None = None, **_: object) -> None:
+    import os
+
+    from worker.metrics import mark_process_dead
+
+    mark_process_dead(pid or os.getpid())

@@ -24,6 +24,8 @@ from worker.imaging.decode import apply_crop, decode_image
 from worker.imaging.trim import trim_border
 from worker.index import ImageEntity
 from worker.ledger import ImageState, IndexedImage
+from worker.metrics import Metrics, metrics
+from worker.metrics.collectors import gpu_memory_snapshot
 from worker.runtime import Runtime
 
 __all__ = [
@@ -57,17 +59,24 @@ def content_hash(data: bytes) -> str:
 def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None) -> np.ndarray:
     """Decode, crop (the catalog's box, else auto-trim of a uniform border) and fit one image's bytes
     to the model input (uint8 H×W×3)."""
-    img = decode_image(data, rt.settings.imaging)
-    if crop is not None:
-        img = apply_crop(img, crop)
-    elif rt.settings.imaging.auto_trim:
-        img = trim_border(img)
-    return rt.encoder.preprocess([img])[0]
+    with metrics().stage_seconds.labels("decode").time():
+        img = decode_image(data, rt.settings.imaging)
+        if crop is not None:
+            img = apply_crop(img, crop)
+        elif rt.settings.imaging.auto_trim:
+            img = trim_border(img)
+        return rt.encoder.preprocess([img])[0]
+
+
+def fetch(rt: Runtime, uri: str) -> bytes:
+    """The image's bytes (timed as the ``fetch`` stage)."""
+    with metrics().stage_seconds.labels("fetch").time():
+        return fetch_bytes(uri, rt.settings.fetch)
 
 
 def prepare_pixels(rt: Runtime, event: ImageEvent) -> tuple[str, np.ndarray]:
     """Fetch and prepare one image: ``(content_hash, model-input pixels)``."""
-    data = fetch_bytes(event.uri, rt.settings.fetch)
+    data = fetch(rt, event.uri)
     return content_hash(data), model_pixels(rt, data, event.crop)
 
 
@@ -78,13 +87,15 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
     Raises PermanentError / TransientError for the instrumentation to record or retry.
     """
     event = payload.event
+    if payload.attempt == 0:
+        metrics().events.labels(event.source, str(event.action)).inc()
     acceptance = rt.ledger.accept(event, payload.request_id)
     if not acceptance.current:
         return "stale"
     if event.action is Action.delete:
         delete_image(rt, dispatch, event)
         return "deleted"
-    data = fetch_bytes(event.uri, rt.settings.fetch)
+    data = fetch(rt, event.uri)
     digest = content_hash(data)
     prev = acceptance.previous
     if (
@@ -148,11 +159,17 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
         live.append(p)
         pixels.append(px)
     if not live:
+        _count_encode(skipped=skipped, retried=retried, failed=failed)
         return EncodeResult(0, skipped, retried, failed)
+    m = metrics()
     try:
-        vectors = rt.encoder.encode(pixels)
+        with m.stage_seconds.labels("encode").time():
+            vectors = rt.encoder.encode(pixels)
+        m.batch_size.observe(len(pixels))
+        record_gpu_memory(m)
         names = rt.names()
         now_ms = int(time.time() * 1000)
+        started = time.perf_counter()
         rt.store.upsert_images(
             names,
             [
@@ -168,6 +185,7 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
                 for p, v in zip(live, vectors, strict=True)
             ],
         )
+        m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - the whole batch failed: each item retries alone
         err = exc if isinstance(exc, ImgsyncError) else TransientError(Reason.device_error, repr(exc))
         log.warning("encode batch of %d failed (%s): re-publishing each item", len(live), exc)
@@ -175,6 +193,7 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
             outcome = record_failure(rt, dispatch, p, err, keep_pixels=True)
             failed += outcome == "failed"
             retried += outcome == "retried"
+        _count_encode(skipped=skipped, retried=retried, failed=failed)
         return EncodeResult(0, skipped, retried, failed)
     recorded, dirty = rt.ledger.mark_indexed(
         [
@@ -187,17 +206,45 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
         now = rt.ledger.current_versions(overtaken)
         gone = [i for i in overtaken if now.get(i, ("", ImageState.deleted))[1] == ImageState.deleted]
         rt.store.delete_images(names.images, gone)
+    now = time.time()
+    done = set(recorded)
     for p in live:
         rt.pixels.delete(p.pixel_key)
+        if p.event.image_id in done:
+            m.lag_seconds.observe(max(0.0, now - p.event.event_time.timestamp()))
     for sku in sorted(dirty):
         dispatch.refresh_sku(sku)
-    return EncodeResult(len(recorded), skipped + len(overtaken), retried, failed)
+    result = EncodeResult(len(recorded), skipped + len(overtaken), retried, failed)
+    for outcome, n in (("indexed", result.indexed), ("skipped", result.skipped), ("retried", retried), ("failed", failed)):
+        if n:
+            m.images.labels("encode", outcome).inc(n)
+    return result
+
+
+def _count_encode(**outcomes: int) -> None:
+    for outcome, n in outcomes.items():
+        if n:
+            metrics().images.labels("encode", outcome).inc(n)
+
+
+def record_gpu_memory(m: Metrics) -> None:
+    """Set the GPU memory gauges from torch (nothing without CUDA)."""
+    for device, kinds in gpu_memory_snapshot().items():
+        for kind, value in kinds.items():
+            m.gpu_memory.labels(device, kind).set(value)
 
 
 def refresh_sku(rt: Runtime, sku: str) -> str:
     """Recompute a SKU vector as the normalized mean of its current image vectors (fetched by
     primary key). Repeats while the SKU changes under it, so the last write reads the newest
     membership. Returns ``clean``, ``written`` or ``deleted``."""
+    with metrics().stage_seconds.labels("sku_refresh").time():
+        result = _refresh_sku(rt, sku)
+    metrics().images.labels("sku", result).inc()
+    return result
+
+
+def _refresh_sku(rt: Runtime, sku: str) -> str:
     names = rt.names()
     result = "clean"
     for _ in range(SKU_REFRESH_ROUNDS):
@@ -235,19 +282,21 @@ def record_failure(
     """
     event = payload.event
     if isinstance(exc, PermanentError):
-        rt.ledger.mark_failed(event.image_id, event.version, exc.reason, str(exc), payload.request_id)
+        if rt.ledger.mark_failed(event.image_id, event.version, exc.reason, str(exc), payload.request_id):
+            metrics().failures.labels(str(exc.reason)).inc()
         _drop_pixels(rt, payload)
         return "failed"
     reason = getattr(exc, "reason", Reason.fetch_error)
     attempts = rt.ledger.note_attempt(event.image_id, event.version, reason, str(exc))
     if payload.attempt >= rt.settings.max_retries:
-        rt.ledger.mark_failed(
+        if rt.ledger.mark_failed(
             event.image_id,
             event.version,
             Reason.retries_exhausted,
             f"{payload.attempt + 1} attempts; last: {reason}: {exc}",
             payload.request_id,
-        )
+        ):
+            metrics().failures.labels(str(Reason.retries_exhausted)).inc()
         _drop_pixels(rt, payload)
         return "failed"
     delay = backoff_seconds(payload.attempt)

@@ -11,12 +11,13 @@ __all__ = ["collect_status", "queue_depths"]
 
 
 def queue_depths(settings: Settings) -> dict[str, int | None]:
-    """Messages waiting per queue (None where the broker cannot tell)."""
-    from worker.celery_app import configure
+    """Messages waiting per queue, read from the broker (touches no Celery app state)."""
+    from kombu import Connection
 
-    app = configure(settings)
+    if settings.embedded_broker:
+        settings.home.mkdir(parents=True, exist_ok=True)
     out: dict[str, int | None] = {}
-    with app.connection_for_read() as conn:
+    with Connection(settings.effective_broker_url, connect_timeout=5) as conn:
         conn.ensure_connection(max_retries=1, timeout=5)
         channel = conn.default_channel
         for q in settings.queues.all():

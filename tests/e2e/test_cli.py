@@ -24,6 +24,7 @@ COMMANDS = ["demo", "up", "worker", "index", "search", "status", "db", "failures
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
+    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")  # no exporter bound inside the test process
     monkeypatch.chdir(tmp_path)
     return tmp_path / "home"
 
@@ -135,6 +136,7 @@ def test_no_silent_fallback_when_weights_unavailable(tmp_path: Path, args: list[
     env.update(
         IMGSYNC_HOME=str(tmp_path / "home"),
         IMGSYNC_MILVUS_URI=f"http://127.0.0.1:{free_port()}",
+        IMGSYNC_METRICS_PORT="0",
         HF_HUB_OFFLINE="1",
         HF_HOME=str(tmp_path / "hf"),
     )

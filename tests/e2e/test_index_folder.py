@@ -46,6 +46,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         IMGSYNC_BATCH_MAX="8",
         IMGSYNC_BATCH_WAIT_MS="100",
         IMGSYNC_WORKER_CONCURRENCY="2",
+        IMGSYNC_METRICS_PORT="0",  # two workers on one host: the metrics test runs its own stack
     )
     overrides: dict[str, str] = {}
     if request.param == "production":

@@ -98,10 +98,11 @@ def worker(
     if unknown:
         raise ConfigError(f"--queues: unknown queue(s) {', '.join(unknown)}; valid: {', '.join(known)}")
     ensure_schema(settings)
-    app_ = configure(settings)
-    encode_only = chosen == [settings.queues.encode]
     if settings.queues.encode in chosen or settings.queues.preprocess in chosen:
         check_weights_available(settings.model)  # never fall back silently, never retry for minutes
+    _start_metrics(settings, node=f"worker-{os.getpid()}")
+    app_ = configure(settings)
+    encode_only = chosen == [settings.queues.encode]
     if settings.queues.encode in chosen:
         rt = runtime()
         rt.encoder.warmup()  # fail fast on a bad model, before taking any message
@@ -116,6 +117,22 @@ def worker(
         conc = concurrency or settings.worker_concurrency or (os.cpu_count() or 1)
         argv += ["--pool", "prefork", "--concurrency", str(conc)]
     app_.worker_main(argv)
+
+
+def _start_metrics(settings, *, node: str) -> None:  # type: ignore[no-untyped-def]
+    """Multiprocess metrics for this node (before any pool forks) and, with a port, its exporter.
+
+    A node started by `up` writes into the directory `up` serves (IMGSYNC_METRICS_DIR) and exports
+    nothing itself; a standalone node gets a fresh directory and its own exporter."""
+    from worker.metrics import enable_multiprocess, start_exporter
+    from worker.metrics.collectors import StateCollector
+
+    if settings.metrics_dir is not None:
+        enable_multiprocess(settings.metrics_dir, wipe=False)
+    else:
+        enable_multiprocess(settings.home / "metrics" / node, wipe=True)
+    if settings.metrics_port:
+        start_exporter(settings.metrics_port, extra=[StateCollector(settings)])
 
 
 @app.command()
@@ -139,9 +156,20 @@ def up(ctx: typer.Context) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     uri = stack.start()
+    if settings.metrics_port:  # one exporter for every stack process's samples
+        from worker.metrics import enable_multiprocess, start_exporter
+        from worker.metrics.collectors import StateCollector
+
+        enable_multiprocess(stack.metrics_dir, wipe=False)
+        try:
+            start_exporter(settings.metrics_port, extra=[StateCollector(settings)])
+        except ConfigError:
+            stack.stop()
+            raise
+    metrics_at = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
     console.print(
         f"[bold green]imgsync up[/]: Milvus {uri}, model {settings.model}, data {settings.home}, "
-        f"logs {stack.log_dir}. Ctrl-C stops."
+        f"metrics {metrics_at}, logs {stack.log_dir}. Ctrl-C stops."
     )
     try:
         while not stopping:

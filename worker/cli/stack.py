@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,10 +39,18 @@ class EmbeddedStack:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log_dir: Path | None = None
 
+    @property
+    def metrics_dir(self) -> Path:
+        """Where every stack process writes its Prometheus samples."""
+        return self.settings.metrics_dir or self.settings.home / "metrics" / "stack"
+
     def start(self) -> str:
         """Start everything; returns the Milvus URI the workers use."""
         home = self.settings.home
         home.mkdir(parents=True, exist_ok=True)
+        if self.metrics_dir.exists():
+            shutil.rmtree(self.metrics_dir)  # samples of a previous run would be added to this one's
+        self.metrics_dir.mkdir(parents=True)
         self.log_dir = home / "logs"
         self.log_dir.mkdir(exist_ok=True)
         if self.settings.milvus_uri:
@@ -49,7 +58,14 @@ class EmbeddedStack:
         else:
             self.server = LiteServer(self.settings.milvus_data_dir, log_file=self.log_dir / "milvus.log")
             uri = self.server.start()
-        env = {**os.environ, **self.settings.as_env(), "IMGSYNC_MILVUS_URI": uri}
+        env = {
+            **os.environ,
+            **self.settings.as_env(),
+            "IMGSYNC_MILVUS_URI": uri,
+            # the children write their samples where `up` serves them; they run no exporter of their own
+            "IMGSYNC_METRICS_DIR": str(self.metrics_dir),
+            "IMGSYNC_METRICS_PORT": "0",
+        }
         q = self.settings.queues
         cpu = self.settings.worker_concurrency or max(1, min(4, os.cpu_count() or 1))
         for name, queues, conc in (("cpu", f"{q.preprocess},{q.sku}", cpu), ("encode", q.encode, None)):

@@ -1,0 +1,101 @@
+"""Metrics tell the truth: `imgsync up` (two prefork CPU children + the encode worker) serves one
+exporter whose numbers match the ledger and what was indexed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.index.lite_server import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[tuple[str, tuple], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
+    """After indexing 12 good and 2 bad images through `imgsync up`: indexed, failures by reason,
+    batch sizes, lag observations, events and ledger gauges all agree with what happened."""
+    root = catalog(n_skus=3, per_sku=4)
+    (root / "SKU-1" / "bad.jpg").write_bytes(b"<html>nope</html>")
+    (root / "SKU-2" / "empty.jpg").write_bytes(b"")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
+    env.update(
+        IMGSYNC_HOME=str(tmp_path / "home"),
+        IMGSYNC_MODEL="tiny",
+        IMGSYNC_METRICS_PORT=str(port),
+        IMGSYNC_WORKER_CONCURRENCY="2",
+        IMGSYNC_BATCH_MAX="4",
+        IMGSYNC_BATCH_WAIT_MS="100",
+    )
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen([sys.executable, "-m", "worker.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                scrape(port)
+                break
+            except OSError:
+                assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "exporter never answered"
+                time.sleep(0.5)
+        proc = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "index", str(root), "--wait", "--json", "--timeout", "180"],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        results = json.loads(proc.stdout)["results"]
+        assert sum(r["outcome"] == "indexed" for r in results) == 12
+        failures = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "worker.cli", "failures", "list", "--json"],
+                env=env, capture_output=True, text=True, timeout=60,
+            ).stdout
+        )["by_reason"]  # fmt: skip
+        assert failures == {"unsupported_format": 1, "corrupt": 1}
+
+        s = scrape(port)
+        assert total(s, "imgsync_images_total", stage="encode", outcome="indexed") == 12
+        assert total(s, "imgsync_encode_batch_size_sum") == 12  # each good image encoded once
+        assert 3 <= total(s, "imgsync_encode_batch_size_count") <= 12  # batches of at most 4
+        assert total(s, "imgsync_index_lag_seconds_count") == 12
+        assert total(s, "imgsync_events_total", source="cli", action="upsert") == 14
+        for reason, n in failures.items():
+            assert total(s, "imgsync_failures_total", reason=reason) == n
+        assert total(s, "imgsync_images_total", stage="preprocess", outcome="failed") == 2
+        assert total(s, "imgsync_ledger_images", state="indexed") == 12
+        assert total(s, "imgsync_ledger_images", state="failed") == 2
+        assert ("imgsync_queue_depth", (("queue", "encode"),)) in s
+        assert total(s, "imgsync_stage_seconds_count", stage="fetch") >= 14
+        assert not any(n == "imgsync_gpu_memory_bytes" for n, _ in s)  # no CUDA here: absent, no error
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            raise
+        log.close()
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]

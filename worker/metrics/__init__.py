@@ -1,0 +1,125 @@
+"""Prometheus metrics (prefix ``imgsync_``), correct under Celery prefork.
+
+Metric objects are built on first use (``metrics()``), after the entry point chose the mode: a
+worker node calls :func:`enable_multiprocess` before its pool forks, so every child writes its samples
+to one directory and the node's single exporter (:func:`start_exporter`) merges them. Labels come
+only from small fixed sets: stage, outcome, reason, queue, source, state, model_id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Metrics",
+    "metrics",
+    "enable_multiprocess",
+    "start_exporter",
+    "mark_process_dead",
+    "LATENCY_BUCKETS",
+    "BATCH_BUCKETS",
+    "LAG_BUCKETS",
+]
+
+#: seconds: fetch/decode/encode/upsert/refresh latencies
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: images per encode batch
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: seconds from the event to the vector written
+LAG_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+_lock = threading.Lock()
+_metrics: Metrics | None = None
+_multiprocess_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    events: Any  #: Counter imgsync_events_total{source, action}
+    images: Any  #: Counter imgsync_images_total{stage, outcome}
+    failures: Any  #: Counter imgsync_failures_total{reason}
+    stage_seconds: Any  #: Histogram imgsync_stage_seconds{stage}
+    batch_size: Any  #: Histogram imgsync_encode_batch_size
+    lag_seconds: Any  #: Histogram imgsync_index_lag_seconds
+    gpu_memory: Any  #: Gauge imgsync_gpu_memory_bytes{device, kind}
+    build_info: Any  #: Gauge imgsync_build_info{version, model_id}
+
+
+def metrics() -> Metrics:
+    """The process's metric objects (built once, in the mode chosen before)."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                from prometheus_client import Counter, Gauge, Histogram
+
+                _metrics = Metrics(
+                    events=Counter("imgsync_events", "Image events received", ["source", "action"]),
+                    images=Counter("imgsync_images", "Images through a stage, by outcome", ["stage", "outcome"]),
+                    failures=Counter("imgsync_failures", "Images failed, by reason code", ["reason"]),
+                    stage_seconds=Histogram(
+                        "imgsync_stage_seconds", "Latency of a pipeline step", ["stage"], buckets=LATENCY_BUCKETS
+                    ),
+                    batch_size=Histogram("imgsync_encode_batch_size", "Images per encode batch", buckets=BATCH_BUCKETS),
+                    lag_seconds=Histogram(
+                        "imgsync_index_lag_seconds", "Event time to vector written", buckets=LAG_BUCKETS
+                    ),
+                    gpu_memory=Gauge(
+                        "imgsync_gpu_memory_bytes", "GPU memory by kind", ["device", "kind"], multiprocess_mode="liveall"
+                    ),
+                    build_info=Gauge(
+                        "imgsync_build_info", "Worker build", ["version", "model_id"], multiprocess_mode="liveall"
+                    ),
+                )
+    return _metrics
+
+
+def enable_multiprocess(directory: Path, *, wipe: bool) -> None:
+    """Choose prometheus-client's multiprocess mode for this process and its children.
+
+    Must run before the first metric is built. ``wipe`` empties the directory (a node's start).
+    """
+    global _multiprocess_dir
+    if wipe and directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # prometheus-client reads its mode from this variable when the first metric is built
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    _multiprocess_dir = directory
+
+
+def start_exporter(port: int, *, extra: list[Any] | None = None) -> Any:
+    """Serve ``/metrics`` on ``port``: every process's samples (multiprocess mode) plus ``extra``
+    collectors (ledger and queue gauges read at scrape time). Returns the server."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    if _multiprocess_dir is not None:
+        MultiProcessCollector(registry, path=str(_multiprocess_dir))
+    else:  # single process: this process's own metrics
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    for collector in extra or []:
+        registry.register(collector)
+    try:
+        server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
+    except OSError as exc:
+        from worker.errors import ConfigError
+
+        raise ConfigError(f"IMGSYNC_METRICS_PORT={port}: cannot listen ({exc.strerror}); choose another port or 0") from exc
+    return server
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead child's live gauges (multiprocess mode only)."""
+    if _multiprocess_dir is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path=str(_multiprocess_dir))

@@ -1,0 +1,69 @@
+"""Gauges read at scrape time from the source of truth: ledger totals by state, SKUs awaiting
+refresh, and queue depths from the broker. A failing read is logged, never raised into the scrape."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from config.settings import Settings
+
+__all__ = ["StateCollector", "gpu_memory_snapshot"]
+
+log = logging.getLogger(__name__)
+
+
+class StateCollector:
+    """``imgsync_ledger_images{state}``, ``imgsync_skus_awaiting_refresh``, ``imgsync_queue_depth{queue}``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ledger = None
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        images = GaugeMetricFamily("imgsync_ledger_images", "Images in the ledger by state", labels=["state"])
+        dirty = GaugeMetricFamily("imgsync_skus_awaiting_refresh", "SKUs whose aggregate vector is stale")
+        try:
+            if self._ledger is None:
+                from worker.ledger import Ledger, make_engine
+
+                self._ledger = Ledger(make_engine(self.settings.effective_database_url))
+            for state, n in self._ledger.counts().items():
+                images.add_metric([state], n)
+            dirty.add_metric([], self._ledger.sku_counts()[1])
+            yield images
+            yield dirty
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the DB hiccups
+            log.warning("ledger gauges unavailable", exc_info=True)
+        depth = GaugeMetricFamily("imgsync_queue_depth", "Messages waiting per queue", labels=["queue"])
+        try:
+            from worker.status import queue_depths
+
+            for queue, n in queue_depths(self.settings).items():
+                if n is not None:
+                    depth.add_metric([queue], n)
+            yield depth
+        except Exception:  # noqa: BLE001
+            log.warning("queue depth unavailable", exc_info=True)
+
+
+def gpu_memory_snapshot() -> dict[str, dict[str, int]]:
+    """Per CUDA device: allocated, reserved, peak and total bytes (empty without CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return {}
+    if not torch.cuda.is_available():
+        return {}
+    out = {}
+    for i in range(torch.cuda.device_count()):
+        out[f"cuda:{i}"] = {
+            "allocated": int(torch.cuda.memory_allocated(i)),
+            "reserved": int(torch.cuda.memory_reserved(i)),
+            "peak": int(torch.cuda.max_memory_allocated(i)),
+            "total": int(torch.cuda.get_device_properties(i).total_memory),
+        }
+    return out
