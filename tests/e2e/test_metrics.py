@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,6 +91,13 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         assert ("imgsync_queue_depth", (("queue", "encode"),)) in s
         assert total(s, "imgsync_stage_seconds_count", stage="fetch") >= 14
         assert not any(n == "imgsync_gpu_memory_bytes" for n, _ in s)  # no CUDA here: absent, no error
+        # every metric the dashboard and the alert rules use is one the exporter emits
+        emitted = {n for n, _ in s} | {"imgsync_gpu_memory_bytes"}  # GPU gauges exist on CUDA workers only
+        config = Path(__file__).resolve().parents[2] / "config"
+        used = set()
+        for f in [config / "prometheus/alerts.yml", config / "grafana/dashboards/imgsync.json"]:
+            used |= set(re.findall(r"imgsync_[a-z_]+", f.read_text()))
+        assert used and used <= emitted, used - emitted
     finally:
         up.send_signal(signal.SIGINT)
         try:

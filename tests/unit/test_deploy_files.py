@@ -42,3 +42,26 @@ def test_compose_commands_are_cli_commands() -> None:
             assert set(cmd[cmd.index("--queues") + 1].split(",")) <= queues
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+
+
+def test_alert_rules_pass_promtool() -> None:
+    """The alert rules are valid for promtool (installed by .ci/services)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: .ci/services installs Debian's prometheus package"
+    out = subprocess.run([promtool, "check", "rules", str(ROOT / "config/prometheus/alerts.yml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5 rules found" in out.stdout
+
+
+def test_grafana_dashboard_provisioned() -> None:
+    """The dashboard JSON loads, has the panels ops need, and compose mounts it with its provisioning."""
+    import json
+
+    dash = json.loads((ROOT / "config/grafana/dashboards/imgsync.json").read_text())
+    titles = {p["title"] for p in dash["panels"]}
+    assert {"Throughput (images/s)", "Event-to-index lag", "Encode batch size", "Failures by reason", "Queue depth", "GPU memory"} <= titles
+    grafana = compose()["services"]["grafana"]
+    assert any("provisioning" in v for v in grafana["volumes"]) and any("dashboards" in v for v in grafana["volumes"])
