@@ -44,6 +44,8 @@ class StatusOutput(BaseModel):
     ledger: dict[str, int]
     skus: int
     dirty_skus: int
+    failures_by_reason: dict[str, int] = Field(default_factory=dict)
+    aliases: dict[str, str] = Field(default_factory=dict, description="serving alias -> collection")
     errors: list[str] = Field(default_factory=list)
 
 

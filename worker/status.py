@@ -31,12 +31,15 @@ def queue_depths(settings: Settings) -> dict[str, int | None]:
 def collect_status(settings: Settings) -> StatusOutput:
     errors: list[str] = []
     ledger_counts: dict[str, int] = {}
+    failures: dict[str, int] = {}
+    aliases: dict[str, str] = {}
     skus = dirty = 0
     db_ok = broker_ok = milvus_ok = False
     try:
         ledger = Ledger(make_engine(settings.effective_database_url))
         ledger_counts = ledger.counts()
         skus, dirty = ledger.sku_counts()
+        failures = ledger.failure_counts()
         ledger.engine.dispose()
         db_ok = True
     except Exception as exc:  # noqa: BLE001
@@ -55,6 +58,7 @@ def collect_status(settings: Settings) -> StatusOutput:
             from worker.search import serving_model_id
 
             model_id = serving_model_id(settings, store) if db_ok else None
+            aliases = store.alias_targets()
             milvus_ok = store.ping()
             if not milvus_ok:
                 errors.append(f"Milvus (IMGSYNC_MILVUS_URI) does not answer at {uri}")
@@ -75,6 +79,8 @@ def collect_status(settings: Settings) -> StatusOutput:
         ledger=ledger_counts,
         skus=skus,
         dirty_skus=dirty,
+        failures_by_reason=failures,
+        aliases=aliases,
         errors=errors,
     )
 

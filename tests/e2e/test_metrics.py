@@ -77,6 +77,14 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         )["by_reason"]  # fmt: skip
         assert failures == {"unsupported_format": 1, "corrupt": 1}
 
+        status = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "worker.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+            ).stdout
+        )
+        assert status["ready"] and status["failures_by_reason"] == failures
+        assert status["ledger"]["indexed"] == 12 and set(status["aliases"]) == {"imgsync_images", "imgsync_skus"}
+
         s = scrape(port)
         assert total(s, "imgsync_images_total", stage="encode", outcome="indexed") == 12
         assert total(s, "imgsync_encode_batch_size_sum") == 12  # each good image encoded once

@@ -294,6 +294,8 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         table.add_row("queues", ", ".join(f"{k}={'?' if v is None else v}" for k, v in doc.queues.items()))
         table.add_row("images", ", ".join(f"{k}={v}" for k, v in doc.ledger.items()))
         table.add_row("skus", f"{doc.skus} ({doc.dirty_skus} awaiting refresh)")
+        table.add_row("failures", ", ".join(f"{k}={v}" for k, v in sorted(doc.failures_by_reason.items())) or "none")
+        table.add_row("aliases", ", ".join(f"{k} → {v}" for k, v in doc.aliases.items()) or "—")
         for e in doc.errors:
             table.add_row("[red]error[/]", e)
         console.print(table)

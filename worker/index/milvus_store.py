@@ -146,6 +146,15 @@ class MilvusStore:
                 return None
             return str(self.client.describe_alias(IMAGES_ALIAS)["collection_name"])
 
+    def alias_targets(self) -> dict[str, str]:
+        """The serving aliases and the collections they point at."""
+        out = {}
+        with _wrap("describe aliases"):
+            for alias in self.client.list_aliases().get("aliases", []):
+                if alias in (IMAGES_ALIAS, SKUS_ALIAS):
+                    out[alias] = str(self.client.describe_alias(alias)["collection_name"])
+        return out
+
     # --- images --------------------------------------------------------------------------------
 
     def upsert_images(self, names: VersionNames, entities: Sequence[ImageEntity]) -> None:
