@@ -25,7 +25,7 @@ from worker.imaging.trim import trim_border
 from worker.index import ImageEntity
 from worker.ledger import ImageState, IndexedImage
 from worker.metrics import Metrics, metrics
-from worker.metrics.collectors import gpu_memory_snapshot
+from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
 from worker.runtime import Runtime
 
 __all__ = [
@@ -229,9 +229,14 @@ def _count_encode(**outcomes: int) -> None:
 
 def record_gpu_memory(m: Metrics) -> None:
     """Set the GPU memory gauges from torch (nothing without CUDA)."""
-    for device, kinds in gpu_memory_snapshot().items():
+    snapshot = gpu_memory_snapshot()
+    for device, kinds in snapshot.items():
         for kind, value in kinds.items():
             m.gpu_memory.labels(device, kind).set(value)
+    if snapshot:  # NVML only where torch sees a GPU
+        for device, reading in nvml_snapshot().items():
+            m.gpu_utilization.labels(device).set(reading["utilization"])
+            m.gpu_temperature.labels(device).set(reading["temperature"])
 
 
 def refresh_sku(rt: Runtime, sku: str) -> str:

@@ -97,10 +97,12 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         assert total(s, "imgsync_ledger_images", state="indexed") == 12
         assert total(s, "imgsync_ledger_images", state="failed") == 2
         assert ("imgsync_queue_depth", (("queue", "encode"),)) in s
+        assert total(s, "imgsync_build_info", model_id="tiny") >= 1
         assert total(s, "imgsync_stage_seconds_count", stage="fetch") >= 14
         assert not any(n == "imgsync_gpu_memory_bytes" for n, _ in s)  # no CUDA here: absent, no error
         # every metric the dashboard and the alert rules use is one the exporter emits
-        emitted = {n for n, _ in s} | {"imgsync_gpu_memory_bytes"}  # GPU gauges exist on CUDA workers only
+        gpu_only = {"imgsync_gpu_memory_bytes", "imgsync_gpu_utilization_ratio", "imgsync_gpu_temperature_celsius"}
+        emitted = {n for n, _ in s} | gpu_only  # GPU gauges exist on CUDA workers only
         config = Path(__file__).resolve().parents[2] / "config"
         used = set()
         for f in [config / "prometheus/alerts.yml", config / "grafana/dashboards/imgsync.json"]:

@@ -101,6 +101,10 @@ def worker(
     if settings.queues.encode in chosen or settings.queues.preprocess in chosen:
         check_weights_available(settings.model)  # never fall back silently, never retry for minutes
     _start_metrics(settings, node=f"worker-{os.getpid()}")
+    from worker import __version__
+    from worker.metrics import metrics
+
+    metrics().build_info.labels(__version__, settings.model).set(1)
     app_ = configure(settings)
     encode_only = chosen == [settings.queues.encode]
     if settings.queues.encode in chosen:

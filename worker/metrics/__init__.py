@@ -47,6 +47,8 @@ class Metrics:
     batch_size: Any  #: Histogram imgsync_encode_batch_size
     lag_seconds: Any  #: Histogram imgsync_index_lag_seconds
     gpu_memory: Any  #: Gauge imgsync_gpu_memory_bytes{device, kind}
+    gpu_utilization: Any  #: Gauge imgsync_gpu_utilization_ratio{device} (NVML)
+    gpu_temperature: Any  #: Gauge imgsync_gpu_temperature_celsius{device} (NVML)
     build_info: Any  #: Gauge imgsync_build_info{version, model_id}
 
 
@@ -71,6 +73,12 @@ def metrics() -> Metrics:
                     ),
                     gpu_memory=Gauge(
                         "imgsync_gpu_memory_bytes", "GPU memory by kind", ["device", "kind"], multiprocess_mode="liveall"
+                    ),
+                    gpu_utilization=Gauge(
+                        "imgsync_gpu_utilization_ratio", "GPU busy ratio (NVML)", ["device"], multiprocess_mode="liveall"
+                    ),
+                    gpu_temperature=Gauge(
+                        "imgsync_gpu_temperature_celsius", "GPU temperature (NVML)", ["device"], multiprocess_mode="liveall"
                     ),
                     build_info=Gauge(
                         "imgsync_build_info", "Worker build", ["version", "model_id"], multiprocess_mode="liveall"

@@ -9,7 +9,7 @@ from typing import Any
 
 from config.settings import Settings
 
-__all__ = ["StateCollector", "gpu_memory_snapshot"]
+__all__ = ["StateCollector", "gpu_memory_snapshot", "nvml_snapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -66,4 +66,34 @@ def gpu_memory_snapshot() -> dict[str, dict[str, int]]:
             "peak": int(torch.cuda.max_memory_allocated(i)),
             "total": int(torch.cuda.get_device_properties(i).total_memory),
         }
+    return out
+
+
+def nvml_snapshot() -> dict[str, dict[str, float]]:
+    """Per GPU: utilisation (0–1) and temperature (°C) from NVML; empty when NVML is absent.
+
+    NVML comes with the NVIDIA driver; its Python binding is ``pip install nvidia-ml-py``.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver / no GPU (NVMLError_LibraryNotFound on a CPU machine)
+        return {}
+    out = {}
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            temp = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+            out[f"cuda:{i}"] = {"utilization": util.gpu / 100.0, "temperature": float(temp)}
+    except pynvml.NVMLError:
+        log.debug("NVML read failed", exc_info=True)
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
     return out
