@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import time
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops, ImageCms, features
 
 from config.settings import ImagingConfig
 from schemas.events import CropBox
 from schemas.reasons import Reason
 from tests.helpers import photo
 from worker.errors import PermanentError
-from worker.imaging.decode import apply_crop, decode_image
+from worker.imaging.decode import ALLOWED_FORMATS, accepted_formats, apply_crop, decode_image
 
 LIMITS = ImagingConfig(max_pixels=100_000_000, min_side=8)
 
@@ -206,6 +207,14 @@ def test_truncated_jpeg_is_truncated() -> None:
     assert _reason(data[: int(len(data) * 0.6)]) == Reason.truncated
 
 
+@pytest.mark.parametrize("cut", [600, 1500, 2500])
+def test_jpeg_cut_inside_a_header_segment_is_truncated(cut: int) -> None:
+    """A JPEG cut off inside a long header segment (a 3 kB ICC profile in APP2) is truncated, not corrupt."""
+    data = _encode(photo(64, 48, seed=32), "JPEG", quality=90, icc_profile=b"\0" * 3000)
+    assert data.find(b"ICC_PROFILE") < cut < data.find(b"ICC_PROFILE") + 3000
+    assert _reason(data[:cut]) == Reason.truncated
+
+
 def test_png_with_corrupted_pixel_data_is_corrupt() -> None:
     """A PNG whose compressed pixel data is damaged is refused as corrupt."""
     data = bytearray(_encode(photo(64, 48, seed=6), "PNG"))
@@ -280,3 +289,367 @@ def test_full_crop_keeps_the_whole_image() -> None:
     img = photo(37, 23, seed=12)
     out = apply_crop(img, CropBox(x=0.0, y=0.0, w=1.0, h=1.0))
     assert np.array_equal(np.asarray(out), np.asarray(img))
+
+
+# --- colour management (embedded ICC profiles) ------------------------------------------------------
+# ImageCms cannot create CMYK or wide-gamut RGB profiles, so the tests assemble small ICC v2
+# profiles byte by byte (ICC.1:2001-04): a matrix/shaper RGB profile and a CMYK→Lab lut8 profile.
+
+_D50 = (0.9642, 1.0, 0.8249)
+#: Adobe RGB (1998) primaries adapted to D50, and its 563/256 gamma
+_ADOBE_COLORANTS = ((0.6097, 0.3111, 0.0195), (0.2053, 0.6257, 0.0609), (0.1492, 0.0632, 0.7446))
+_ADOBE_GAMMA = 563 / 256
+#: sRGB primaries adapted to D50 (as LittleCMS's built-in sRGB profile stores them)
+_SRGB_COLORANTS = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
+
+
+def _s15f16(v: float) -> bytes:
+    return struct.pack(">i", round(v * 65536))
+
+
+def _xyz_tag(xyz: tuple[float, float, float]) -> bytes:
+    return b"XYZ " + b"\0" * 4 + b"".join(_s15f16(v) for v in xyz)
+
+
+def _desc_tag(text: str) -> bytes:
+    ascii_ = text.encode("ascii") + b"\0"
+    # textDescriptionType: ASCII part, then empty Unicode and ScriptCode parts
+    return b"desc" + b"\0" * 4 + struct.pack(">I", len(ascii_)) + ascii_ + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+
+
+def _icc(device_class: bytes, colour_space: bytes, pcs: bytes, tags: list[tuple[bytes, bytes]]) -> bytes:
+    """An ICC v2.1 profile: 128-byte header, tag table, 4-byte aligned tag data."""
+    offset = 128 + 4 + 12 * len(tags)
+    table, blob = b"", b""
+    for sig, body in tags:
+        blob += b"\0" * (-(offset + len(blob)) % 4)
+        table += sig + struct.pack(">II", offset + len(blob), len(body))
+        blob += body
+    body = struct.pack(">I", len(tags)) + table + blob
+    header = (
+        struct.pack(">I", 128 + len(body)) + b"lcms" + struct.pack(">I", 0x02100000)
+        + device_class + colour_space + pcs + b"\0" * 12 + b"acsp" + b"APPL" + b"\0" * 4
+        + b"\0" * 16 + struct.pack(">I", 0) + b"".join(_s15f16(v) for v in _D50) + b"\0" * 48
+    )  # fmt: skip
+    assert len(header) == 128
+    return header + body
+
+
+def _rgb_profile(name: str, colorants: tuple[tuple[float, float, float], ...], gamma: float) -> bytes:
+    """A matrix/shaper RGB profile with the given D50 colorants and a pure gamma curve."""
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256))
+    return _icc(
+        b"mntr",
+        b"RGB ",
+        b"XYZ ",
+        [(b"desc", _desc_tag(name)), (b"wtpt", _xyz_tag(_D50))]
+        + [(sig, _xyz_tag(c)) for sig, c in zip((b"rXYZ", b"gXYZ", b"bXYZ"), colorants, strict=True)]
+        + [(sig, curve) for sig in (b"rTRC", b"gTRC", b"bTRC")],
+    )
+
+
+def _lab8(colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """sRGB colours → ICC v2 8-bit Lab (L·255/100, a+128, b+128)."""
+    img = Image.new("RGB", (len(colours), 1))
+    img.putdata(colours)
+    srgb, lab_profile = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+    lab = ImageCms.profileToProfile(img, srgb, lab_profile, outputMode="LAB")
+    out = np.asarray(lab).reshape(-1, 3).copy()
+    out[:, 1:] ^= 0x80  # Pillow's LAB output holds a/b as signed bytes
+    return out
+
+
+def _cmyk_profile(name: str, ink_colour) -> bytes:
+    """A CMYK→Lab profile (lut8, 2 grid points): the solid-ink corner (c, m, y, k) ∈ {0, 1}⁴ shows
+    the sRGB colour ``ink_colour(c, m, y, k)``; in between it interpolates."""
+    corners = [(c, m, y, k) for c in (0, 1) for m in (0, 1) for y in (0, 1) for k in (0, 1)]
+    identity = bytes(range(256))
+    lut = (
+        b"mft1" + b"\0" * 4 + bytes([4, 3, 2, 0])
+        + b"".join(_s15f16(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        + identity * 4 + _lab8([ink_colour(*q) for q in corners]).astype(np.uint8).tobytes() + identity * 3
+    )  # fmt: skip
+    return _icc(b"prtr", b"CMYK", b"Lab ", [(b"desc", _desc_tag(name)), (b"wtpt", _xyz_tag(_D50)), (b"A2B0", lut)])
+
+
+def _naive_ink(c: int, m: int, y: int, k: int) -> tuple[int, int, int]:
+    return (255 * (1 - c) * (1 - k), 255 * (1 - m) * (1 - k), 255 * (1 - y) * (1 - k))
+
+
+def _rotated_ink(c: int, m: int, y: int, k: int) -> tuple[int, int, int]:
+    """A deliberately odd press: every ink shows the naive colour with R, G, B rotated (R←B, G←R, B←G)."""
+    r, g, b = _naive_ink(c, m, y, k)
+    return (b, r, g)
+
+
+def _two_inks_cmyk() -> Image.Image:
+    """Left half cyan+yellow (green), right half magenta+yellow (red)."""
+    img = Image.new("CMYK", (24, 24), (0, 255, 255, 0))
+    img.paste((255, 0, 255, 0), (0, 0, 12, 24))
+    return img
+
+
+def _without_jpeg_segment(data: bytes, marker: int) -> bytes:
+    """``data`` with every marker segment ``0xFFmarker`` before the first scan removed."""
+    out, at = bytearray(data[:2]), 2
+    while at < len(data):
+        kind = data[at + 1]
+        if kind == 0xDA:  # start of scan: the rest is entropy-coded data
+            return bytes(out + data[at:])
+        length = struct.unpack(">H", data[at + 2 : at + 4])[0]
+        if kind != marker:
+            out += data[at : at + 2 + length]
+        at += 2 + length
+    raise AssertionError("no start of scan")
+
+
+def _srgb_expected(adobe_rgb: np.ndarray) -> np.ndarray:
+    """Adobe RGB values → sRGB by the textbook arithmetic (linearize, matrices, clip, sRGB curve)."""
+    linear = (adobe_rgb / 255.0) ** _ADOBE_GAMMA
+    srgb_linear = np.clip(linear @ np.array(_ADOBE_COLORANTS) @ np.linalg.inv(np.array(_SRGB_COLORANTS)), 0, 1)
+    encoded = np.where(srgb_linear <= 0.0031308, 12.92 * srgb_linear, 1.055 * srgb_linear ** (1 / 2.4) - 0.055)
+    return np.rint(encoded * 255).astype(int)
+
+
+_ADOBE_SWATCHES = np.array(
+    [(60, 180, 90), (120, 140, 160), (200, 60, 60), (128, 128, 128), (30, 40, 200), (255, 255, 255), (0, 0, 0)],
+    np.uint8,
+)
+
+
+def test_wide_gamut_rgb_profile_is_converted_to_srgb() -> None:
+    """An RGB PNG tagged Adobe RGB (1998) decodes to the sRGB values colour science gives (±2)."""
+    profile = _rgb_profile("Adobe RGB (1998) test profile", _ADOBE_COLORANTS, _ADOBE_GAMMA)
+    swatches = np.repeat(np.repeat(_ADOBE_SWATCHES[None], 8, axis=0), 8, axis=1)  # 8×8 px each
+    data = _encode(Image.fromarray(swatches), "PNG", icc_profile=profile)
+
+    out = np.asarray(decode_image(data, LIMITS))[4, 4::8].astype(int)
+
+    expected = _srgb_expected(_ADOBE_SWATCHES.astype(np.float64))
+    assert np.abs(out - expected).max() <= 2
+    assert np.abs(out - _ADOBE_SWATCHES.astype(int)).max() >= 30  # (200, 60, 60) → (231, 57, 57): it did convert
+
+
+def test_wide_gamut_profile_with_alpha_converts_then_composites() -> None:
+    """An RGBA PNG tagged Adobe RGB: opaque pixels are converted to sRGB, transparent ones are white."""
+    profile = _rgb_profile("Adobe RGB (1998) test profile", _ADOBE_COLORANTS, _ADOBE_GAMMA)
+    arr = np.zeros((8, 8, 4), np.uint8)
+    arr[...] = (200, 60, 60, 255)
+    arr[0, 0] = (200, 60, 60, 0)
+    data = _encode(Image.fromarray(arr, "RGBA"), "PNG", icc_profile=profile)
+
+    px = np.asarray(decode_image(data, LIMITS)).astype(int)
+
+    assert tuple(px[0, 0]) == (255, 255, 255)
+    assert np.abs(px[4, 4] - _srgb_expected(np.array([200.0, 60.0, 60.0]))).max() <= 2
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_srgb_profile_is_a_no_op(fmt: str) -> None:
+    """An image tagged with an sRGB profile decodes to exactly the pixels of the same file untagged."""
+    img = photo(64, 48, seed=21)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    tagged = decode_image(_encode(img, fmt, icc_profile=srgb, quality=95), LIMITS)
+    plain = decode_image(_encode(img, fmt, quality=95), LIMITS)
+    assert np.array_equal(np.asarray(tagged), np.asarray(plain))
+
+
+def test_cmyk_jpeg_with_profile_follows_the_profile() -> None:
+    """A CMYK JPEG's embedded profile decides its colours: with an odd press profile, C+Y shows blue
+    and M+Y shows green (where a plain conversion gives green and red)."""
+    data = _encode(_two_inks_cmyk(), "JPEG", quality=95, icc_profile=_cmyk_profile("odd press", _rotated_ink))
+
+    px = np.asarray(decode_image(data, LIMITS)).astype(int)
+
+    assert np.abs(px[12, 4] - (0, 0, 255)).max() <= 12
+    assert np.abs(px[12, 20] - (0, 255, 0)).max() <= 12
+
+
+def test_cmyk_jpeg_with_plain_press_profile_gives_sane_rgb() -> None:
+    """A CMYK JPEG with a profile that prints inks as their textbook colours decodes green and red."""
+    data = _encode(_two_inks_cmyk(), "JPEG", quality=95, icc_profile=_cmyk_profile("plain press", _naive_ink))
+
+    px = np.asarray(decode_image(data, LIMITS)).astype(int)
+
+    assert np.abs(px[12, 4] - (0, 255, 0)).max() <= 12
+    assert np.abs(px[12, 20] - (255, 0, 0)).max() <= 12
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_cmyk_jpeg_without_adobe_marker_is_read_uninverted(orientation: int) -> None:
+    """A CMYK JPEG without Adobe's APP14 marker stores plain (not inverted) ink values and decodes to
+    the same colours as Pillow's own (Adobe-marked, inverted) CMYK JPEG, EXIF-rotated or not."""
+    img = _two_inks_cmyk()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    # Pillow stores 255 - v (Adobe polarity): saving the inverse stores the plain values
+    adobe = _encode(ImageChops.invert(img), "JPEG", quality=95, exif=exif.tobytes())
+    assert Image.open(io.BytesIO(adobe)).info.get("adobe") is not None
+    plain = _without_jpeg_segment(adobe, 0xEE)
+    assert "adobe" not in Image.open(io.BytesIO(plain)).info
+
+    out = decode_image(plain, LIMITS)
+
+    reference = decode_image(_encode(img, "JPEG", quality=95, exif=exif.tobytes()), LIMITS)
+    assert out.size == reference.size
+    assert _mean_abs_diff(out, reference) < 3.0
+    px = np.asarray(reference.transpose(Image.Transpose.ROTATE_90) if orientation == 6 else reference).astype(int)
+    assert np.abs(px[12, 4] - (0, 255, 0)).max() <= 8
+
+
+_FORMAT_CASES = [
+    pytest.param("PNG", photo(32, 24, seed=22), id="png-rgb"),
+    pytest.param("JPEG", photo(32, 24, seed=23), id="jpeg-rgb"),
+    pytest.param("JPEG", _two_inks_cmyk(), id="jpeg-cmyk"),
+    pytest.param("PNG", photo(32, 24, seed=24, mode="L"), id="png-gray"),
+    pytest.param("WEBP", photo(32, 24, seed=25), id="webp"),
+    pytest.param("TIFF", photo(32, 24, seed=26), id="tiff"),
+]
+
+
+def _assert_decodes_as_untagged(fmt: str, img: Image.Image, icc: bytes) -> None:
+    untagged = decode_image(_encode(img, fmt, quality=95), LIMITS)
+    out = decode_image(_encode(img, fmt, quality=95, icc_profile=icc), LIMITS)
+    assert out.mode == "RGB"
+    assert np.array_equal(np.asarray(out), np.asarray(untagged))
+
+
+@pytest.mark.parametrize(("fmt", "img"), _FORMAT_CASES)
+@pytest.mark.parametrize(
+    "icc",
+    [
+        pytest.param(b"garbage", id="garbage"),
+        pytest.param(b"\0" * 200, id="zeros"),
+        pytest.param(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()[:300], id="cut-short"),
+    ],
+)
+def test_broken_profile_falls_back_to_plain_conversion(fmt: str, img: Image.Image, icc: bytes) -> None:
+    """An unreadable ICC profile does not fail the image: it decodes as if it had no profile."""
+    _assert_decodes_as_untagged(fmt, img, icc)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "img", "icc"),
+    [
+        pytest.param("JPEG", _two_inks_cmyk(), _rgb_profile("rgb", _ADOBE_COLORANTS, 2.2), id="rgb-profile-on-cmyk"),
+        pytest.param(
+            "PNG", photo(32, 24, seed=27, mode="L"), _rgb_profile("rgb", _ADOBE_COLORANTS, 2.2), id="rgb-on-gray"
+        ),
+        pytest.param("PNG", photo(32, 24, seed=28), _cmyk_profile("press", _naive_ink), id="cmyk-profile-on-rgb"),
+        pytest.param("TIFF", photo(32, 24, seed=29), _cmyk_profile("press", _naive_ink), id="cmyk-profile-on-rgb-tiff"),
+    ],
+)
+def test_mismatched_profile_falls_back_to_plain_conversion(fmt: str, img: Image.Image, icc: bytes) -> None:
+    """A profile for another colour space than the pixels (RGB profile on CMYK or gray, CMYK profile
+    on RGB) is ignored: the image decodes as if it had no profile."""
+    _assert_decodes_as_untagged(fmt, img, icc)
+
+
+def test_gray_image_with_gray_profile_is_converted() -> None:
+    """A grayscale PNG tagged with a linear-light gray profile decodes to the sRGB-encoded gray
+    (linear 128/255 → sRGB 188), not to the stored value 128."""
+    linear_gray = _icc(
+        b"mntr",
+        b"GRAY",
+        b"XYZ ",
+        [
+            (b"desc", _desc_tag("Gray gamma 1.0")),
+            (b"wtpt", _xyz_tag(_D50)),
+            (b"kTRC", b"curv" + b"\0" * 4 + struct.pack(">IH", 1, 256)),
+        ],
+    )
+    arr = np.full((8, 8), 128, np.uint8)
+    arr[0, 0], arr[0, 1] = 0, 255
+    data = _encode(Image.fromarray(arr, "L"), "PNG", icc_profile=linear_gray)
+
+    px = np.asarray(decode_image(data, LIMITS)).astype(int)
+
+    assert np.abs(px[4, 4] - 188).max() <= 2
+    assert tuple(px[0, 0]) == (0, 0, 0)
+    assert np.abs(px[0, 1] - 255).max() <= 1
+
+
+def test_cielab_tiff_becomes_rgb() -> None:
+    """A CIELab TIFF decodes to RGB: neutral Lab (L=50, a=b=0) is mid gray (119, sRGB of L*=50)."""
+    data = _encode(Image.new("LAB", (8, 8), (128, 128, 128)), "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == "LAB"
+
+    px = np.asarray(decode_image(data, LIMITS)).astype(int)
+
+    assert np.abs(px - 119).max() <= 2
+
+
+def _png16_rgb(rgb16: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
+    h, w, _ = rgb16.shape
+    rows = b"".join(b"\0" + rgb16[y].astype(">u2").tobytes() for y in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    chunks = _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def test_16bit_rgb_png_is_scaled_not_clipped() -> None:
+    """A 48-bit RGB PNG is scaled to 8 bits: 65535 → 255, 32768 → 128, 1024 → 4 (not clipped to 255)."""
+    arr = np.zeros((8, 8, 3), np.uint16)
+    arr[0, 0] = (65535, 32768, 1024)
+    arr[0, 1] = (0, 65535, 256)
+
+    px = np.asarray(decode_image(_png16_rgb(arr), LIMITS)).astype(int)
+
+    assert np.abs(px[0, 0] - (255, 128, 4)).max() <= 1
+    assert np.abs(px[0, 1] - (0, 255, 1)).max() <= 1
+    assert tuple(px[4, 4]) == (0, 0, 0)
+
+
+# --- optional formats -------------------------------------------------------------------------------
+
+
+def test_avif_is_accepted_when_pillow_reads_it() -> None:
+    """AVIF is in the allowlist exactly when this Pillow has a working AVIF codec (Pillow ≥ 11.2)."""
+    Image.init()
+    assert ("AVIF" in ALLOWED_FORMATS) == ("AVIF" in Image.OPEN and features.check("avif"))
+    assert "AVIF" in accepted_formats()  # the Pillow this project pins (>= 12) has it
+
+
+def test_avif_round_trip() -> None:
+    """An AVIF file decodes to its picture (RGB, same size, close pixels)."""
+    img = photo(64, 48, seed=30)
+    data = _encode(img, "AVIF", quality=90)
+
+    out = decode_image(data, LIMITS)
+
+    assert out.mode == "RGB" and out.size == (64, 48)
+    assert _mean_abs_diff(out, img) < 6.0
+
+
+def test_heif_without_pillow_heif_is_unsupported_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the optional pillow-heif package a HEIC file is unsupported_format, and the message
+    says which package would accept it."""
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # import fails, whatever is installed
+    accepted_formats.cache_clear()
+    heic = struct.pack(">I", 24) + b"ftypheic" + struct.pack(">I", 0) + b"mif1heic" + b"\0" * 64
+    try:
+        assert "HEIF" not in accepted_formats()
+        with pytest.raises(PermanentError) as info:
+            decode_image(heic, LIMITS)
+    finally:
+        accepted_formats.cache_clear()
+
+    assert info.value.reason == Reason.unsupported_format
+    assert "pillow-heif" in str(info.value)
+
+
+def test_damaged_avif_is_corrupt() -> None:
+    """A file with an AVIF signature that cannot be parsed is corrupt, not unsupported."""
+    data = _encode(photo(32, 24, seed=31), "AVIF", quality=80)
+    assert _reason(data[:40]) in (Reason.corrupt, Reason.truncated)
+
+
+def test_damaged_avif_with_generic_major_brand_is_corrupt() -> None:
+    """A damaged AVIF whose ftyp major brand is the generic "mif1" (AVIF only among the compatible
+    brands) is still recognised as AVIF, so it is corrupt rather than unsupported."""
+    data = _encode(photo(32, 24, seed=33), "AVIF", quality=80)
+    assert data[4:12] == b"ftypavif"
+    generic = data[:8] + b"mif1" + data[12:]
+    assert decode_image(generic, LIMITS).size == (32, 24)  # undamaged, it decodes
+    assert _reason(generic[:60]) == Reason.corrupt
