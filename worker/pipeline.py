@@ -60,12 +60,25 @@ def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None) -> np.ndarray:
     """Decode, crop (the catalog's box, else auto-trim of a uniform border) and fit one image's bytes
     to the model input (uint8 H×W×3)."""
     with metrics().stage_seconds.labels("decode").time():
-        img = decode_image(data, rt.settings.imaging)
+        img = decode_image(data, rt.settings.imaging, min_side=decode_min_side(rt, crop))
         if crop is not None:
             img = apply_crop(img, crop)
         elif rt.settings.imaging.auto_trim:
             img = trim_border(img)
         return rt.encoder.preprocess([img])[0]
+
+
+#: decode large JPEGs at a reduced scale that keeps this many times the model input (room for
+#: auto-trim and for the final antialiased resize)
+DECODE_HEADROOM = 3
+
+
+def decode_min_side(rt: Runtime, crop: CropBox | None) -> int:
+    """The smallest image side that still leaves the model input (after a crop) full detail."""
+    need = DECODE_HEADROOM * max(rt.encoder.preprocess_cfg.size)
+    if crop is not None:
+        need = int(need / max(1e-3, min(crop.w, crop.h))) + 1
+    return need
 
 
 def fetch(rt: Runtime, uri: str) -> bytes:

@@ -653,3 +653,19 @@ def test_damaged_avif_with_generic_major_brand_is_corrupt() -> None:
     generic = data[:8] + b"mif1" + data[12:]
     assert decode_image(generic, LIMITS).size == (32, 24)  # undamaged, it decodes
     assert _reason(generic[:60]) == Reason.corrupt
+
+
+def test_reduced_scale_jpeg_decode_keeps_vectors(tiny_encoder) -> None:
+    """A large JPEG decoded at reduced DCT scale (min_side) is smaller but gives the model the same
+    picture: vector cos >= 0.999 to the full decode; small or non-JPEG images are decoded in full."""
+    big = photo(600, 450, seed=11).resize((2400, 1800), Image.Resampling.BICUBIC)
+    data = _encode(big, "JPEG", quality=90)
+    full = decode_image(data, LIMITS)
+    reduced = decode_image(data, LIMITS, min_side=192)
+    assert full.size == (2400, 1800) and reduced.size == (300, 225)  # 1/8 scale still keeps both sides >= 192
+    va = tiny_encoder.encode(tiny_encoder.preprocess([full]))
+    vb = tiny_encoder.encode(tiny_encoder.preprocess([reduced]))
+    assert float((va * vb).sum()) >= 0.999
+    assert decode_image(data, LIMITS, min_side=1500).size == (2400, 1800)  # not 2x larger than needed
+    png = _encode(big, "PNG")
+    assert decode_image(png, LIMITS, min_side=192).size == (2400, 1800)
