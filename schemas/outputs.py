@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-__all__ = ["FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
+__all__ = ["WorkerInfo", "FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
 
 
 class IndexResult(BaseModel):
@@ -33,6 +33,16 @@ class SearchOutput(BaseModel):
     hits: list[SearchHit]
 
 
+class WorkerInfo(BaseModel):
+    name: str
+    host: str
+    pid: int
+    queues: str
+    model: str
+    started_at: datetime
+    last_seen: datetime
+
+
 class StatusOutput(BaseModel):
     ready: bool
     milvus_uri: str
@@ -45,6 +55,9 @@ class StatusOutput(BaseModel):
     skus: int
     dirty_skus: int
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
+    workers: list[WorkerInfo] = Field(default_factory=list, description="worker nodes seen in the last minute")
+    indexed_last_5m: int = 0
+    indexed_per_second_5m: float = 0.0
     aliases: dict[str, str] = Field(default_factory=dict, description="serving alias -> collection")
     errors: list[str] = Field(default_factory=list)
 

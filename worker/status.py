@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from config.settings import Settings
-from schemas.outputs import StatusOutput
+from schemas.outputs import StatusOutput, WorkerInfo
+from worker.heartbeat import STALE_AFTER_SECONDS
 from worker.index import MilvusStore, running_server_uri
 from worker.ledger import Ledger, make_engine
 
-__all__ = ["collect_status", "queue_depths"]
+__all__ = ["collect_status", "queue_depths", "RATE_WINDOW_SECONDS"]
+
+#: window of the indexing rate in status
+RATE_WINDOW_SECONDS = 300
 
 
 def queue_depths(settings: Settings) -> dict[str, int | None]:
@@ -32,6 +38,8 @@ def collect_status(settings: Settings) -> StatusOutput:
     errors: list[str] = []
     ledger_counts: dict[str, int] = {}
     failures: dict[str, int] = {}
+    live: list[dict] = []
+    recent = 0
     aliases: dict[str, str] = {}
     skus = dirty = 0
     db_ok = broker_ok = milvus_ok = False
@@ -40,6 +48,8 @@ def collect_status(settings: Settings) -> StatusOutput:
         ledger_counts = ledger.counts()
         skus, dirty = ledger.sku_counts()
         failures = ledger.failure_counts()
+        live = ledger.live_workers(STALE_AFTER_SECONDS)
+        recent = ledger.indexed_since(datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_SECONDS))
         ledger.engine.dispose()
         db_ok = True
     except Exception as exc:  # noqa: BLE001
@@ -80,6 +90,9 @@ def collect_status(settings: Settings) -> StatusOutput:
         skus=skus,
         dirty_skus=dirty,
         failures_by_reason=failures,
+        workers=[WorkerInfo(**w) for w in live],
+        indexed_last_5m=recent,
+        indexed_per_second_5m=round(recent / RATE_WINDOW_SECONDS, 3),
         aliases=aliases,
         errors=errors,
     )

@@ -83,6 +83,8 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
             ).stdout
         )
         assert status["ready"] and status["failures_by_reason"] == failures
+        assert sorted(w["queues"] for w in status["workers"]) == ["encode", "preprocess,sku"]
+        assert status["indexed_last_5m"] == 12 and status["indexed_per_second_5m"] > 0
         assert status["ledger"]["indexed"] == 12 and set(status["aliases"]) == {"imgsync_images", "imgsync_skus"}
 
         s = scrape(port)

@@ -25,7 +25,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
     led = Ledger(make_engine(url))
     if request.param == "postgresql":  # the session database is shared: start empty
         with led.engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE images, skus, index_versions"))
+            conn.execute(sa.text("TRUNCATE images, skus, index_versions, workers"))
     yield led
     led.engine.dispose()
 
@@ -158,7 +158,18 @@ def test_migration_up_down_up(tmp_path: Path) -> None:
     from worker.ledger.db import _alembic_config
 
     url = f"sqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}"
-    assert upgrade(url) == "0001"
+    assert upgrade(url) == "0002"
     command.downgrade(_alembic_config(url), "base")
     assert current_revision(url) is None
-    assert upgrade(url) == "0001"
+    assert upgrade(url) == "0002"
+
+
+def test_worker_heartbeats(ledger: Ledger) -> None:
+    """Heartbeats record live worker nodes; stale ones drop out; a stopped node forgets itself."""
+    ledger.heartbeat("h:1", host="h", pid=1, queues="encode", model="tiny")
+    ledger.heartbeat("h:1", host="h", pid=1, queues="encode", model="tiny")
+    ledger.heartbeat("h:2", host="h", pid=2, queues="preprocess,sku", model="tiny")
+    assert [w["name"] for w in ledger.live_workers(60)] == ["h:1", "h:2"]
+    ledger.forget_worker("h:2")
+    assert [w["name"] for w in ledger.live_workers(60)] == ["h:1"]
+    assert ledger.live_workers(-1) == []  # everything is older than "the future"

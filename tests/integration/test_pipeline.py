@@ -171,3 +171,21 @@ def test_encode_after_delete_does_not_resurrect(env, tmp_path: Path) -> None:
     result = pipeline.encode_batch(rt, d, [EncodePayload.model_validate(body)])
     assert result.indexed == 0
     assert rt.store.image_vectors(rt.names().images, [e.image_id]) == {}
+
+
+def test_auto_trim_setting(env, make_settings, milvus_uri: str, tmp_path: Path) -> None:
+    """A product on a white backdrop is trimmed before the model sees it, unless IMGSYNC_AUTO_TRIM is off."""
+    from PIL import Image
+
+    settings, rt, d = env
+    canvas = Image.new("RGB", (400, 300), (255, 255, 255))
+    canvas.paste(photo(80, 60, seed=5), (160, 120))
+    path = tmp_path / "white.jpg"
+    canvas.save(path, quality=95)
+    data = path.read_bytes()
+    trimmed = pipeline.model_pixels(rt, data, None)
+    off = Runtime(make_settings(milvus_uri=milvus_uri, auto_trim=False))
+    off.__dict__["encoder"] = rt.encoder
+    untrimmed = pipeline.model_pixels(off, data, None)
+    white = lambda px: float((px.astype(int).min(axis=2) > 245).mean())  # noqa: E731
+    assert white(untrimmed) > 0.8 > 0.3 > white(trimmed)

@@ -113,6 +113,10 @@ def worker(
         rt.names()  # and on an unreachable Milvus
         if not encode_only:
             rt.reset_after_fork()
+    from worker.heartbeat import Heartbeat
+    from worker.ledger import Ledger, make_engine
+
+    heartbeat = Heartbeat(Ledger(make_engine(settings.effective_database_url)), queues=",".join(chosen), model=settings.model)
     argv = ["worker", "-Q", ",".join(chosen), "--loglevel", loglevel, "-n", f"imgsync-{'-'.join(chosen)}-{os.getpid()}@%h"]
     if encode_only:
         # solo pool: the model lives in this process; prefetch enough for a full batch to form
@@ -120,7 +124,11 @@ def worker(
     else:
         conc = concurrency or settings.worker_concurrency or (os.cpu_count() or 1)
         argv += ["--pool", "prefork", "--concurrency", str(conc)]
-    app_.worker_main(argv)
+    heartbeat.start()
+    try:
+        app_.worker_main(argv)
+    finally:
+        heartbeat.stop()
 
 
 def _start_metrics(settings, *, node: str) -> None:  # type: ignore[no-untyped-def]
@@ -298,6 +306,8 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         table.add_row("queues", ", ".join(f"{k}={'?' if v is None else v}" for k, v in doc.queues.items()))
         table.add_row("images", ", ".join(f"{k}={v}" for k, v in doc.ledger.items()))
         table.add_row("skus", f"{doc.skus} ({doc.dirty_skus} awaiting refresh)")
+        table.add_row("workers", ", ".join(f"{w.name} [{w.queues}]" for w in doc.workers) or "none seen")
+        table.add_row("indexed, last 5 min", f"{doc.indexed_last_5m} ({doc.indexed_per_second_5m:.2f}/s)")
         table.add_row("failures", ", ".join(f"{k}={v}" for k, v in sorted(doc.failures_by_reason.items())) or "none")
         table.add_row("aliases", ", ".join(f"{k} → {v}" for k, v in doc.aliases.items()) or "—")
         for e in doc.errors:

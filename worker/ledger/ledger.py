@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from schemas.events import Action, ImageEvent
 from schemas.reasons import Reason
-from worker.ledger.tables import ImageState, images, index_versions, skus
+from worker.ledger.tables import ImageState, images, index_versions, skus, workers
 
 __all__ = ["Ledger", "Acceptance", "ImageRow", "IndexedImage"]
 
@@ -312,6 +312,41 @@ class Ledger:
                     index_versions.c.images_collection == images_collection
                 )
             ).scalar()
+
+    # --- worker heartbeats ---------------------------------------------------------------------
+
+    def heartbeat(self, name: str, *, host: str, pid: int, queues: str, model: str) -> None:
+        """Record that worker node ``name`` is alive now."""
+        now = _now()
+        with self.engine.begin() as conn:
+            res = conn.execute(workers.update().where(workers.c.name == name).values(last_seen=now))
+            if res.rowcount == 0:
+                conn.execute(
+                    workers.insert().values(
+                        name=name, host=host, pid=pid, queues=queues, model=model, started_at=now, last_seen=now
+                    )
+                )
+
+    def forget_worker(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(workers.delete().where(workers.c.name == name))
+
+    def live_workers(self, max_age_seconds: float) -> list[dict]:
+        """Worker nodes seen within ``max_age_seconds``; older rows are dropped."""
+        cutoff = _now() - timedelta(seconds=max_age_seconds)
+        with self.engine.begin() as conn:
+            conn.execute(workers.delete().where(workers.c.last_seen < cutoff))
+            rows = conn.execute(sa.select(workers).order_by(workers.c.name)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def indexed_since(self, since: datetime) -> int:
+        """Images indexed at or after ``since`` (for rates)."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(images).where(images.c.indexed_at >= since)
+                ).scalar_one()
+            )
 
     # --- reads for the CLI ---------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "images", "skus", "index_versions", "ImageState"]
+__all__ = ["metadata", "images", "skus", "index_versions", "workers", "ImageState"]
 
 metadata = sa.MetaData()
 
@@ -57,4 +57,16 @@ index_versions = sa.Table(
     sa.Column("skus_collection", sa.String(255), nullable=False),
     sa.Column("dim", sa.Integer(), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("host", sa.String(200), nullable=False),
+    sa.Column("pid", sa.Integer(), nullable=False),
+    sa.Column("queues", sa.String(500), nullable=False),
+    sa.Column("model", sa.String(500), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
 )
