@@ -117,7 +117,7 @@ def replay(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Re-enqueue failed images (e.g. after their files were fixed); reports what happened to each."""
-    from worker.cli.indexing import publish, wait_for
+    from worker.cli.indexing import submit_and_report
 
     settings = settings_from(ctx)
     ledger = _ledger(ctx)
@@ -129,20 +129,7 @@ def replay(
         else:
             console.print("nothing to replay")
         return
-    request_id = publish(settings, events, force=True)
-    if not wait:
-        if json_out:
-            emit_json({"request_id": request_id, "queued": len(events)})
-        else:
-            console.print(f"replaying {len(events)} image(s) (request {request_id})")
-        return
-    results = wait_for(settings, events, request_id, timeout=timeout, show_progress=not json_out, label="replaying")
-    if json_out:
-        emit_json(IndexOutput(results=results))
-    else:
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.outcome] = counts.get(r.outcome, 0) + 1
-        console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
-    if any(r.outcome in ("failed", "pending") for r in results):
+    if not submit_and_report(
+        settings, events, force=True, wait=wait, timeout=timeout, json_out=json_out, label="replaying"
+    ):
         raise typer.Exit(EXIT_FAILURES)

@@ -17,7 +17,7 @@ from schemas.tasks import PreprocessPayload
 from worker.errors import ConfigError
 from worker.ledger import Ledger, make_engine
 
-__all__ = ["collect_events", "publish", "wait_for", "IMAGE_SUFFIXES"]
+__all__ = ["collect_events", "publish", "wait_for", "submit_and_report", "print_results", "IMAGE_SUFFIXES"]
 
 #: File name endings picked up when a folder is indexed (the bytes decide the format later).
 IMAGE_SUFFIXES = frozenset(
@@ -158,3 +158,53 @@ def wait_for(
             or IndexResult(uri=ev.uri, image_id=image_id, sku=ev.sku, outcome="pending", reason=None)
         )
     return results
+
+
+def print_results(results: Sequence[IndexResult]) -> None:
+    """A table of what did not get indexed, then counts per outcome."""
+    from rich.table import Table
+
+    from worker.cli.common import console
+
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    failed = [r for r in results if r.outcome not in ("indexed", "unchanged")]
+    if failed:
+        table = Table("outcome", "reason", "sku", "uri", title="not indexed")
+        for r in failed[:50]:
+            table.add_row(r.outcome, r.reason or "", r.sku, r.uri)
+        console.print(table)
+    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+def submit_and_report(
+    settings: Settings,
+    events: Sequence[ImageEvent],
+    *,
+    force: bool,
+    wait: bool,
+    timeout: float | None,
+    json_out: bool,
+    label: str = "indexing",
+) -> bool:
+    """Publish ``events``; without ``wait`` report the request, with it follow and report each image.
+
+    Returns True when every image ended indexed or unchanged (or nothing was awaited).
+    """
+    from schemas.outputs import IndexOutput
+    from worker.cli.common import console, emit_json
+
+    request_id = publish(settings, events, force=force)
+    if not wait:
+        if json_out:
+            emit_json({"request_id": request_id, "queued": len(events)})
+        else:
+            console.print(f"{label}: queued {len(events)} image(s) (request {request_id})")
+        return True
+    results = wait_for(settings, events, request_id, timeout=timeout, show_progress=not json_out, label=label)
+    if json_out:
+        emit_json(IndexOutput(results=results))
+    else:
+        print_results(results)
+    return not any(r.outcome in ("failed", "pending") for r in results)

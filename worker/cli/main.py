@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from schemas.outputs import IndexOutput, SearchHit, SearchOutput, StatusOutput
+from schemas.outputs import SearchHit, SearchOutput, StatusOutput
 from worker.cli.failures import failures_app
 from worker.cli.common import (
     EXIT_FAILURES,
@@ -211,40 +211,15 @@ def index(
     json_out: JsonOpt = False,
 ) -> None:
     """Enqueue images for indexing; with --wait print one result per image (exit 1 if any failed)."""
-    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.indexing import collect_events, submit_and_report
 
     settings = settings_from(ctx)
     ensure_schema(settings)
     events = collect_events(targets, sku)
     if not events:
         raise ConfigError(f"no images found in {', '.join(targets)}")
-    request_id = publish(settings, events, force=force)
-    if not wait:
-        if json_out:
-            emit_json({"request_id": request_id, "queued": len(events)})
-        else:
-            console.print(f"queued {len(events)} image(s) (request {request_id})")
-        return
-    results = wait_for(settings, events, request_id, timeout=timeout, show_progress=not json_out)
-    if json_out:
-        emit_json(IndexOutput(results=results))
-    else:
-        _print_index_results(results)
-    if any(r.outcome in ("failed", "pending") for r in results):
+    if not submit_and_report(settings, events, force=force, wait=wait, timeout=timeout, json_out=json_out):
         raise typer.Exit(EXIT_FAILURES)
-
-
-def _print_index_results(results: list) -> None:  # type: ignore[type-arg]
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.outcome] = counts.get(r.outcome, 0) + 1
-    failed = [r for r in results if r.outcome != "indexed" and r.outcome != "unchanged"]
-    if failed:
-        table = Table("outcome", "reason", "sku", "uri", title="not indexed")
-        for r in failed[:50]:
-            table.add_row(r.outcome, r.reason or "", r.sku, r.uri)
-        console.print(table)
-    console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 
 # --- search ------------------------------------------------------------------------------------
@@ -332,7 +307,7 @@ def demo(
     import random
 
     from worker.cli.demo import choose_demo_model, make_catalog
-    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.indexing import collect_events, print_results, publish, wait_for
     from worker.cli.stack import EmbeddedStack
     from worker.encoders import create_encoder
     from worker.ledger.db import upgrade
@@ -354,7 +329,7 @@ def demo(
         events = collect_events([str(root)], None)
         request_id = publish(settings, events)
         results = wait_for(settings, events, request_id, timeout=timeout, label="indexing")
-        _print_index_results(results)
+        print_results(results)
         sku = random.Random(1).choice(sorted(queries))
         query = queries[sku]
         encoder = create_encoder(settings.encoder)
