@@ -178,7 +178,7 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     try:
         with m.stage_seconds.labels("encode").time():
             vectors = rt.encoder.encode(pixels)
-        m.batch_size.observe(len(pixels))
+        m.batch_size.labels(rt.model_id).observe(len(pixels))
         record_gpu_memory(m)
         names = rt.names()
         now_ms = int(time.time() * 1000)
@@ -224,7 +224,7 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     for p in live:
         rt.pixels.delete(p.pixel_key)
         if p.event.image_id in done:
-            m.lag_seconds.observe(max(0.0, now - p.event.event_time.timestamp()))
+            m.lag_seconds.labels(names.model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
     for sku in sorted(dirty):
         dispatch.refresh_sku(sku)
     result = EncodeResult(len(recorded), skipped + len(overtaken), retried, failed)

@@ -44,8 +44,8 @@ class Metrics:
     images: Any  #: Counter imgsync_images_total{stage, outcome}
     failures: Any  #: Counter imgsync_failures_total{reason}
     stage_seconds: Any  #: Histogram imgsync_stage_seconds{stage}
-    batch_size: Any  #: Histogram imgsync_encode_batch_size
-    lag_seconds: Any  #: Histogram imgsync_index_lag_seconds
+    batch_size: Any  #: Histogram imgsync_encode_batch_size{model_id}
+    lag_seconds: Any  #: Histogram imgsync_index_lag_seconds{model_id}
     gpu_memory: Any  #: Gauge imgsync_gpu_memory_bytes{device, kind}
     gpu_utilization: Any  #: Gauge imgsync_gpu_utilization_ratio{device} (NVML)
     gpu_temperature: Any  #: Gauge imgsync_gpu_temperature_celsius{device} (NVML)
@@ -67,9 +67,11 @@ def metrics() -> Metrics:
                     stage_seconds=Histogram(
                         "imgsync_stage_seconds", "Latency of a pipeline step", ["stage"], buckets=LATENCY_BUCKETS
                     ),
-                    batch_size=Histogram("imgsync_encode_batch_size", "Images per encode batch", buckets=BATCH_BUCKETS),
+                    batch_size=Histogram(
+                        "imgsync_encode_batch_size", "Images per encode batch", ["model_id"], buckets=BATCH_BUCKETS
+                    ),
                     lag_seconds=Histogram(
-                        "imgsync_index_lag_seconds", "Event time to vector written", buckets=LAG_BUCKETS
+                        "imgsync_index_lag_seconds", "Event time to vector written", ["model_id"], buckets=LAG_BUCKETS
                     ),
                     gpu_memory=Gauge(
                         "imgsync_gpu_memory_bytes", "GPU memory by kind", ["device", "kind"], multiprocess_mode="liveall"
