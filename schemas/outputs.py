@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-__all__ = ["WorkerInfo", "FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
+__all__ = ["VerifyOutput", "WorkerInfo", "FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
 
 
 class IndexResult(BaseModel):
@@ -75,3 +75,13 @@ class FailureItem(BaseModel):
 class FailuresOutput(BaseModel):
     failures: list[FailureItem]
     by_reason: dict[str, int]
+
+
+class VerifyOutput(BaseModel):
+    problems: int
+    missing: list[str]
+    orphans: list[str]
+    stale: list[str]
+    sku_mismatch: list[str]
+    model_id: str | None = None
+    repaired: dict[str, int] | None = None

@@ -105,6 +105,8 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
     acceptance = rt.ledger.accept(event, payload.request_id)
     if not acceptance.current:
         return "stale"
+    if acceptance.left_sku is not None:
+        dispatch.refresh_sku(acceptance.left_sku)
     if event.action is Action.delete:
         delete_image(rt, dispatch, event)
         return "deleted"

@@ -270,3 +270,56 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_verify_finds_each_drift_and_repair_fixes_exactly_those(stack: dict, tmp_path: Path, catalog) -> None:
+    """Injected drift — a vector deleted in Milvus, an orphan vector, a tampered SKU vector, a stale
+    ledger hash — is reported by `verify --json` (exit 1); `verify --repair` fixes it and a later
+    verify is clean."""
+    import sqlalchemy as sa
+
+    from worker.index import ImageEntity
+    from worker.ledger.tables import images
+
+    root = catalog(n_skus=2, per_sku=3, root=tmp_path / "v")
+    code, out = index_json(stack, str(root), "--sku", "VERIFY-X")
+    assert code == 0
+    code, moved = index_json(stack, str(root / "SKU-1"), "--sku", "VERIFY-Y")  # 3 images change SKU
+    assert code == 0 and {r.outcome for r in moved.results} == {"indexed"}
+    ids = [r.image_id for r in out.results]
+    wait_skus_clean(stack["settings"])
+    proc = run_cli(stack, "verify", "--json")
+    baseline = json.loads(proc.stdout)
+    store = MilvusStore(stack["uri"])
+    coll = store.serving_collection()
+    assert coll
+    ledger = Ledger(make_engine(stack["settings"].effective_database_url))
+
+    store.delete_images(coll, [ids[0]])  # missing
+    vec = np.zeros(store.image_vectors(coll, [ids[1]])[ids[1]].shape, np.float32)
+    vec[0] = 1.0
+    names = type("N", (), {"images": coll, "skus": store.alias_targets()["imgsync_skus"], "model_id": "x"})()
+    store.upsert_images(names, [ImageEntity("f" * 32, "VERIFY-X", "file:///nowhere.jpg", vec, "h", "x", 1)])  # orphan
+    store.upsert_sku(names, "VERIFY-X", vec, 6)  # tampered SKU vector
+    with ledger.engine.begin() as conn:  # stale provenance
+        conn.execute(sa.update(images).where(images.c.image_id == ids[2]).values(content_hash="0" * 64))
+
+    proc = run_cli(stack, "verify", "--json")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    found = json.loads(proc.stdout)
+    assert set(found["missing"]) - set(baseline["missing"]) == {ids[0]}
+    assert set(found["orphans"]) - set(baseline["orphans"]) == {"f" * 32}
+    assert set(found["stale"]) - set(baseline["stale"]) == {ids[2]}
+    assert "VERIFY-X" in found["sku_mismatch"]
+
+    proc = run_cli(stack, "verify", "--repair", "--json")
+    repaired = json.loads(proc.stdout)["repaired"]
+    assert repaired["orphans_deleted"] >= 1 and repaired["reencode"] >= 2 and repaired["skus_refreshed"] >= 1
+    deadline = time.monotonic() + 90
+    while True:
+        after = json.loads(run_cli(stack, "verify", "--json").stdout)
+        if after["problems"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert after["problems"] == 0, after
+    store.close()

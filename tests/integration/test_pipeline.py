@@ -189,3 +189,21 @@ def test_auto_trim_setting(env, make_settings, milvus_uri: str, tmp_path: Path) 
     untrimmed = pipeline.model_pixels(off, data, None)
     white = lambda px: float((px.astype(int).min(axis=2) > 245).mean())  # noqa: E731
     assert white(untrimmed) > 0.8 > 0.3 > white(trimmed)
+
+
+def test_image_moving_to_another_sku_refreshes_both(env, tmp_path: Path) -> None:
+    """An image re-filed under another SKU is re-encoded under it, and the SKU it left is refreshed."""
+    settings, rt, d = env
+    old, new = f"OLD-{uuid.uuid4().hex[:6]}", f"NEW-{uuid.uuid4().hex[:6]}"
+    a = write_image(tmp_path / "m" / "a.jpg", 31)
+    b = write_image(tmp_path / "m" / "b.jpg", 32)
+    for f in (a, b):
+        d.preprocess(PreprocessPayload(event=ImageEvent(uri=str(f), sku=old)))
+    run_until_idle(rt, d)
+    names = rt.names()
+    assert rt.store.get_skus(names.skus, [old])[0]["image_count"] == 2
+    d.preprocess(PreprocessPayload(event=ImageEvent(uri=str(a), sku=new)))
+    run_until_idle(rt, d)
+    assert rt.store.get_skus(names.skus, [old])[0]["image_count"] == 1
+    assert rt.store.get_skus(names.skus, [new])[0]["image_count"] == 1
+    assert rt.ledger.sku_counts()[1] == 0

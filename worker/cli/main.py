@@ -257,6 +257,55 @@ def print_hits(hits: list[SearchHit], *, skus: bool, title: str = "search result
     console.print(table)
 
 
+# --- verify ------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def verify(
+    ctx: typer.Context,
+    repair: Annotated[bool, typer.Option("--repair", help="Enqueue exactly the fixes for what is found.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare the ledger with Milvus: missing vectors, orphans, stale provenance, SKU vectors that are not
+    the mean of their images. Exit 1 when there are problems."""
+    from schemas.outputs import VerifyOutput
+    from worker import verify as verifying
+    from worker.celery_app import configure, dispatcher
+    from worker.index import MilvusStore
+    from worker.ledger import Ledger, make_engine
+
+    settings = settings_from(ctx)
+    ensure_schema(settings)
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    with milvus_session(settings) as uri:
+        store = MilvusStore(uri, settings.milvus_token)
+        try:
+            report = verifying.verify(ledger, store)
+            repaired = None
+            if repair and report.problems:
+                configure(settings)
+                repaired = verifying.repair(report, ledger, store, dispatcher())
+        finally:
+            store.close()
+    doc = VerifyOutput(
+        problems=report.problems, missing=report.missing, orphans=report.orphans, stale=report.stale,
+        sku_mismatch=report.sku_mismatch, model_id=report.model_id, repaired=repaired,
+    )  # fmt: skip
+    if json_out:
+        emit_json(doc)
+    else:
+        table = Table("kind", "count", "sample", title=f"verify ({doc.model_id or 'nothing serving'})")
+        for kind in ("missing", "orphans", "stale", "sku_mismatch"):
+            items = getattr(doc, kind)
+            table.add_row(kind, str(len(items)), ", ".join(items[:5]))
+        console.print(table)
+        if repaired:
+            console.print("repair enqueued: " + ", ".join(f"{k}={v}" for k, v in repaired.items()))
+    if doc.problems:
+        raise typer.Exit(EXIT_FAILURES)
+
+
 # --- status ------------------------------------------------------------------------------------
 
 

@@ -47,6 +47,8 @@ class Acceptance:
 
     current: bool
     previous: ImageRow | None
+    #: the SKU the image just left (marked dirty; its refresh must be scheduled)
+    left_sku: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class Ledger:
                 conn.execute(images.update().where(images.c.image_id == event.image_id).values(**values))
                 if moved:
                     self._mark_dirty(conn, [prev.sku], now)
+                    return Acceptance(current=True, previous=prev, left_sku=prev.sku)
             return Acceptance(current=True, previous=prev)
 
     def is_current(self, image_id: str, version: str) -> bool:
@@ -251,6 +254,11 @@ class Ledger:
         with self.engine.connect() as conn:
             r = conn.execute(sa.select(skus.c.dirty_gen, skus.c.clean_gen).where(skus.c.sku == sku)).first()
         return (int(r.dirty_gen), int(r.clean_gen)) if r else (0, 0)
+
+    def dirty_skus(self) -> list[str]:
+        """SKUs awaiting a refresh."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(skus.c.sku).where(skus.c.dirty_gen > skus.c.clean_gen)).scalars())
 
     def sku_members(self, sku: str) -> list[str]:
         """Image ids currently indexed under ``sku``."""

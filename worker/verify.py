@@ -1,0 +1,137 @@
+"""``imgsync verify``: compare the ledger (source of truth) with the serving Milvus collections, and
+enqueue exactly the fixes with ``--repair``.
+
+Kinds of drift: ``missing`` (ledger says indexed, no vector), ``orphans`` (a vector the ledger does not
+hold as indexed), ``stale`` (the vector's content hash or model differs from the ledger's), and
+``sku_mismatch`` (a SKU vector that is not the normalized mean of its current images, has the wrong
+image count, or exists without images / is absent with images).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import sqlalchemy as sa
+
+from schemas.events import ImageEvent
+from schemas.tasks import PreprocessPayload
+from worker.dispatch import Dispatcher
+from worker.encoders.base import l2_normalize
+from worker.index import IMAGES_ALIAS, SKUS_ALIAS, MilvusStore
+from worker.ledger import ImageState, Ledger
+from worker.ledger.tables import images
+
+__all__ = ["VerifyReport", "verify", "repair", "SKU_TOLERANCE"]
+
+log = logging.getLogger(__name__)
+
+#: largest per-component difference between a stored SKU vector and the recomputed mean
+SKU_TOLERANCE = 1e-4
+_PAGE = 1000
+
+
+@dataclass
+class VerifyReport:
+    missing: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    sku_mismatch: list[str] = field(default_factory=list)
+    model_id: str | None = None
+
+    @property
+    def problems(self) -> int:
+        return len(self.missing) + len(self.orphans) + len(self.stale) + len(self.sku_mismatch)
+
+
+def _milvus_rows(store: MilvusStore, collection: str, fields: list[str]) -> Iterator[dict]:
+    it = store.client.query_iterator(collection, batch_size=_PAGE, filter="", output_fields=fields)
+    try:
+        while batch := it.next():
+            yield from batch
+    finally:
+        it.close()
+
+
+def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
+    """Compare every ledger row with the serving collections (fetching vectors by primary key)."""
+    report = VerifyReport()
+    collection = store.serving_collection()
+    if collection is None:  # nothing indexed yet: every "indexed" row is missing
+        with ledger.engine.connect() as conn:
+            report.missing = sorted(
+                conn.execute(sa.select(images.c.image_id).where(images.c.state == ImageState.indexed)).scalars()
+            )
+        return report
+    model_id = ledger.model_for_collection(collection)
+    report.model_id = model_id
+    in_milvus = {
+        r["image_id"]: (r.get("content_hash"), r.get("model_id"))
+        for r in _milvus_rows(store, IMAGES_ALIAS, ["image_id", "content_hash", "model_id"])
+    }
+    members: dict[str, list[str]] = defaultdict(list)
+    indexed: set[str] = set()
+    in_flight: set[str] = set()  # first-time images whose vector may already be written
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(images.c.image_id, images.c.sku, images.c.state, images.c.content_hash, images.c.model_id)
+        )
+        for r in rows:
+            if r.state == ImageState.pending:
+                in_flight.add(r.image_id)
+            if r.state != ImageState.indexed:
+                continue
+            indexed.add(r.image_id)
+            members[r.sku].append(r.image_id)
+            held = in_milvus.get(r.image_id)
+            if held is None:
+                report.missing.append(r.image_id)
+            elif held != (r.content_hash, r.model_id) or (model_id and r.model_id != model_id):
+                report.stale.append(r.image_id)
+    report.orphans = sorted(set(in_milvus) - indexed - in_flight)
+    report.missing.sort()
+    report.stale.sort()
+    awaiting = set(ledger.dirty_skus())  # a refresh is already on its way for these
+    report.sku_mismatch = [s for s in _check_skus(store, members, set(in_milvus)) if s not in awaiting]
+    return report
+
+
+def _check_skus(store: MilvusStore, members: dict[str, list[str]], present: set[str]) -> list[str]:
+    stored = {r["sku"]: r for r in _milvus_rows(store, SKUS_ALIAS, ["sku", "vector", "image_count"])}
+    bad = set(stored) - set(members)  # SKU vectors whose SKU has no images left
+    for sku, ids in members.items():
+        row = stored.get(sku)
+        have = [i for i in ids if i in present]
+        if row is None:
+            bad.add(sku)
+            continue
+        vectors = store.image_vectors(IMAGES_ALIAS, have) if have else {}
+        if not vectors or int(row["image_count"]) != len(vectors):
+            bad.add(sku)
+            continue
+        mean = l2_normalize(np.mean(np.stack([vectors[i] for i in sorted(vectors)]), axis=0))
+        if float(np.max(np.abs(mean - np.asarray(row["vector"], dtype=np.float32)))) > SKU_TOLERANCE:
+            bad.add(sku)
+    return sorted(bad)
+
+
+def repair(report: VerifyReport, ledger: Ledger, store: MilvusStore, dispatch: Dispatcher) -> dict[str, int]:
+    """Enqueue exactly the fixes: re-encode missing and stale images, delete orphan vectors, refresh
+    mismatched SKUs. Returns how many of each were sent."""
+    redo = report.missing + report.stale
+    rows = ledger.rows(redo)
+    events = [ImageEvent(uri=r.uri, sku=r.sku, source="repair") for r in rows.values()]
+    for ev in events:
+        dispatch.preprocess(PreprocessPayload(event=ev, force=True))
+    if report.orphans:
+        collection = store.serving_collection()
+        if collection:
+            store.delete_images(collection, report.orphans)
+    if report.sku_mismatch:
+        ledger.mark_dirty(report.sku_mismatch)
+        for sku in report.sku_mismatch:
+            dispatch.refresh_sku(sku, countdown=None)
+    return {"reencode": len(events), "orphans_deleted": len(report.orphans), "skus_refreshed": len(report.sku_mismatch)}
