@@ -17,7 +17,7 @@ from worker.index.lite_server import free_port
 
 runner = CliRunner()
 
-COMMANDS = ["demo", "up", "worker", "index", "search", "status", "db", "failures"]
+COMMANDS = ["demo", "up", "worker", "index", "search", "status", "db", "failures", "verify", "reindex"]
 
 
 @pytest.fixture

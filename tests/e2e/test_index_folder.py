@@ -323,3 +323,33 @@ def test_verify_finds_each_drift_and_repair_fixes_exactly_those(stack: dict, tmp
         time.sleep(1)
     assert after["problems"] == 0, after
     store.close()
+
+
+def test_reindex_scopes_dry_run_and_unchanged(stack: dict, tmp_path: Path, catalog) -> None:
+    """reindex: --dry-run counts the scope and changes nothing; a real run of unchanged images costs no
+    forward pass (outcome unchanged, Milvus untouched); --prefix selects by path; bad usage is exit 2."""
+    root = catalog(n_skus=2, per_sku=3, root=tmp_path / "r")
+    code, out = index_json(stack, str(root), "--sku", "REIDX-1")
+    assert code == 0
+    ids = [r.image_id for r in out.results]
+    ledger = Ledger(make_engine(stack["settings"].effective_database_url))
+    before = {i: (r.updated_at, r.version) for i, r in ledger.rows(ids).items()}
+
+    proc = run_cli(stack, "reindex", "--sku", "REIDX-1", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout)
+    assert (plan["images"], plan["skus"], plan["dry_run"]) == (6, 1, True)
+    assert {i: (r.updated_at, r.version) for i, r in ledger.rows(ids).items()} == before
+
+    store = MilvusStore(stack["uri"])
+    stamps = {r["image_id"]: r["indexed_at"] for r in store.get_images(IMAGES_ALIAS, ids)}
+    proc = run_cli(stack, "reindex", "--sku", "REIDX-1", "--json", "--timeout", "120")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {r["outcome"] for r in json.loads(proc.stdout)["results"]} == {"unchanged"}
+    assert {r["image_id"]: r["indexed_at"] for r in store.get_images(IMAGES_ALIAS, ids)} == stamps
+    store.close()
+
+    proc = run_cli(stack, "reindex", "--prefix", str(root / "SKU-2"), "--dry-run", "--json")
+    assert json.loads(proc.stdout)["images"] == 3
+    assert run_cli(stack, "reindex", "--dry-run").returncode == 2
+    assert run_cli(stack, "reindex", "--all", "--model", "open_clip:ViT-B-32").returncode == 2

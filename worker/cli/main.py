@@ -16,6 +16,7 @@ from rich.table import Table
 
 from schemas.outputs import SearchHit, SearchOutput, StatusOutput
 from worker.cli.failures import failures_app
+from worker.cli.reindex import reindex
 from worker.cli.common import (
     EXIT_FAILURES,
     State,
@@ -42,6 +43,7 @@ app = typer.Typer(
 db_app = typer.Typer(help="State database (ledger) schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(failures_app, name="failures")
+app.command("reindex")(reindex)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 

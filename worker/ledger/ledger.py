@@ -372,6 +372,23 @@ class Ledger:
                     out[row.image_id] = row
         return out
 
+    def select(
+        self,
+        *,
+        sku: str | None = None,
+        uri_prefix: str | None = None,
+        states: Sequence[str] = (ImageState.pending, ImageState.indexed, ImageState.failed),
+    ) -> list[ImageRow]:
+        """Images in a re-index scope (by SKU, uri prefix and state), ordered by uri."""
+        q = sa.select(images).where(images.c.state.in_(list(states)))
+        if sku:
+            q = q.where(images.c.sku == sku)
+        if uri_prefix:
+            escaped = uri_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            q = q.where(images.c.uri.like(escaped + "%", escape="\\"))
+        with self.engine.connect() as conn:
+            return [r for r in (_row(x) for x in conn.execute(q.order_by(images.c.uri))) if r is not None]
+
     def failures(
         self,
         *,

@@ -1,0 +1,80 @@
+"""``imgsync reindex``: re-run images of a scope through the pipeline, with a dry run and a live
+progress bar that follows the ledger. Unchanged images (same content, model and preprocessing) cost
+no forward pass, so a rerun after an interruption only pays for what is left."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from schemas.events import ImageEvent, normalize_uri
+from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, settings_from
+from worker.errors import ConfigError
+from worker.ledger import ImageState, Ledger, make_engine
+
+__all__ = ["reindex"]
+
+#: window over which the indexing rate for the dry run's estimate is measured
+RATE_WINDOW = timedelta(hours=1)
+
+
+@handle_errors
+def reindex(
+    ctx: typer.Context,
+    sku: Annotated[str | None, typer.Option(help="Only this SKU.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Only images whose uri (or local path) starts with this.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every image the ledger holds (deleted ones excepted).")] = False,
+    failed: Annotated[bool, typer.Option("--failed", help="Only failed images.")] = False,
+    model: Annotated[str | None, typer.Option(help="Build this model's index version (must be the configured model for now).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Re-encode even unchanged images.")] = False,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the work with a progress bar.")] = True,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Re-index a scope: --sku, --prefix, --all or --failed (exactly one)."""
+    from worker.cli.indexing import submit_and_report
+
+    chosen = [name for name, on in (("--sku", sku), ("--prefix", prefix), ("--all", all_), ("--failed", failed)) if on]
+    if len(chosen) != 1:
+        raise ConfigError("give exactly one scope: --sku S, --prefix P, --all or --failed")
+    settings = settings_from(ctx)
+    if model is not None and model.strip() != settings.model:
+        raise ConfigError(
+            f"--model {model}: building another model's index version next to the serving one is not available yet; "
+            f"re-index with IMGSYNC_MODEL={settings.model} or change IMGSYNC_MODEL (and the workers) first"
+        )
+    ensure_schema(settings)
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    uri_prefix = None
+    if prefix:
+        uri_prefix = prefix if "://" in prefix else normalize_uri(prefix) + ("/" if Path(prefix).is_dir() else "")
+    states = (ImageState.failed,) if failed else (ImageState.pending, ImageState.indexed, ImageState.failed)
+    rows = ledger.select(sku=sku, uri_prefix=uri_prefix, states=states)
+    skus = sorted({r.sku for r in rows})
+    recent = ledger.indexed_since(datetime.now(UTC) - RATE_WINDOW)
+    rate = recent / RATE_WINDOW.total_seconds() if recent else None
+    estimate = round(len(rows) / rate, 1) if rate else None
+    plan = {
+        "scope": chosen[0],
+        "images": len(rows),
+        "skus": len(skus),
+        "dry_run": dry_run,
+        "estimated_seconds": estimate,
+        "measured_images_per_second": round(rate, 3) if rate else None,
+    }
+    if dry_run or not rows:
+        if json_out:
+            emit_json(plan)
+        else:
+            eta = f"~{estimate:.0f}s at the last hour's {rate:.2f} images/s" if estimate else "unknown (no recent throughput)"
+            console.print(f"{'would re-index' if dry_run else 're-index'} {len(rows)} image(s) over {len(skus)} SKU(s); estimated time {eta}")
+        return
+    events = [ImageEvent(uri=r.uri, sku=r.sku, source="reindex") for r in rows]
+    if not json_out:
+        console.print(f"re-indexing {len(rows)} image(s) over {len(skus)} SKU(s)")
+    if not submit_and_report(settings, events, force=force, wait=wait, timeout=timeout, json_out=json_out, label="re-indexing"):
+        raise typer.Exit(EXIT_FAILURES)
