@@ -16,6 +16,7 @@ from tests.helpers import photo
 #: PostgreSQL of this machine and CI (trust auth); override with IMGSYNC_TEST_PG.
 PG_ADMIN_DSN = os.environ.get("IMGSYNC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("IMGSYNC_TEST_REDIS", "redis://127.0.0.1:6379/15")
+RABBITMQ_URL = os.environ.get("IMGSYNC_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from PIL import Image
 from config.settings import Settings
 from schemas.events import image_id_for, normalize_uri
 from schemas.outputs import IndexOutput
-from tests.conftest import REDIS_URL
+from tests.conftest import RABBITMQ_URL, REDIS_URL
 from tests.helpers import reference_open_clip
 from worker.cli.stack import worker_command
 from worker.index import IMAGES_ALIAS, SKUS_ALIAS, LiteServer, MilvusStore
@@ -31,10 +31,11 @@ pytestmark = pytest.mark.e2e
 TIMEOUT = 240
 
 
-@pytest.fixture(scope="module", params=["embedded", "production"])
+@pytest.fixture(scope="module", params=["embedded", "production", "rabbitmq"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_database):
     """A Milvus Lite server of its own and two worker processes (CPU queues, encode queue), on the
-    embedded default (SQLite broker and state) or production settings (Redis broker, PostgreSQL state)."""
+    embedded default (SQLite broker and state) or production settings (Redis or RabbitMQ broker,
+    PostgreSQL state)."""
     home = tmp_path_factory.mktemp("e2e") / "home"
     server = LiteServer(home.parent / "milvus")
     uri = server.start()
@@ -49,10 +50,10 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         IMGSYNC_METRICS_PORT="0",  # two workers on one host: the metrics test runs its own stack
     )
     overrides: dict[str, str] = {}
-    if request.param == "production":
+    if request.param in ("production", "rabbitmq"):
         tag = uuid.uuid4().hex[:8]
         overrides = {
-            "IMGSYNC_BROKER_URL": REDIS_URL,
+            "IMGSYNC_BROKER_URL": REDIS_URL if request.param == "production" else RABBITMQ_URL,
             "IMGSYNC_DATABASE_URL": pg_database(),
             "IMGSYNC_QUEUE_PREPROCESS": f"preprocess-{tag}",
             "IMGSYNC_QUEUE_ENCODE": f"encode-{tag}",
