@@ -65,3 +65,19 @@ def test_grafana_dashboard_provisioned() -> None:
     assert {"Throughput (images/s)", "Event-to-index lag", "Encode batch size", "Failures by reason", "Queue depth", "GPU memory"} <= titles
     grafana = compose()["services"]["grafana"]
     assert any("provisioning" in v for v in grafana["volumes"]) and any("dashboards" in v for v in grafana["volumes"])
+
+
+def test_docker_compose_config_validates() -> None:
+    """`docker-compose config` accepts the file (secrets given), and refuses it when a secret is unset."""
+    import os
+    import shutil
+    import subprocess
+
+    tool = shutil.which("docker-compose")
+    assert tool, "docker-compose missing: .ci/services installs Debian's docker-compose"
+    secrets = {"POSTGRES_PASSWORD": "x", "MINIO_ROOT_USER": "x", "MINIO_ROOT_PASSWORD": "x", "GRAFANA_ADMIN_PASSWORD": "x"}
+    env = {k: v for k, v in os.environ.items() if k not in secrets}
+    ok = subprocess.run([tool, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], env={**env, **secrets}, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run([tool, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], env=env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr
