@@ -55,6 +55,7 @@ class StatusOutput(BaseModel):
     skus: int
     dirty_skus: int
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
+    dead_letters: int = Field(0, description="malformed messages set aside (not retried)")
     workers: list[WorkerInfo] = Field(default_factory=list, description="worker nodes seen in the last minute")
     indexed_last_5m: int = 0
     indexed_per_second_5m: float = 0.0

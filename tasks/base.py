@@ -3,6 +3,7 @@ timing. Task bodies stay one line."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -15,9 +16,25 @@ from worker import celery_app, pipeline
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.metrics import metrics
 
-__all__ = ["ImageTask", "SkuTask"]
+__all__ = ["ImageTask", "SkuTask", "dead_letter"]
 
 log = logging.getLogger(__name__)
+
+
+def dead_letter(task: str, body: Any, error: str) -> str:
+    """A message that can never be processed (malformed payload): kept in the ledger's dead letters
+    with reason ``invalid_event`` and counted; the worker goes on. Returns ``invalid``."""
+    log.error("%s: malformed message dead-lettered: %s", task, error.splitlines()[0] if error else "")
+    metrics().dead_letters.labels(task).inc()
+    try:
+        text = json.dumps(body, default=repr)
+    except (TypeError, ValueError):
+        text = repr(body)
+    try:
+        celery_app.runtime().ledger.dead_letter(task, text, str(Reason.invalid_event), error)
+    except Exception:  # noqa: BLE001 - the state store being down must not crash the worker
+        log.exception("%s: could not record the dead letter", task)
+    return "invalid"
 
 
 class ImageTask(Task):
@@ -31,13 +48,11 @@ class ImageTask(Task):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if len(args) != 1 or kwargs:
-            log.error("%s: malformed call (args=%r kwargs=%r): dropped", self.name, args, kwargs)
-            return "invalid"
+            return dead_letter(self.name, {"args": args, "kwargs": kwargs}, "expected one payload argument")
         try:
             payload = self.payload_model.model_validate(args[0])
         except ValidationError as exc:
-            log.error("%s: invalid payload dropped: %s", self.name, exc)
-            return "invalid"
+            return dead_letter(self.name, args[0], str(exc))
         try:
             outcome = self.run(payload)
         except ImgsyncError as exc:
@@ -61,8 +76,7 @@ class SkuTask(Task):
         try:
             payload = SkuRefreshPayload.model_validate(args[0] if args else kwargs)
         except (ValidationError, IndexError) as exc:
-            log.error("%s: invalid payload dropped: %s", self.name, exc)
-            return "invalid"
+            return dead_letter(self.name, {"args": args, "kwargs": kwargs}, str(exc))
         try:
             return self.run(payload)
         except ImgsyncError as exc:

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from config.settings import BatchConfig
 from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
-from tasks.base import ImageTask, SkuTask
+from tasks.base import ImageTask, SkuTask, dead_letter
 from worker import pipeline
 from worker.celery_app import app, dispatcher, runtime
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU
@@ -32,7 +32,7 @@ def encode(requests: list[Any]) -> dict[str, int]:
         try:
             payloads.append(EncodePayload.model_validate(req.args[0]))
         except (ValidationError, IndexError, TypeError) as exc:
-            log.error("encode: invalid payload dropped (task %s): %s", req.id, exc)
+            dead_letter(TASK_ENCODE, {"args": list(req.args), "kwargs": req.kwargs}, str(exc))
     try:
         return pipeline.encode_batch(runtime(), dispatcher(), payloads).__dict__
     except Exception:  # noqa: BLE001 - encode_batch handles item faults; this is the ledger/broker itself

@@ -65,6 +65,8 @@ def configure(settings: Settings) -> Celery:
         # kombu passes broker_transport_options to create_engine for this transport
         conf["broker_transport_options"] = {}
         sqla_transport.Transport.polling_interval = EMBEDDED_POLLING_INTERVAL
+    if app.conf.broker_url and app.conf.broker_url != conf["broker_url"]:
+        _drop_broker_pools()
     app.conf.update(conf)
     from tasks import pipeline as task_module  # registers the tasks on ``app``
 
@@ -72,6 +74,16 @@ def configure(settings: Settings) -> Celery:
     _state["settings"] = settings
     _state.pop("runtime", None)
     return app
+
+
+def _drop_broker_pools() -> None:
+    """Forget connections and producers pooled for a previous broker (a process re-configured)."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
 
 
 def settings() -> Settings:

@@ -39,6 +39,7 @@ def collect_status(settings: Settings) -> StatusOutput:
     ledger_counts: dict[str, int] = {}
     failures: dict[str, int] = {}
     live: list[dict] = []
+    dead = 0
     recent = 0
     aliases: dict[str, str] = {}
     skus = dirty = 0
@@ -48,6 +49,7 @@ def collect_status(settings: Settings) -> StatusOutput:
         ledger_counts = ledger.counts()
         skus, dirty = ledger.sku_counts()
         failures = ledger.failure_counts()
+        dead = ledger.dead_letter_count()
         live = ledger.live_workers(STALE_AFTER_SECONDS)
         recent = ledger.indexed_since(datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_SECONDS))
         ledger.engine.dispose()
@@ -90,6 +92,7 @@ def collect_status(settings: Settings) -> StatusOutput:
         skus=skus,
         dirty_skus=dirty,
         failures_by_reason=failures,
+        dead_letters=dead,
         workers=[WorkerInfo(**w) for w in live],
         indexed_last_5m=recent,
         indexed_per_second_5m=round(recent / RATE_WINDOW_SECONDS, 3),

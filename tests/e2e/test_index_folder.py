@@ -354,3 +354,40 @@ def test_reindex_scopes_dry_run_and_unchanged(stack: dict, tmp_path: Path, catal
     assert json.loads(proc.stdout)["images"] == 3
     assert run_cli(stack, "reindex", "--dry-run").returncode == 2
     assert run_cli(stack, "reindex", "--all", "--model", "open_clip:ViT-B-32").returncode == 2
+
+
+def test_pickle_refused_and_malformed_payloads_dead_lettered(stack: dict, tmp_path: Path, catalog) -> None:
+    """A message serialized with pickle is never executed; malformed JSON payloads are dead-lettered
+    with reason invalid_event; the workers keep going and index the next images."""
+    from schemas.events import ImageEvent
+    from schemas.tasks import PreprocessPayload
+    from worker.celery_app import configure
+    from worker.dispatch import TASK_PREPROCESS
+
+    settings = stack["settings"]
+    app = configure(settings)
+    queue = settings.queues.preprocess
+    pickled = tmp_path / "pickled" / "p.jpg"
+    pickled.parent.mkdir()
+    (catalog(n_skus=1, per_sku=1, root=tmp_path / "src") / "SKU-1" / "1.jpg").rename(pickled)
+    good = PreprocessPayload(event=ImageEvent(uri=str(pickled), sku="PICKLE")).model_dump(mode="json")
+    app.send_task(TASK_PREPROCESS, args=[good], queue=queue, serializer="pickle")
+    app.send_task(TASK_PREPROCESS, args=[{"event": {"uri": 12, "sku": ""}}], queue=queue)
+    app.send_task(TASK_PREPROCESS, args=["not a payload", 5], queue=queue)
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    before = ledger.dead_letter_count()
+
+    root = catalog(n_skus=1, per_sku=2, root=tmp_path / "after")
+    code, out = index_json(stack, str(root), "--sku", "AFTER-POISON")
+    assert code == 0 and {r.outcome for r in out.results} == {"indexed"}  # the workers are alive
+
+    deadline = time.monotonic() + 30
+    while ledger.dead_letter_count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    rows = [r for r in ledger.dead_letter_rows() if r["task"] == TASK_PREPROCESS]
+    assert before + 2 <= ledger.dead_letter_count()
+    assert {r["reason"] for r in rows} == {"invalid_event"}
+    assert any("not a payload" in r["body"] for r in rows)
+    assert ledger.get(ImageEvent(uri=str(pickled), sku="PICKLE").image_id) is None  # pickle never ran
+    status = json.loads(run_cli(stack, "status", "--json").stdout)
+    assert status["dead_letters"] >= 2

@@ -25,7 +25,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
     led = Ledger(make_engine(url))
     if request.param == "postgresql":  # the session database is shared: start empty
         with led.engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE images, skus, index_versions, workers"))
+            conn.execute(sa.text("TRUNCATE images, skus, index_versions, workers, dead_letters"))
     yield led
     led.engine.dispose()
 
@@ -158,10 +158,10 @@ def test_migration_up_down_up(tmp_path: Path) -> None:
     from worker.ledger.db import _alembic_config
 
     url = f"sqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}"
-    assert upgrade(url) == "0002"
+    assert upgrade(url) == "0003"
     command.downgrade(_alembic_config(url), "base")
     assert current_revision(url) is None
-    assert upgrade(url) == "0002"
+    assert upgrade(url) == "0003"
 
 
 def test_worker_heartbeats(ledger: Ledger) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from schemas.events import Action, ImageEvent
 from schemas.reasons import Reason
-from worker.ledger.tables import ImageState, images, index_versions, skus, workers
+from worker.ledger.tables import ImageState, dead_letters, images, index_versions, skus, workers
 
 __all__ = ["Ledger", "Acceptance", "ImageRow", "IndexedImage"]
 
@@ -320,6 +320,29 @@ class Ledger:
                     index_versions.c.images_collection == images_collection
                 )
             ).scalar()
+
+    # --- dead letters ----------------------------------------------------------------------------
+
+    #: longest message body kept with a dead letter
+    DEAD_LETTER_BODY_MAX = 10_000
+
+    def dead_letter(self, task: str, body: str, reason: str, error: str) -> None:
+        """Keep a message that cannot be processed, with why (it is not retried)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                dead_letters.insert().values(
+                    task=task, reason=reason, error=error[:2000], body=body[: self.DEAD_LETTER_BODY_MAX], created_at=_now()
+                )
+            )
+
+    def dead_letter_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar_one())
+
+    def dead_letter_rows(self, limit: int = 100) -> list[dict]:
+        with self.engine.connect() as conn:
+            q = sa.select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
+            return [dict(r) for r in conn.execute(q).mappings()]
 
     # --- worker heartbeats ---------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "images", "skus", "index_versions", "workers", "ImageState"]
+__all__ = ["metadata", "images", "skus", "index_versions", "workers", "dead_letters", "ImageState"]
 
 metadata = sa.MetaData()
 
@@ -69,4 +69,15 @@ workers = sa.Table(
     sa.Column("model", sa.String(500), nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
+)
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("task", sa.String(100), nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("error", sa.Text(), nullable=False),
+    sa.Column("body", sa.Text(), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )

@@ -43,6 +43,7 @@ class Metrics:
     events: Any  #: Counter imgsync_events_total{source, action}
     images: Any  #: Counter imgsync_images_total{stage, outcome}
     failures: Any  #: Counter imgsync_failures_total{reason}
+    dead_letters: Any  #: Counter imgsync_dead_letters_total{task}
     stage_seconds: Any  #: Histogram imgsync_stage_seconds{stage}
     batch_size: Any  #: Histogram imgsync_encode_batch_size{model_id}
     lag_seconds: Any  #: Histogram imgsync_index_lag_seconds{model_id}
@@ -64,6 +65,7 @@ def metrics() -> Metrics:
                     events=Counter("imgsync_events", "Image events received", ["source", "action"]),
                     images=Counter("imgsync_images", "Images through a stage, by outcome", ["stage", "outcome"]),
                     failures=Counter("imgsync_failures", "Images failed, by reason code", ["reason"]),
+                    dead_letters=Counter("imgsync_dead_letters", "Malformed messages set aside", ["task"]),
                     stage_seconds=Histogram(
                         "imgsync_stage_seconds", "Latency of a pipeline step", ["stage"], buckets=LATENCY_BUCKETS
                     ),
