@@ -48,7 +48,7 @@ SKU_REFRESH_ROUNDS = 5
 
 
 def backoff_seconds(attempt: int, base: float = 1.0) -> float:
-    """Exponential backoff with full jitter: up to ``base * 2**attempt``, capped."""
+    """Exponential backoff with jitter: 50–100 % of ``base * 2**attempt`` seconds, capped at MAX_BACKOFF."""
     return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, base * (2**attempt))
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from schemas.events import Action, ImageEvent
 from schemas.reasons import Reason
-from worker.ledger.tables import ImageState, dead_letters, images, index_versions, skus, workers
+from worker.ledger.housekeeping import HousekeepingMixin
+from worker.ledger.tables import ImageState, images, index_versions, skus
 
 __all__ = ["Ledger", "Acceptance", "ImageRow", "IndexedImage"]
 
@@ -69,7 +70,7 @@ def _row(r: sa.Row | None) -> ImageRow | None:
     return ImageRow(**{f: m[f] for f in ImageRow.__dataclass_fields__ if f in m})
 
 
-class Ledger:
+class Ledger(HousekeepingMixin):
     """SQL operations on the ledger tables; every method is one short transaction."""
 
     def __init__(self, engine: Engine) -> None:
@@ -320,55 +321,6 @@ class Ledger:
                     index_versions.c.images_collection == images_collection
                 )
             ).scalar()
-
-    # --- dead letters ----------------------------------------------------------------------------
-
-    #: longest message body kept with a dead letter
-    DEAD_LETTER_BODY_MAX = 10_000
-
-    def dead_letter(self, task: str, body: str, reason: str, error: str) -> None:
-        """Keep a message that cannot be processed, with why (it is not retried)."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                dead_letters.insert().values(
-                    task=task, reason=reason, error=error[:2000], body=body[: self.DEAD_LETTER_BODY_MAX], created_at=_now()
-                )
-            )
-
-    def dead_letter_count(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar_one())
-
-    def dead_letter_rows(self, limit: int = 100) -> list[dict]:
-        with self.engine.connect() as conn:
-            q = sa.select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
-            return [dict(r) for r in conn.execute(q).mappings()]
-
-    # --- worker heartbeats ---------------------------------------------------------------------
-
-    def heartbeat(self, name: str, *, host: str, pid: int, queues: str, model: str) -> None:
-        """Record that worker node ``name`` is alive now."""
-        now = _now()
-        with self.engine.begin() as conn:
-            res = conn.execute(workers.update().where(workers.c.name == name).values(last_seen=now))
-            if res.rowcount == 0:
-                conn.execute(
-                    workers.insert().values(
-                        name=name, host=host, pid=pid, queues=queues, model=model, started_at=now, last_seen=now
-                    )
-                )
-
-    def forget_worker(self, name: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(workers.delete().where(workers.c.name == name))
-
-    def live_workers(self, max_age_seconds: float) -> list[dict]:
-        """Worker nodes seen within ``max_age_seconds``; older rows are dropped."""
-        cutoff = _now() - timedelta(seconds=max_age_seconds)
-        with self.engine.begin() as conn:
-            conn.execute(workers.delete().where(workers.c.last_seen < cutoff))
-            rows = conn.execute(sa.select(workers).order_by(workers.c.name)).mappings().all()
-        return [dict(r) for r in rows]
 
     def indexed_since(self, since: datetime) -> int:
         """Images indexed at or after ``since`` (for rates)."""
