@@ -172,3 +172,15 @@ def test_failures_options_validated(home: Path) -> None:
     assert runner.invoke(app, ["failures", "list", "--since", "yesterday"]).exit_code == 2
     result = runner.invoke(app, ["failures", "list", "--since", "7d", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout) == {"failures": [], "by_reason": {}}
+
+
+def test_human_output_shows_user_data_verbatim(home: Path, tmp_path: Path) -> None:
+    """SKUs with rich-markup-like brackets are printed as they are, not eaten as markup."""
+    from tests.helpers import photo
+
+    folder = tmp_path / "cat" / "[red]SKU"
+    folder.mkdir(parents=True)
+    photo(64, 64, seed=4).save(folder / "[b]x.jpg")
+    result = runner.invoke(app, ["index", str(tmp_path / "cat"), "--wait", "--timeout", "0.5"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1  # no workers: pending
+    assert "[red]SKU" in result.stdout  # rich would have swallowed "[red]" as a style

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.text import Text
 
 from config.settings import Settings
 from worker.errors import ConfigError, ServiceUnavailable, TransientError
@@ -29,6 +30,7 @@ __all__ = [
     "handle_errors",
     "milvus_session",
     "ensure_schema",
+    "plain",
 ]
 
 EXIT_OK = 0
@@ -93,6 +95,11 @@ def _fail(exc: Exception, code: int, debug: bool) -> None:
         err_console.print_exception()
     err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
     raise typer.Exit(code)
+
+
+def plain(value: object) -> Text:
+    """A table cell shown as is: user data (uris, SKUs, messages) is never read as rich markup."""
+    return Text("" if value is None else str(value))
 
 
 def emit_json(doc: BaseModel | dict[str, Any]) -> None:

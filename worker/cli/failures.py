@@ -11,7 +11,7 @@ from rich.table import Table
 from schemas.events import ImageEvent, image_id_for, normalize_uri
 from schemas.outputs import FailureItem, FailuresOutput, IndexOutput
 from schemas.reasons import Reason
-from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, settings_from
+from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, plain, settings_from
 from worker.errors import ConfigError
 from worker.ledger import ImageRow, Ledger, make_engine
 
@@ -75,7 +75,7 @@ def list_(
     else:
         table = Table("reason", "sku", "uri", "detail", title=f"failed images ({len(rows)} shown)")
         for f in doc.failures:
-            table.add_row(f.reason or "", f.sku, f.uri, (f.detail or "")[:80])
+            table.add_row(plain(f.reason), plain(f.sku), plain(f.uri), plain((f.detail or "")[:80]))
         console.print(table)
         console.print("by reason: " + (", ".join(f"{k}={v}" for k, v in sorted(doc.by_reason.items())) or "none"))
     if rows:
@@ -101,7 +101,7 @@ def show(
     else:
         table = Table(show_header=False, title=f"image {row.image_id}")
         for k, v in {**item.model_dump(), "state": row.state, "version": row.version}.items():
-            table.add_row(k, str(v))
+            table.add_row(k, plain(v))
         console.print(table)
 
 

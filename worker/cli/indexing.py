@@ -164,7 +164,7 @@ def print_results(results: Sequence[IndexResult]) -> None:
     """A table of what did not get indexed, then counts per outcome."""
     from rich.table import Table
 
-    from worker.cli.common import console
+    from worker.cli.common import console, plain
 
     counts: dict[str, int] = {}
     for r in results:
@@ -173,7 +173,7 @@ def print_results(results: Sequence[IndexResult]) -> None:
     if failed:
         table = Table("outcome", "reason", "sku", "uri", title="not indexed")
         for r in failed[:50]:
-            table.add_row(r.outcome, r.reason or "", r.sku, r.uri)
+            table.add_row(r.outcome, plain(r.reason), plain(r.sku), plain(r.uri))
         console.print(table)
     console.print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 

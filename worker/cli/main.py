@@ -26,6 +26,7 @@ from worker.cli.common import (
     err_console,
     handle_errors,
     milvus_session,
+    plain,
     settings_from,
 )
 from worker.encoders.hub import check_weights_available
@@ -255,7 +256,7 @@ def search(
 def print_hits(hits: list[SearchHit], *, skus: bool, title: str = "search results") -> None:
     table = Table("#", "score", "sku", *(() if skus else ("uri",)), title=title)
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.4f}", h.sku, *(() if skus else (h.uri or "",)))
+        table.add_row(str(i), f"{h.score:.4f}", plain(h.sku), *(() if skus else (plain(h.uri),)))
     console.print(table)
 
 
@@ -300,7 +301,7 @@ def verify(
         table = Table("kind", "count", "sample", title=f"verify ({doc.model_id or 'nothing serving'})")
         for kind in ("missing", "orphans", "stale", "sku_mismatch"):
             items = getattr(doc, kind)
-            table.add_row(kind, str(len(items)), ", ".join(items[:5]))
+            table.add_row(kind, str(len(items)), plain(", ".join(items[:5])))
         console.print(table)
         if repaired:
             console.print("repair enqueued: " + ", ".join(f"{k}={v}" for k, v in repaired.items()))
@@ -326,18 +327,18 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     else:
         table = Table("", "", title="imgsync status", show_header=False)
         table.add_row("ready", "[green]yes[/]" if doc.ready else "[red]no[/]")
-        table.add_row("milvus", doc.milvus_uri)
-        table.add_row("serving model", doc.model_id or "—")
-        table.add_row("configured model", doc.configured_model)
+        table.add_row("milvus", plain(doc.milvus_uri))
+        table.add_row("serving model", plain(doc.model_id or "—"))
+        table.add_row("configured model", plain(doc.configured_model))
         table.add_row("queues", ", ".join(f"{k}={'?' if v is None else v}" for k, v in doc.queues.items()))
         table.add_row("images", ", ".join(f"{k}={v}" for k, v in doc.ledger.items()))
         table.add_row("skus", f"{doc.skus} ({doc.dirty_skus} awaiting refresh)")
-        table.add_row("workers", ", ".join(f"{w.name} [{w.queues}]" for w in doc.workers) or "none seen")
+        table.add_row("workers", plain(", ".join(f"{w.name} [{w.queues}]" for w in doc.workers) or "none seen"))
         table.add_row("indexed, last 5 min", f"{doc.indexed_last_5m} ({doc.indexed_per_second_5m:.2f}/s)")
         table.add_row("failures", ", ".join(f"{k}={v}" for k, v in sorted(doc.failures_by_reason.items())) or "none")
-        table.add_row("aliases", ", ".join(f"{k} → {v}" for k, v in doc.aliases.items()) or "—")
+        table.add_row("aliases", plain(", ".join(f"{k} → {v}" for k, v in doc.aliases.items()) or "—"))
         for e in doc.errors:
-            table.add_row("[red]error[/]", e)
+            table.add_row("[red]error[/]", plain(e))
         console.print(table)
     if not doc.ready:
         raise typer.Exit(3)
