@@ -371,18 +371,18 @@ def test_pickle_refused_and_malformed_payloads_dead_lettered(stack: dict, tmp_pa
     pickled.parent.mkdir()
     (catalog(n_skus=1, per_sku=1, root=tmp_path / "src") / "SKU-1" / "1.jpg").rename(pickled)
     good = PreprocessPayload(event=ImageEvent(uri=str(pickled), sku="PICKLE")).model_dump(mode="json")
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    before = ledger.dead_letter_count()
     app.send_task(TASK_PREPROCESS, args=[good], queue=queue, serializer="pickle")
     app.send_task(TASK_PREPROCESS, args=[{"event": {"uri": 12, "sku": ""}}], queue=queue)
     app.send_task(TASK_PREPROCESS, args=["not a payload", 5], queue=queue)
-    ledger = Ledger(make_engine(settings.effective_database_url))
-    before = ledger.dead_letter_count()
 
     root = catalog(n_skus=1, per_sku=2, root=tmp_path / "after")
     code, out = index_json(stack, str(root), "--sku", "AFTER-POISON")
     assert code == 0 and {r.outcome for r in out.results} == {"indexed"}  # the workers are alive
 
     deadline = time.monotonic() + 30
-    while ledger.dead_letter_count() < 2 and time.monotonic() < deadline:
+    while ledger.dead_letter_count() < before + 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     rows = [r for r in ledger.dead_letter_rows() if r["task"] == TASK_PREPROCESS]
     assert before + 2 <= ledger.dead_letter_count()
