@@ -1,0 +1,147 @@
+"""End to end vs the naive loop vs the model's own limit, measured in one run on one machine.
+
+    python benchmarks/bench_e2e.py [--images 120] [--naive-images 40] [--model open_clip:ViT-B-32]
+
+1. model bound: bare batched forward of the encoder on already-preprocessed pixels (batch = BATCH_MAX);
+2. naive baseline: the tutorial loop — for each file PIL open + convert, the model's transform, encode
+   one image, insert one row into Milvus;
+3. imgsync end to end: the embedded stack (Milvus Lite server, CPU worker, encode worker with
+   micro-batching), from enqueue to the last image recorded as indexed.
+Prints one JSON document with images/s of each and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZES = [(1280, 960), (2048, 1536), (3000, 2000), (4000, 3000), (1600, 1600), (2400, 1800)]
+
+
+def write_photos(root: Path, n: int, n_skus: int = 20) -> list[Path]:
+    """JPEG product photos of 1–12 MP (structure + sensor noise), laid out <sku>/<n>.jpg."""
+    from tests.helpers import photo
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        base = np.asarray(photo(w // 8, h // 8, seed=i).resize((w, h), Image.Resampling.BILINEAR), np.int16)
+        noisy = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        path = root / f"SKU-{i % n_skus:03d}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy).save(path, quality=90)
+        files.append(path)
+    return files
+
+
+def model_bound(spec: str, n: int, batch: int) -> float:
+    from worker.encoders import create_encoder
+
+    enc = create_encoder(spec).load()
+    h, w = enc.preprocess_cfg.size
+    pixels = [np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8) for i in range(batch)]
+    enc.encode(pixels)
+    done, started = 0, time.perf_counter()
+    while done < n:
+        enc.encode(pixels)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def naive(spec: str, files: list[Path], milvus_uri: str) -> float:
+    import open_clip
+    import torch
+    from pymilvus import DataType, MilvusClient
+
+    name = spec.split(":", 1)[1].split("@")[0]
+    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+    model.eval()
+    client = MilvusClient(uri=milvus_uri)
+    schema = MilvusClient.create_schema(auto_id=False)
+    schema.add_field("id", DataType.INT64, is_primary=True)
+    dim = model.visual.output_dim
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    index = client.prepare_index_params()
+    index.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+    client.create_collection("naive_bench", schema=schema, index_params=index)
+    started = time.perf_counter()
+    for i, f in enumerate(files):
+        img = Image.open(f).convert("RGB")
+        with torch.no_grad():
+            v = model.encode_image(transform(img).unsqueeze(0))[0]
+        v = (v / v.norm()).tolist()
+        client.insert("naive_bench", [{"id": i, "vector": v}])
+    rate = len(files) / (time.perf_counter() - started)
+    client.drop_collection("naive_bench")
+    client.close()
+    return rate
+
+
+def imgsync_e2e(spec: str, root: Path, home: Path, batch: int) -> tuple[float, int]:
+    from config.settings import Settings
+    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.stack import EmbeddedStack
+    from worker.ledger import upgrade
+
+    settings = Settings(
+        _env_file=None, home=home, model=spec, batch_max=batch, batch_wait_ms=200, worker_concurrency=1, metrics_port=0
+    )  # type: ignore[call-arg]
+    upgrade(settings.effective_database_url)
+    stack = EmbeddedStack(settings)
+    stack.start()
+    try:
+        warm_dir = home.parent / "warm"
+        write_photos(warm_dir, 2)
+        events = collect_events([str(warm_dir)], None)
+        wait_for(settings, events, publish(settings, events), timeout=600, show_progress=False)  # models loaded
+        events = collect_events([str(root)], None)
+        started = time.perf_counter()
+        results = wait_for(settings, events, publish(settings, events), timeout=3600, show_progress=False)
+        elapsed = time.perf_counter() - started
+        indexed = sum(r.outcome == "indexed" for r in results)
+        return indexed / elapsed, indexed
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=120)
+    ap.add_argument("--naive-images", type=int, default=40)
+    ap.add_argument("--model", default="open_clip:ViT-B-32")
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args()
+
+    from worker.index import LiteServer
+
+    work = Path(tempfile.mkdtemp(prefix="imgsync-bench-"))
+    files = write_photos(work / "catalog", args.images)
+    e2e_rate, indexed = imgsync_e2e(args.model, work / "catalog", work / "home", args.batch)
+    bound = model_bound(args.model, args.images, args.batch)
+    with LiteServer(work / "naive-milvus") as server:
+        naive_rate = naive(args.model, files[: args.naive_images], server.uri)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(json.dumps({
+        "date": f"{datetime.now(UTC):%Y-%m-%d}", "commit": commit, "model": args.model, "batch": args.batch,
+        "images": args.images, "indexed": indexed, "naive_images": args.naive_images,
+        "model_bound_images_per_s": round(bound, 2), "naive_images_per_s": round(naive_rate, 2),
+        "imgsync_images_per_s": round(e2e_rate, 2),
+        "e2e_over_model_bound": round(e2e_rate / bound, 2), "e2e_over_naive": round(e2e_rate / naive_rate, 2),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
