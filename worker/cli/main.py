@@ -110,6 +110,11 @@ def worker(
     metrics().build_info.labels(__version__, settings.model).set(1)
     app_ = configure(settings)
     encode_only = chosen == [settings.queues.encode]
+    from worker.pixels import DirectoryPixelStore
+
+    swept = DirectoryPixelStore(settings.pixel_dir).sweep()  # entries nobody will read any more
+    if swept:
+        logging.getLogger("imgsync").info("removed %d expired pixel entries", swept)
     if settings.queues.encode in chosen:
         rt = runtime()
         rt.encoder.warmup()  # fail fast on a bad model, before taking any message
