@@ -48,6 +48,9 @@ class Heartbeat:
             )
         except Exception:  # noqa: BLE001 - a missed beat is logged, never fatal to the worker
             log.warning("heartbeat failed", exc_info=True)
+        finally:
+            # the first beat runs before the pool forks: keep no connection a child would inherit
+            self.ledger.engine.dispose()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

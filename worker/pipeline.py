@@ -180,9 +180,9 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     try:
         with m.stage_seconds.labels("encode").time():
             vectors = rt.encoder.encode(pixels)
-        m.batch_size.labels(rt.model_id).observe(len(pixels))
-        record_gpu_memory(m)
         names = rt.names()
+        m.batch_size.labels(names.model_id).observe(len(pixels))
+        record_gpu_memory(m)
         now_ms = int(time.time() * 1000)
         started = time.perf_counter()
         rt.store.upsert_images(
@@ -216,13 +216,13 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
             for p in live
         ]
     )
-    overtaken = [p.event.image_id for p in live if p.event.image_id not in set(recorded)]
+    done = set(recorded)
+    overtaken = [p.event.image_id for p in live if p.event.image_id not in done]
     if overtaken:  # a delete may have run while we encoded: never resurrect a deleted image
         now = rt.ledger.current_versions(overtaken)
         gone = [i for i in overtaken if now.get(i, ("", ImageState.deleted))[1] == ImageState.deleted]
         rt.store.delete_images(names.images, gone)
     now = time.time()
-    done = set(recorded)
     for p in live:
         rt.pixels.delete(p.pixel_key)
         if p.event.image_id in done:
@@ -230,9 +230,7 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     for sku in sorted(dirty):
         dispatch.refresh_sku(sku)
     result = EncodeResult(len(recorded), skipped + len(overtaken), retried, failed)
-    for outcome, n in (("indexed", result.indexed), ("skipped", result.skipped), ("retried", retried), ("failed", failed)):
-        if n:
-            m.images.labels("encode", outcome).inc(n)
+    _count_encode(indexed=result.indexed, skipped=result.skipped, retried=retried, failed=failed)
     return result
 
 

@@ -15,16 +15,12 @@ from worker.ledger import Ledger, make_engine
 __all__ = ["run_search", "serving_model_id"]
 
 
-def serving_model_id(settings: Settings, store: MilvusStore) -> str | None:
+def serving_model_id(ledger: Ledger, store: MilvusStore) -> str | None:
     """The model id of the version the aliases point at (None before anything was indexed)."""
     coll = store.serving_collection()
     if coll is None:
         return None
-    ledger = Ledger(make_engine(settings.effective_database_url))
-    try:
-        return ledger.model_for_collection(coll) or f"unknown ({coll})"
-    finally:
-        ledger.engine.dispose()
+    return ledger.model_for_collection(coll) or f"unknown ({coll})"
 
 
 def run_search(
@@ -44,8 +40,9 @@ def run_search(
             not the one serving (its vectors would not be comparable).
     """
     store = MilvusStore(milvus_uri, settings.milvus_token)
+    ledger = Ledger(make_engine(settings.effective_database_url))
     try:
-        serving = serving_model_id(settings, store)
+        serving = serving_model_id(ledger, store)
         if serving is None:
             return []
         encoder = encoder or create_encoder(settings.encoder)
@@ -69,4 +66,5 @@ def run_search(
         raw = store.search(vector, limit=limit, skus=skus)
     finally:
         store.close()
+        ledger.engine.dispose()
     return [SearchHit(uri=h.get("uri"), image_id=h.get("image_id"), sku=h["sku"], score=h["score"]) for h in raw]

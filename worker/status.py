@@ -9,6 +9,7 @@ from schemas.outputs import StatusOutput, WorkerInfo
 from worker.heartbeat import STALE_AFTER_SECONDS
 from worker.index import MilvusStore, running_server_uri
 from worker.ledger import Ledger, make_engine
+from worker.search import serving_model_id
 
 __all__ = ["collect_status", "queue_depths", "RATE_WINDOW_SECONDS"]
 
@@ -44,15 +45,14 @@ def collect_status(settings: Settings) -> StatusOutput:
     aliases: dict[str, str] = {}
     skus = dirty = 0
     db_ok = broker_ok = milvus_ok = False
+    ledger = Ledger(make_engine(settings.effective_database_url))
     try:
-        ledger = Ledger(make_engine(settings.effective_database_url))
         ledger_counts = ledger.counts()
         skus, dirty = ledger.sku_counts()
         failures = ledger.failure_counts()
         dead = ledger.dead_letter_count()
         live = ledger.live_workers(STALE_AFTER_SECONDS)
         recent = ledger.indexed_since(datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_SECONDS))
-        ledger.engine.dispose()
         db_ok = True
     except Exception as exc:  # noqa: BLE001
         errors.append(f"database (IMGSYNC_DATABASE_URL): {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
@@ -67,9 +67,7 @@ def collect_status(settings: Settings) -> StatusOutput:
     if uri:
         store = MilvusStore(uri, settings.milvus_token, timeout=5)
         try:
-            from worker.search import serving_model_id
-
-            model_id = serving_model_id(settings, store) if db_ok else None
+            model_id = serving_model_id(ledger, store) if db_ok else None
             aliases = store.alias_targets()
             milvus_ok = store.ping()
             if not milvus_ok:
@@ -80,6 +78,7 @@ def collect_status(settings: Settings) -> StatusOutput:
             store.close()
     else:
         errors.append("Milvus: IMGSYNC_MILVUS_URI is empty and no embedded server runs (start `imgsync up`)")
+    ledger.engine.dispose()
     return StatusOutput(
         ready=db_ok and broker_ok and milvus_ok,
         milvus_uri=uri or "",

@@ -91,7 +91,12 @@ def worker(
 ) -> None:
     """Run a Celery worker. The encode queue gets one process (one model per device) with micro-batching;
     CPU queues get a prefork pool."""
+    from worker import __version__
     from worker.celery_app import configure, runtime
+    from worker.heartbeat import Heartbeat
+    from worker.ledger import Ledger, make_engine
+    from worker.metrics import metrics
+    from worker.pixels import DirectoryPixelStore
 
     logging.getLogger().setLevel(loglevel.upper())
     settings = settings_from(ctx)
@@ -104,14 +109,9 @@ def worker(
     if settings.queues.encode in chosen or settings.queues.preprocess in chosen:
         check_weights_available(settings.model)  # never fall back silently, never retry for minutes
     _start_metrics(settings, node=f"worker-{os.getpid()}")
-    from worker import __version__
-    from worker.metrics import metrics
-
     metrics().build_info.labels(__version__, settings.model).set(1)
     app_ = configure(settings)
     encode_only = chosen == [settings.queues.encode]
-    from worker.pixels import DirectoryPixelStore
-
     swept = DirectoryPixelStore(settings.pixel_dir).sweep()  # entries nobody will read any more
     if swept:
         logging.getLogger("imgsync").info("removed %d expired pixel entries", swept)
@@ -121,9 +121,6 @@ def worker(
         rt.names()  # and on an unreachable Milvus
         if not encode_only:
             rt.reset_after_fork()
-    from worker.heartbeat import Heartbeat
-    from worker.ledger import Ledger, make_engine
-
     heartbeat = Heartbeat(Ledger(make_engine(settings.effective_database_url)), queues=",".join(chosen), model=settings.model)
     argv = ["worker", "-Q", ",".join(chosen), "--loglevel", loglevel, "-n", f"imgsync-{'-'.join(chosen)}-{os.getpid()}@%h"]
     if encode_only:

@@ -38,6 +38,9 @@ class StateCollector:
             yield dirty
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB hiccups
             log.warning("ledger gauges unavailable", exc_info=True)
+        finally:
+            if self._ledger is not None:  # no pooled connection for a forked child to inherit
+                self._ledger.engine.dispose()
         depth = GaugeMetricFamily("imgsync_queue_depth", "Messages waiting per queue", labels=["queue"])
         try:
             from worker.status import queue_depths
@@ -69,18 +72,32 @@ def gpu_memory_snapshot() -> dict[str, dict[str, int]]:
     return out
 
 
+_nvml_ready: bool | None = None  # None: not tried yet
+
+
+def _nvml():  # type: ignore[no-untyped-def]
+    """The NVML module, initialised once per process; None without a driver or the binding."""
+    global _nvml_ready
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    if _nvml_ready is None:
+        try:
+            pynvml.nvmlInit()
+            _nvml_ready = True
+        except pynvml.NVMLError:  # no driver / no GPU (NVMLError_LibraryNotFound on a CPU machine)
+            _nvml_ready = False
+    return pynvml if _nvml_ready else None
+
+
 def nvml_snapshot() -> dict[str, dict[str, float]]:
     """Per GPU: utilisation (0–1) and temperature (°C) from NVML; empty when NVML is absent.
 
     NVML comes with the NVIDIA driver; its Python binding is ``pip install nvidia-ml-py``.
     """
-    try:
-        import pynvml
-    except ImportError:
-        return {}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:  # no driver / no GPU (NVMLError_LibraryNotFound on a CPU machine)
+    pynvml = _nvml()
+    if pynvml is None:
         return {}
     out = {}
     try:
@@ -91,9 +108,4 @@ def nvml_snapshot() -> dict[str, dict[str, float]]:
             out[f"cuda:{i}"] = {"utilization": util.gpu / 100.0, "temperature": float(temp)}
     except pynvml.NVMLError:
         log.debug("NVML read failed", exc_info=True)
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
     return out
