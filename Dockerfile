@@ -9,6 +9,8 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --uid 10001 imgsync \
  && mkdir -p /models /data && chown imgsync:imgsync /models /data
 WORKDIR /app
+# versions are pinned by the TORCH build argument
+# hadolint ignore=DL3013
 RUN pip install ${TORCH}
 COPY pyproject.toml README.md ./
 COPY config ./config
@@ -18,7 +20,7 @@ COPY tasks ./tasks
 COPY worker ./worker
 RUN pip install .
 
-USER imgsync
+USER 10001
 VOLUME ["/models", "/data"]
 ENTRYPOINT ["imgsync"]
 CMD ["--help"]

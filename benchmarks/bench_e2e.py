@@ -13,7 +13,6 @@ Prints one JSON document with images/s of each and the ratios.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys

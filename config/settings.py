@@ -108,13 +108,23 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the worker state (ledger). Empty: SQLite file under IMGSYNC_HOME.",
     )
     catalog_url: str = Field(
-        "", description="SQLAlchemy URL of the product catalog (outbox source, not built yet). Empty: same as IMGSYNC_DATABASE_URL."
+        "", description="SQLAlchemy URL of the product catalog (outbox source). Empty: same as IMGSYNC_DATABASE_URL."
     )
     milvus_uri: str = Field(
         "",
         description="Milvus URI (http://host:19530). Empty: the embedded Milvus Lite server under IMGSYNC_HOME.",
     )
     milvus_token: str = Field("", description="Milvus token (user:password), if the server needs one.")
+    milvus_index_type: Literal["AUTOINDEX", "FLAT", "IVF_FLAT", "HNSW"] = Field(
+        "AUTOINDEX", description="Vector index of new collections (HNSW needs Milvus standalone/cluster)."
+    )
+    milvus_index_params: Annotated[dict[str, int | float | str], NoDecode] = Field(
+        default_factory=dict,
+        description='Build parameters of that index as JSON, e.g. {"M": 16, "efConstruction": 200} for HNSW.',
+    )
+    milvus_search_params: Annotated[dict[str, int | float | str], NoDecode] = Field(
+        default_factory=dict, description='Search parameters as JSON, e.g. {"ef": 64} for HNSW, {"nprobe": 16} for IVF_FLAT.'
+    )
     model: str = Field(
         DEFAULT_MODEL,
         description="Model spec <backend>:<name>[@<weights>]; backends open_clip, hf, timm, tiny.",
@@ -156,18 +166,76 @@ class Settings(BaseSettings):
     max_retries: int = Field(5, ge=0, le=100, description="Retries of a transient failure before giving up.")
     s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto) for s3:// fetches. Empty: AWS default.")
     s3_region: str = Field("", description="S3 region for s3:// fetches. Empty: the AWS default chain.")
-    sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source (not built yet).")
+    sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source (`imgsync sources sqs`).")
+    sqs_wait_seconds: int = Field(20, ge=0, le=20, description="SQS long-poll wait per receive call, seconds.")
+    sqs_visibility_timeout: int = Field(
+        300, ge=0, le=43_200, description="Seconds a received SQS message stays hidden before it is redelivered."
+    )
+    s3_key_pattern: str = Field(
+        r"^(?:.*/)?(?P<sku>[^/]+)/[^/]+$",
+        description="Regex over an S3 object key; its named group `sku` gives the SKU (default: <prefix>/<sku>/<file>).",
+    )
+    s3_ignore_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="S3 key prefixes whose events are ignored, e.g. the index's own outputs (comma-separated).",
+    )
+    webhook_host: str = Field("127.0.0.1", description="Listen address of `imgsync sources webhook`.")
+    webhook_port: int = Field(8477, ge=0, le=65535, description="Listen port of `imgsync sources webhook`.")
+    webhook_token: str = Field(
+        "", description="Bearer token MinIO must send to the webhook (required to start it)."
+    )
+    webhook_max_body: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest webhook request body accepted, bytes."
+    )
+    outbox_poll_seconds: float = Field(
+        1.0, gt=0, le=300, description="Outbox relay: polling interval when no notification arrives, seconds."
+    )
+    outbox_batch: int = Field(200, ge=1, le=10_000, description="Outbox relay: rows claimed per transaction.")
+    watch_folder: Path | None = Field(
+        None,
+        description="Folder `<sku>/<image>` watched by the folder source (and `imgsync up`). Empty: IMGSYNC_HOME/catalog.",
+    )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus exporter port of a worker node. 0: none.")
     metrics_dir: Path | None = Field(
         None,
         description="Prometheus multiprocess directory shared by a node's processes. Empty: a fresh one per node under IMGSYNC_HOME/metrics.",
     )
 
-    @field_validator("file_roots", "fetch_allow_hosts", mode="before")
+    @field_validator("file_roots", "fetch_allow_hosts", "s3_ignore_prefixes", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @field_validator("milvus_index_params", "milvus_search_params", mode="before")
+    @classmethod
+    def _json_object(cls, value: object) -> object:
+        if isinstance(value, str):
+            import json
+
+            text = value.strip()
+            if not text:
+                return {}
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not JSON: {exc}") from exc
+            if not isinstance(value, dict):
+                raise ValueError("must be a JSON object")
+        return value
+
+    @field_validator("s3_key_pattern", mode="after")
+    @classmethod
+    def _key_pattern(cls, value: str) -> str:
+        import re
+
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        if "sku" not in compiled.groupindex:
+            raise ValueError("needs a named group (?P<sku>...) that captures the SKU")
         return value
 
     @field_validator("home", mode="after")
@@ -193,6 +261,10 @@ class Settings(BaseSettings):
     @property
     def effective_catalog_url(self) -> str:
         return self.catalog_url or self.effective_database_url
+
+    @property
+    def effective_watch_folder(self) -> Path:
+        return (self.watch_folder or self.home / "catalog").expanduser().resolve()
 
     @property
     def pixel_dir(self) -> Path:
@@ -241,5 +313,9 @@ class Settings(BaseSettings):
                 continue
             if isinstance(value, list):
                 value = ",".join(str(v) for v in value)
+            elif isinstance(value, dict):
+                import json
+
+                value = json.dumps(value)
             env[f"IMGSYNC_{name.upper()}"] = str(value)
         return env

@@ -43,6 +43,19 @@ class WorkerInfo(BaseModel):
     last_seen: datetime
 
 
+class VersionInfo(BaseModel):
+    """A model version of the index and how much of the catalog it holds."""
+
+    model_id: str
+    spec: str | None
+    status: str = Field(description="serving | standby | building | retired")
+    dim: int
+    covered: int = Field(description="indexed images this version holds a current vector for")
+    total: int = Field(description="indexed images")
+    images_collection: str
+    skus_collection: str
+
+
 class StatusOutput(BaseModel):
     ready: bool
     milvus_uri: str
@@ -60,6 +73,7 @@ class StatusOutput(BaseModel):
     indexed_last_5m: int = 0
     indexed_per_second_5m: float = 0.0
     aliases: dict[str, str] = Field(default_factory=dict, description="serving alias -> collection")
+    versions: list[VersionInfo] = Field(default_factory=list, description="active model versions, serving first")
     errors: list[str] = Field(default_factory=list)
 
 

@@ -18,6 +18,8 @@ class PreprocessPayload(BaseModel):
     request_id: str = ""
     attempt: int = Field(0, ge=0)
     force: bool = False  # re-encode even when content, model and preprocessing are unchanged
+    #: only these model versions (a background build); empty: every active version
+    models: list[str] = Field(default_factory=list)
 
 
 class EncodePayload(BaseModel):
@@ -29,6 +31,8 @@ class EncodePayload(BaseModel):
     request_id: str = ""
     content_hash: str
     pixel_key: str
+    #: the model version whose preprocessing made the pixels and whose collections get the vector
+    model_id: str = ""
     attempt: int = Field(0, ge=0)
 
 

@@ -84,6 +84,11 @@ def _drop_broker_pools() -> None:
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
         amqp._producer_pool = None
+    # kombu keeps producer pools process-wide, keyed by connection: one whose connection pool was
+    # closed above answers "Acquire on closed pool" when the process switches back to that broker
+    from kombu import pools
+
+    pools.reset()
 
 
 def settings() -> Settings:

@@ -12,18 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from schemas.events import Action, CropBox, ImageEvent
 from schemas.reasons import Reason
 from schemas.tasks import EncodePayload, PreprocessPayload
 from worker.dispatch import Dispatcher
-from worker.encoders.base import l2_normalize
+from worker.encoders.base import Encoder, l2_normalize
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.fetch import fetch_bytes
 from worker.imaging.decode import apply_crop, decode_image
 from worker.imaging.trim import trim_border
 from worker.index import ImageEntity
-from worker.ledger import ImageState, IndexedImage
+from worker.ledger import ImageState, IndexedImage, VersionRow
 from worker.metrics import Metrics, metrics
 from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
 from worker.runtime import Runtime
@@ -52,20 +53,31 @@ def backoff_seconds(attempt: int, base: float = 1.0) -> float:
     return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, base * (2**attempt))
 
 
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def content_hash(data: bytes, crop: CropBox | None = None) -> str:
+    """What the vector depends on besides the model: the bytes, and the catalog's crop box."""
+    h = hashlib.sha256(data)
+    if crop is not None:
+        h.update(b"\0crop:" + crop.model_dump_json().encode())
+    return h.hexdigest()
 
 
-def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None) -> np.ndarray:
-    """Decode, crop (the catalog's box, else auto-trim of a uniform border) and fit one image's bytes
-    to the model input (uint8 H×W×3)."""
+def decode_for(rt: Runtime, data: bytes, crop: CropBox | None, encoders: Sequence[Encoder]) -> Image.Image:
+    """Decode, then crop (the catalog's box, else auto-trim of a uniform border), at a scale that
+    leaves every one of ``encoders`` full detail."""
     with metrics().stage_seconds.labels("decode").time():
-        img = decode_image(data, rt.settings.imaging, min_side=decode_min_side(rt, crop))
+        img = decode_image(data, rt.settings.imaging, min_side=max(decode_min_side(e, crop) for e in encoders))
         if crop is not None:
             img = apply_crop(img, crop)
         elif rt.settings.imaging.auto_trim:
             img = trim_border(img)
-        return rt.encoder.preprocess([img])[0]
+        return img
+
+
+def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None, encoder: Encoder | None = None) -> np.ndarray:
+    """Decode, crop and fit one image's bytes to a model's input (uint8 H×W×3); default: the
+    configured model."""
+    encoder = encoder or rt.encoder
+    return encoder.preprocess([decode_for(rt, data, crop, [encoder])])[0]
 
 
 #: decode large JPEGs at a reduced scale that keeps this many times the model input (room for
@@ -73,9 +85,9 @@ def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None) -> np.ndarray:
 DECODE_HEADROOM = 3
 
 
-def decode_min_side(rt: Runtime, crop: CropBox | None) -> int:
+def decode_min_side(encoder: Encoder, crop: CropBox | None) -> int:
     """The smallest image side that still leaves the model input (after a crop) full detail."""
-    need = DECODE_HEADROOM * max(rt.encoder.preprocess_cfg.size)
+    need = DECODE_HEADROOM * max(encoder.preprocess_cfg.size)
     if crop is not None:
         need = int(need / max(1e-3, min(crop.w, crop.h))) + 1
     return need
@@ -87,56 +99,82 @@ def fetch(rt: Runtime, uri: str) -> bytes:
         return fetch_bytes(uri, rt.settings.fetch)
 
 
-def prepare_pixels(rt: Runtime, event: ImageEvent) -> tuple[str, np.ndarray]:
-    """Fetch and prepare one image: ``(content_hash, model-input pixels)``."""
+def prepare_pixels(rt: Runtime, event: ImageEvent, encoder: Encoder | None = None) -> tuple[str, np.ndarray]:
+    """Fetch and prepare one image for a model: ``(content_hash, model-input pixels)``."""
     data = fetch(rt, event.uri)
-    return content_hash(data), model_pixels(rt, data, event.crop)
+    return content_hash(data, event.crop), model_pixels(rt, data, event.crop, encoder)
 
 
 def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) -> str:
-    """Record the event, then delete, skip (unchanged/stale) or hand pixels to the encode stage.
+    """Record the event, then delete, skip (unchanged/stale) or hand pixels to the encode stage, once
+    per active model version that does not hold the image's current vector yet.
+
+    A payload limited to some ``models`` (a background build) is no new event: it re-encodes the
+    image as the ledger has it, and only if that is still current.
 
     Returns what happened: ``stale``, ``deleted``, ``unchanged`` or ``queued``.
     Raises PermanentError / TransientError for the instrumentation to record or retry.
     """
     event = payload.event
-    if payload.attempt == 0:
+    build = bool(payload.models)
+    if payload.attempt == 0 and not build:
         metrics().events.labels(event.source, str(event.action)).inc()
-    acceptance = rt.ledger.accept(event, payload.request_id)
-    if not acceptance.current:
-        return "stale"
-    if acceptance.left_sku is not None:
-        dispatch.refresh_sku(acceptance.left_sku)
-    if event.action is Action.delete:
-        delete_image(rt, dispatch, event)
-        return "deleted"
+    if build:
+        prev = rt.ledger.get(event.image_id)
+        if prev is None or prev.version != event.version or prev.state in (ImageState.deleted, ImageState.failed):
+            return "stale"
+    else:
+        acceptance = rt.ledger.accept(event, payload.request_id)
+        if not acceptance.current:
+            return "stale"
+        if acceptance.left_sku is not None:
+            dispatch.refresh_sku(acceptance.left_sku)
+        if event.action is Action.delete:
+            delete_image(rt, dispatch, event)
+            return "deleted"
+        prev = acceptance.previous
+    versions = [v for v in rt.active_versions() if not build or v.model_id in payload.models]
+    if not versions:
+        return "stale"  # the version being built was retired meanwhile
     data = fetch(rt, event.uri)
-    digest = content_hash(data)
-    prev = acceptance.previous
-    if (
-        not payload.force
-        and prev is not None
-        and prev.state == ImageState.indexed
-        and prev.content_hash == digest
-        and prev.model_id == rt.model_id
-        and prev.sku == event.sku
-    ):
+    digest = content_hash(data, event.crop)
+    held = rt.ledger.vector_rows(event.image_id)
+    serving = rt.serving().model_id
+    need = []
+    for v in versions:
+        current = held.get(v.model_id) == (digest, event.sku)
+        if v.model_id == serving and not build:
+            current = current and prev is not None and prev.state == ImageState.indexed and prev.sku == event.sku
+        if payload.force or not current:
+            need.append(v)
+    if not build and all(v.model_id != serving for v in need):
         rt.ledger.mark_unchanged(event.image_id, event.version, payload.request_id)
+    if not need:
         return "unchanged"
-    key = rt.pixels.put(model_pixels(rt, data, event.crop))
-    dispatch.encode(
-        EncodePayload(event=event, request_id=payload.request_id, content_hash=digest, pixel_key=key)
-    )
+    encoders = [rt.encoder_for(v.model_id) for v in need]
+    img = decode_for(rt, data, event.crop, encoders)
+    for v, enc in zip(need, encoders, strict=True):
+        key = rt.pixels.put(enc.preprocess([img])[0])
+        dispatch.encode(
+            EncodePayload(
+                event=event, request_id=payload.request_id, content_hash=digest, pixel_key=key, model_id=v.model_id
+            )
+        )
     return "queued"
 
 
 def delete_image(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
-    """Remove an image's vector from every model version, then record it and refresh its SKU."""
-    names = rt.names()
-    rt.store.delete_images(names.images, [event.image_id])
+    """Remove an image's vector from every active model version, then record it and refresh its SKU."""
+    remove_vectors(rt, [event.image_id])
     sku = rt.ledger.mark_deleted(event.image_id, event.version)
     if sku is not None:
         dispatch.refresh_sku(sku)
+
+
+def remove_vectors(rt: Runtime, image_ids: Sequence[str]) -> None:
+    """Delete images' vectors from every active version's collection."""
+    for v in rt.active_versions():
+        rt.store.delete_images(rt.names_for(v).images, image_ids)
 
 
 @dataclass(frozen=True)
@@ -148,40 +186,60 @@ class EncodeResult:
 
 
 def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> EncodeResult:
-    """Encode a micro-batch and write its vectors. Never raises: a bad item is failed or re-published
-    on its own, and a failure of the whole batch (Milvus down, device error) re-publishes each item
-    with backoff."""
+    """Encode a micro-batch and write its vectors, grouped by model version. Never raises: a bad item
+    is failed or re-published on its own, and a failure of a whole group (Milvus down, device error)
+    re-publishes each of its items with backoff."""
     versions = rt.ledger.current_versions([p.event.image_id for p in payloads])
-    live: list[EncodePayload] = []
-    pixels: list[np.ndarray] = []
+    groups: dict[str, list[tuple[EncodePayload, np.ndarray]]] = {}
     skipped = failed = retried = 0
     for p in payloads:
         current = versions.get(p.event.image_id)
-        if current is None or current[0] != p.event.version or current[1] == ImageState.deleted:
-            skipped += 1  # a newer event owns this image now
+        model_id = p.model_id or rt.serving().model_id
+        if (
+            current is None
+            or current[0] != p.event.version
+            or current[1] == ImageState.deleted
+            or rt.version_for(model_id) is None  # a newer event owns the image, or the version retired
+        ):
+            skipped += 1
             rt.pixels.delete(p.pixel_key)
             continue
+        p = p.model_copy(update={"model_id": model_id})
         px = rt.pixels.get(p.pixel_key)
         if px is None:  # expired or evicted: redo the preprocessing here rather than fail
             try:
-                digest, px = prepare_pixels(rt, p.event)
+                digest, px = prepare_pixels(rt, p.event, rt.encoder_for(model_id))
                 p = p.model_copy(update={"content_hash": digest})
             except ImgsyncError as exc:
                 outcome = record_failure(rt, dispatch, p, exc)
                 failed += outcome == "failed"
                 retried += outcome == "retried"
                 continue
-        live.append(p)
-        pixels.append(px)
-    if not live:
-        _count_encode(skipped=skipped, retried=retried, failed=failed)
-        return EncodeResult(0, skipped, retried, failed)
+        groups.setdefault(model_id, []).append((p, px))
+    total = EncodeResult(0, skipped, retried, failed)
+    for model_id, items in groups.items():
+        done = _encode_group(rt, dispatch, model_id, items)
+        total = EncodeResult(*(a + b for a, b in zip(total.__dict__.values(), done.__dict__.values(), strict=True)))
+    _count_encode(indexed=total.indexed, skipped=total.skipped, retried=total.retried, failed=total.failed)
+    return total
+
+
+def _encode_group(
+    rt: Runtime, dispatch: Dispatcher, model_id: str, items: list[tuple[EncodePayload, np.ndarray]]
+) -> EncodeResult:
+    """Encode one model version's items, upsert their vectors, record them."""
+    live = [p for p, _ in items]
     m = metrics()
+    failed = retried = 0
     try:
+        version = rt.version_for(model_id)
+        if version is None:
+            raise TransientError(Reason.index_unavailable, f"model version {model_id} is no longer active")
+        encoder = rt.encoder_for(model_id)
         with m.stage_seconds.labels("encode").time():
-            vectors = rt.encoder.encode(pixels)
-        names = rt.names()
-        m.batch_size.labels(names.model_id).observe(len(pixels))
+            vectors = encoder.encode([px for _, px in items])
+        names = rt.names_for(version)
+        m.batch_size.labels(model_id).observe(len(items))
         record_gpu_memory(m)
         now_ms = int(time.time() * 1000)
         started = time.perf_counter()
@@ -194,27 +252,23 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
                     uri=p.event.uri,
                     vector=v,
                     content_hash=p.content_hash,
-                    model_id=names.model_id,
+                    model_id=model_id,
                     indexed_at=now_ms,
                 )
                 for p, v in zip(live, vectors, strict=True)
             ],
         )
         m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
-    except Exception as exc:  # noqa: BLE001 - the whole batch failed: each item retries alone
+    except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
         err = exc if isinstance(exc, ImgsyncError) else TransientError(Reason.device_error, repr(exc))
-        log.warning("encode batch of %d failed (%s): re-publishing each item", len(live), exc)
+        log.warning("encode batch of %d (%s) failed (%s): re-publishing each item", len(live), model_id, exc)
         for p in live:
             outcome = record_failure(rt, dispatch, p, err, keep_pixels=True)
             failed += outcome == "failed"
             retried += outcome == "retried"
-        _count_encode(skipped=skipped, retried=retried, failed=failed)
-        return EncodeResult(0, skipped, retried, failed)
+        return EncodeResult(0, 0, retried, failed)
     recorded, dirty = rt.ledger.mark_indexed(
-        [
-            IndexedImage(p.event.image_id, p.event.version, p.content_hash, names.model_id, p.request_id)
-            for p in live
-        ]
+        [IndexedImage(p.event.image_id, p.event.version, p.content_hash, model_id, p.request_id) for p in live]
     )
     done = set(recorded)
     overtaken = [p.event.image_id for p in live if p.event.image_id not in done]
@@ -226,12 +280,10 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     for p in live:
         rt.pixels.delete(p.pixel_key)
         if p.event.image_id in done:
-            m.lag_seconds.labels(names.model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
+            m.lag_seconds.labels(model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
     for sku in sorted(dirty):
         dispatch.refresh_sku(sku)
-    result = EncodeResult(len(recorded), skipped + len(overtaken), retried, failed)
-    _count_encode(indexed=result.indexed, skipped=result.skipped, retried=retried, failed=failed)
-    return result
+    return EncodeResult(len(recorded), len(overtaken), retried, failed)
 
 
 def _count_encode(**outcomes: int) -> None:
@@ -263,26 +315,36 @@ def refresh_sku(rt: Runtime, sku: str) -> str:
 
 
 def _refresh_sku(rt: Runtime, sku: str) -> str:
-    names = rt.names()
     result = "clean"
     for _ in range(SKU_REFRESH_ROUNDS):
         dirty_gen, clean_gen = rt.ledger.sku_generation(sku)
         if dirty_gen <= clean_gen and result == "clean":
             return result
-        members = rt.ledger.sku_members(sku)
-        vectors = rt.store.image_vectors(names.images, members) if members else {}
-        if len(vectors) < len(members):
-            log.warning("sku %s: %d of %d member vectors missing in Milvus", sku, len(members) - len(vectors), len(members))
-        if vectors:
-            mean = l2_normalize(np.mean(np.stack([vectors[i] for i in sorted(vectors)]), axis=0))
-            rt.store.upsert_sku(names, sku, mean, len(vectors))
-            result = "written"
-        else:
-            rt.store.delete_sku(names, sku)
-            result = "deleted"
-        if not rt.ledger.finish_sku(sku, dirty_gen, len(vectors), names.model_id):
+        versions = rt.active_versions()
+        counts = {}
+        for version in versions:  # every active version keeps its SKU vectors true
+            result, counts[version.model_id] = _refresh_sku_in(rt, version, sku)
+        serving = versions[0]
+        if not rt.ledger.finish_sku(sku, dirty_gen, counts[serving.model_id], serving.model_id):
             return result
     raise TransientError(Reason.index_unavailable, f"sku {sku} kept changing during {SKU_REFRESH_ROUNDS} refreshes")
+
+
+def _refresh_sku_in(rt: Runtime, version: VersionRow, sku: str) -> tuple[str, int]:
+    """Write (or delete) one version's vector of ``sku``; returns what happened and the image count."""
+    names = rt.names_for(version)
+    members = rt.ledger.sku_members(sku, version.model_id)
+    vectors = rt.store.image_vectors(names.images, members) if members else {}
+    if len(vectors) < len(members):
+        log.warning(
+            "sku %s: %d of %d member vectors missing in %s", sku, len(members) - len(vectors), len(members), names.images
+        )
+    if vectors:
+        mean = l2_normalize(np.mean(np.stack([vectors[i] for i in sorted(vectors)]), axis=0))
+        rt.store.upsert_sku(names, sku, mean, len(vectors))
+        return "written", len(vectors)
+    rt.store.delete_sku(names, sku)
+    return "deleted", 0
 
 
 def record_failure(
@@ -302,6 +364,7 @@ def record_failure(
     if isinstance(exc, PermanentError):
         if rt.ledger.mark_failed(event.image_id, event.version, exc.reason, str(exc), payload.request_id):
             metrics().failures.labels(str(exc.reason)).inc()
+            _leave_index(rt, dispatch, event)
         _drop_pixels(rt, payload)
         return "failed"
     reason = getattr(exc, "reason", Reason.fetch_error)
@@ -315,6 +378,7 @@ def record_failure(
             payload.request_id,
         ):
             metrics().failures.labels(str(Reason.retries_exhausted)).inc()
+            _leave_index(rt, dispatch, event)
         _drop_pixels(rt, payload)
         return "failed"
     delay = backoff_seconds(payload.attempt)
@@ -339,6 +403,15 @@ def republish_encode(dispatch: Dispatcher, max_retries: int, payloads: Sequence[
             log.error("giving up on %s after %d attempts (state store unavailable)", p.event.uri, p.attempt + 1)
             continue
         dispatch.encode(p.model_copy(update={"attempt": p.attempt + 1}), countdown=backoff_seconds(p.attempt))
+
+
+def _leave_index(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
+    """A failed image keeps no vector (its old one would answer searches for content that is gone)."""
+    try:
+        remove_vectors(rt, [event.image_id])
+    except ImgsyncError as exc:  # Milvus down: `imgsync verify` reports the leftover vector
+        log.warning("could not remove the vectors of failed image %s: %s", event.uri, exc)
+    dispatch.refresh_sku(event.sku)
 
 
 def _drop_pixels(rt: Runtime, payload: PreprocessPayload | EncodePayload) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from config.settings import Settings
@@ -10,9 +11,10 @@ from worker.encoders import Encoder, create_encoder
 from worker.errors import ConfigError, PermanentError
 from worker.imaging.decode import decode_image
 from worker.index import MilvusStore
+from worker.index.milvus_store import store_for, version_names
 from worker.ledger import Ledger, make_engine
 
-__all__ = ["run_search", "serving_model_id"]
+__all__ = ["run_search", "serving_model_id", "query_encoder"]
 
 
 def serving_model_id(ledger: Ledger, store: MilvusStore) -> str | None:
@@ -21,6 +23,25 @@ def serving_model_id(ledger: Ledger, store: MilvusStore) -> str | None:
     if coll is None:
         return None
     return ledger.model_for_collection(coll) or f"unknown ({coll})"
+
+
+def query_encoder(settings: Settings, ledger: Ledger, model_id: str, encoder: Encoder | None = None) -> Encoder:
+    """The model of the serving version, loaded by the spec the ledger keeps for it.
+
+    Raises:
+        ConfigError: no spec is known for the version and the configured model is another one.
+    """
+    if encoder is not None and encoder.model_id == model_id:
+        return encoder
+    row = ledger.version(model_id)
+    spec = row.spec if row is not None and row.spec else settings.model
+    enc = create_encoder(replace(settings.encoder, spec=spec))
+    if enc.model_id != model_id:
+        raise ConfigError(
+            f"the index serves model {model_id}, but its spec {spec!r} now loads {enc.model_id}: "
+            "restore that model's weights, or cut over to another version"
+        )
+    return enc
 
 
 def run_search(
@@ -33,24 +54,25 @@ def run_search(
     limit: int,
     encoder: Encoder | None = None,
 ) -> list[SearchHit]:
-    """Nearest images (or SKUs) through the serving alias.
+    """Nearest images (or SKUs) in the serving version, encoded with that version's model.
+
+    The collection is resolved from the alias once and searched by name, so that a cutover in between
+    never pairs one model's query vector with another model's collection.
 
     Raises:
-        ConfigError: unreadable query image, a model without text tower, or a configured model that is
-            not the one serving (its vectors would not be comparable).
+        ConfigError: unreadable query image, a model without text tower, or a serving model that can
+            no longer be loaded.
     """
-    store = MilvusStore(milvus_uri, settings.milvus_token)
+    store = store_for(settings, milvus_uri)
     ledger = Ledger(make_engine(settings.effective_database_url))
     try:
-        serving = serving_model_id(ledger, store)
-        if serving is None:
+        coll = store.serving_collection()
+        if coll is None:
             return []
-        encoder = encoder or create_encoder(settings.encoder)
-        if encoder.model_id != serving:
-            raise ConfigError(
-                f"the index serves model {serving}, but IMGSYNC_MODEL={settings.model} is {encoder.model_id}: "
-                "set IMGSYNC_MODEL to the serving model"
-            )
+        model_id = ledger.model_for_collection(coll)
+        if model_id is None:
+            raise ConfigError(f"the serving alias points at {coll}, which the state database does not know")
+        encoder = query_encoder(settings, ledger, model_id, encoder)
         if image is not None:
             try:
                 data = image.read_bytes()
@@ -63,7 +85,11 @@ def run_search(
             vector = encoder.encode(encoder.preprocess([pic]))[0]
         else:
             vector = encoder.encode_text([text or ""])[0]
-        raw = store.search(vector, limit=limit, skus=skus)
+        target = coll
+        if skus:
+            version = ledger.version(model_id)
+            target = version.skus_collection if version is not None else version_names(model_id).skus
+        raw = store.search(vector, limit=limit, skus=skus, collection=target)
     finally:
         store.close()
         ledger.engine.dispose()

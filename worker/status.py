@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from config.settings import Settings
-from schemas.outputs import StatusOutput, WorkerInfo
+from schemas.outputs import StatusOutput, VersionInfo, WorkerInfo
 from worker.heartbeat import STALE_AFTER_SECONDS
-from worker.index import MilvusStore, running_server_uri
+from worker.index import running_server_uri
+from worker.index.milvus_store import store_for
 from worker.ledger import Ledger, make_engine
 from worker.search import serving_model_id
 
-__all__ = ["collect_status", "queue_depths", "RATE_WINDOW_SECONDS"]
+__all__ = ["collect_status", "queue_depths", "version_infos", "RATE_WINDOW_SECONDS"]
 
 #: window of the indexing rate in status
 RATE_WINDOW_SECONDS = 300
@@ -44,6 +45,7 @@ def collect_status(settings: Settings) -> StatusOutput:
     recent = 0
     aliases: dict[str, str] = {}
     skus = dirty = 0
+    versions: list[VersionInfo] = []
     db_ok = broker_ok = milvus_ok = False
     ledger = Ledger(make_engine(settings.effective_database_url))
     try:
@@ -53,6 +55,7 @@ def collect_status(settings: Settings) -> StatusOutput:
         dead = ledger.dead_letter_count()
         live = ledger.live_workers(STALE_AFTER_SECONDS)
         recent = ledger.indexed_since(datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_SECONDS))
+        versions = version_infos(ledger)
         db_ok = True
     except Exception as exc:  # noqa: BLE001
         errors.append(f"database (IMGSYNC_DATABASE_URL): {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
@@ -65,7 +68,7 @@ def collect_status(settings: Settings) -> StatusOutput:
     uri = settings.milvus_uri or running_server_uri(settings.milvus_data_dir)
     model_id = None
     if uri:
-        store = MilvusStore(uri, settings.milvus_token, timeout=5)
+        store = store_for(settings, uri, timeout=5)
         try:
             model_id = serving_model_id(ledger, store) if db_ok else None
             aliases = store.alias_targets()
@@ -96,8 +99,29 @@ def collect_status(settings: Settings) -> StatusOutput:
         indexed_last_5m=recent,
         indexed_per_second_5m=round(recent / RATE_WINDOW_SECONDS, 3),
         aliases=aliases,
+        versions=versions,
         errors=errors,
     )
+
+
+def version_infos(ledger: Ledger) -> list[VersionInfo]:
+    """Active model versions with their coverage, serving first."""
+    out = []
+    for v in ledger.versions():
+        cov = ledger.coverage(v.model_id)
+        out.append(
+            VersionInfo(
+                model_id=v.model_id,
+                spec=v.spec,
+                status=v.status,
+                dim=v.dim,
+                covered=cov.covered,
+                total=cov.total,
+                images_collection=v.images_collection,
+                skus_collection=v.skus_collection,
+            )
+        )
+    return out
 
 
 def _safe(url: str) -> str:

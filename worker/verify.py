@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import sqlalchemy as sa
 
-from schemas.events import ImageEvent
 from schemas.tasks import PreprocessPayload
 from worker.dispatch import Dispatcher
 from worker.encoders.base import l2_normalize
@@ -123,7 +122,7 @@ def repair(report: VerifyReport, ledger: Ledger, store: MilvusStore, dispatch: D
     mismatched SKUs. Returns how many of each were sent."""
     redo = report.missing + report.stale
     rows = ledger.rows(redo)
-    events = [ImageEvent(uri=r.uri, sku=r.sku, source="repair") for r in rows.values()]
+    events = [r.event("repair") for r in rows.values()]
     for ev in events:
         dispatch.preprocess(PreprocessPayload(event=ev, force=True))
     if report.orphans:

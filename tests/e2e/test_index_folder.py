@@ -4,12 +4,10 @@ Milvus Lite server, the ``imgsync index`` CLI as a user runs it."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,9 @@ from PIL import Image
 from config.settings import Settings
 from schemas.events import image_id_for, normalize_uri
 from schemas.outputs import IndexOutput
-from tests.conftest import RABBITMQ_URL, REDIS_URL
 from tests.helpers import reference_open_clip
-from worker.cli.stack import worker_command
-from worker.index import IMAGES_ALIAS, SKUS_ALIAS, LiteServer, MilvusStore
+from tests.stack import MODES, running_stack
+from worker.index import IMAGES_ALIAS, SKUS_ALIAS, MilvusStore
 from worker.index.milvus_store import GRPC_OPTIONS
 from worker.ledger import Ledger, make_engine
 
@@ -31,64 +28,11 @@ pytestmark = pytest.mark.e2e
 TIMEOUT = 240
 
 
-@pytest.fixture(scope="module", params=["embedded", "production", "rabbitmq"])
+@pytest.fixture(scope="module", params=MODES)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_database):
-    """A Milvus Lite server of its own and two worker processes (CPU queues, encode queue), on the
-    embedded default (SQLite broker and state) or production settings (Redis or RabbitMQ broker,
-    PostgreSQL state)."""
-    home = tmp_path_factory.mktemp("e2e") / "home"
-    server = LiteServer(home.parent / "milvus")
-    uri = server.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
-    env.update(
-        IMGSYNC_HOME=str(home),
-        IMGSYNC_MODEL="tiny",
-        IMGSYNC_MILVUS_URI=uri,
-        IMGSYNC_BATCH_MAX="8",
-        IMGSYNC_BATCH_WAIT_MS="100",
-        IMGSYNC_WORKER_CONCURRENCY="2",
-        IMGSYNC_METRICS_PORT="0",  # two workers on one host: the metrics test runs its own stack
-    )
-    overrides: dict[str, str] = {}
-    if request.param in ("production", "rabbitmq"):
-        tag = uuid.uuid4().hex[:8]
-        overrides = {
-            "IMGSYNC_BROKER_URL": REDIS_URL if request.param == "production" else RABBITMQ_URL,
-            "IMGSYNC_DATABASE_URL": pg_database(),
-            "IMGSYNC_QUEUE_PREPROCESS": f"preprocess-{tag}",
-            "IMGSYNC_QUEUE_ENCODE": f"encode-{tag}",
-            "IMGSYNC_QUEUE_SKU": f"sku-{tag}",
-        }
-        env.update(overrides)
-    queues = (
-        env.get("IMGSYNC_QUEUE_PREPROCESS", "preprocess") + "," + env.get("IMGSYNC_QUEUE_SKU", "sku"),
-        env.get("IMGSYNC_QUEUE_ENCODE", "encode"),
-    )
-    subprocess.run(
-        [sys.executable, "-m", "worker.cli", "db", "upgrade"], env=env, check=True, capture_output=True
-    )
-    logs = home.parent / "logs"
-    logs.mkdir()
-    procs = []
-    for name, qs in zip(("cpu", "encode"), queues, strict=True):
-        with (logs / f"{name}.log").open("wb") as fh:
-            procs.append(subprocess.Popen(worker_command(qs), env=env, stdout=fh, stderr=subprocess.STDOUT))
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        home=home,
-        model="tiny",
-        milvus_uri=uri,
-        **{k.removeprefix("IMGSYNC_").lower(): v for k, v in overrides.items()},
-    )
-    yield {"env": env, "uri": uri, "settings": settings, "logs": logs}
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-    server.stop()
+    """A Milvus Lite server and two worker processes on each broker/state combination."""
+    with running_stack(tmp_path_factory.mktemp("e2e"), request.param, pg_database=pg_database) as st:
+        yield st
 
 
 def run_cli(stack: dict, *args: str) -> subprocess.CompletedProcess[str]:
@@ -353,7 +297,7 @@ def test_reindex_scopes_dry_run_and_unchanged(stack: dict, tmp_path: Path, catal
     proc = run_cli(stack, "reindex", "--prefix", str(root / "SKU-2"), "--dry-run", "--json")
     assert json.loads(proc.stdout)["images"] == 3
     assert run_cli(stack, "reindex", "--dry-run").returncode == 2
-    assert run_cli(stack, "reindex", "--all", "--model", "open_clip:ViT-B-32").returncode == 2
+    assert run_cli(stack, "reindex", "--failed", "--model", "timm:resnet10t").returncode == 2  # usage error
 
 
 def test_pickle_refused_and_malformed_payloads_dead_lettered(stack: dict, tmp_path: Path, catalog) -> None:

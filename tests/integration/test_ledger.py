@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from schemas.events import Action, ImageEvent
 from schemas.reasons import Reason
-from worker.ledger import IndexedImage, Ledger, make_engine, upgrade
+from worker.ledger import Coverage, IndexedImage, Ledger, VersionStatus, make_engine, upgrade
 from worker.ledger.db import current_revision
 
 
@@ -25,7 +25,8 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
     led = Ledger(make_engine(url))
     if request.param == "postgresql":  # the session database is shared: start empty
         with led.engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE images, skus, index_versions, workers, dead_letters"))
+            conn.execute(sa.text("TRUNCATE images, image_vectors, skus, index_versions, workers, dead_letters"))
+    led.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
     yield led
     led.engine.dispose()
 
@@ -58,7 +59,7 @@ def test_indexed_marks_sku_dirty_and_refresh_cleans(ledger: Ledger) -> None:
     assert recorded == [e.image_id] and dirty == {"SKU-1"}
     gen, clean = ledger.sku_generation("SKU-1")
     assert gen > clean
-    assert ledger.sku_members("SKU-1") == [e.image_id]
+    assert ledger.sku_members("SKU-1", "model-a") == [e.image_id]
     assert ledger.finish_sku("SKU-1", gen, 1, "model-a") is False
     assert ledger.sku_counts() == (1, 0)
 
@@ -95,7 +96,7 @@ def test_delete_then_stale_upsert_does_not_revive(ledger: Ledger) -> None:
     assert not ledger.accept(ev(version=11)).current
     row = ledger.get(up.image_id)
     assert row is not None and row.state == "deleted"
-    assert ledger.sku_members("SKU-1") == []
+    assert ledger.sku_members("SKU-1", "model-a") == []
 
 
 def test_sku_change_dirties_old_sku(ledger: Ledger) -> None:
@@ -105,7 +106,7 @@ def test_sku_change_dirties_old_sku(ledger: Ledger) -> None:
     ledger.mark_indexed([indexed(e)])
     ledger.finish_sku("OLD", ledger.sku_generation("OLD")[0], 1, "m")
     ledger.accept(ev(sku="NEW", version=2))
-    assert ledger.sku_members("OLD") == []
+    assert ledger.sku_members("OLD", "model-a") == []
     gen, clean = ledger.sku_generation("OLD")
     assert gen > clean
 
@@ -123,11 +124,63 @@ def test_failure_and_attempts(ledger: Ledger) -> None:
 
 
 def test_version_registry(ledger: Ledger) -> None:
-    """Index versions are recorded once and found by collection name."""
-    ledger.record_version("model-a", "imgsync_images__a", "imgsync_skus__a", 64)
-    ledger.record_version("model-a", "imgsync_images__a", "imgsync_skus__a", 64)
-    assert ledger.model_for_collection("imgsync_images__a") == "model-a"
+    """The first version serves; later ones build; registering twice changes nothing."""
+    row = ledger.register_version("model-b", "timm:x", "imgsync_images__b", "imgsync_skus__b", 8, serve_if_first=True)
+    assert row.status == VersionStatus.building and row.spec == "timm:x" and row.dim == 8
+    again = ledger.register_version("model-b", "timm:x", "imgsync_images__b", "imgsync_skus__b", 8, serve_if_first=True)
+    assert again.status == VersionStatus.building
+    assert [v.model_id for v in ledger.versions()] == ["model-a", "model-b"]  # serving first
+    assert ledger.model_for_collection("imgsync_images__b") == "model-b"
     assert ledger.model_for_collection("nope") is None
+
+
+def test_cutover_and_rollback_statuses(ledger: Ledger) -> None:
+    """Cutover: the target serves, the old serving stands by; a third cutover retires the standby;
+    rollback (cutover back to the standby) swaps them."""
+    ledger.register_version("model-b", "b", "ib", "sb", 8, serve_if_first=False)
+    ledger.register_version("model-c", "c", "ic", "sc", 8, serve_if_first=False)
+    before = ledger.set_serving("model-b")
+    assert before is not None and before.model_id == "model-a"
+    status = {v.model_id: v.status for v in ledger.versions(("serving", "standby", "building", "retired"))}
+    assert status == {"model-b": "serving", "model-a": "standby", "model-c": "building"}
+    ledger.set_serving("model-c")
+    status = {v.model_id: v.status for v in ledger.versions(("serving", "standby", "building", "retired"))}
+    assert status == {"model-c": "serving", "model-b": "standby", "model-a": "retired"}
+    ledger.set_serving("model-b")  # rollback
+    status = {v.model_id: v.status for v in ledger.versions(("serving", "standby", "building", "retired"))}
+    assert status == {"model-b": "serving", "model-c": "standby", "model-a": "retired"}
+    # a retired version registered again is built again (its vectors are not trusted as current)
+    assert ledger.register_version("model-a", "a", "ia", "sa", 8, serve_if_first=False).status == "building"
+
+
+def test_vectors_per_version_coverage_and_cutover_state(ledger: Ledger) -> None:
+    """Each version remembers its own vectors; coverage counts indexed images whose current content
+    a version holds; a cutover leaves uncovered images pending, and SKU members follow the version."""
+    ledger.register_version("model-b", "b", "ib", "sb", 8, serve_if_first=False)
+    a, b = ev("s3://b/SKU-1/a.jpg"), ev("s3://b/SKU-1/b.jpg")
+    for e in (a, b):
+        ledger.accept(e, "r")
+    ledger.mark_indexed([indexed(a), indexed(b)])
+    assert ledger.coverage("model-a") == Coverage("model-a", 2, 2)
+    assert ledger.coverage("model-b") == Coverage("model-b", 0, 2)
+    ledger.mark_indexed([IndexedImage(a.image_id, a.version, "h1", "model-b", "req")])
+    assert ledger.coverage("model-b").covered == 1
+    assert ledger.coverage("model-b", [a.image_id]).complete
+    assert ledger.vector_rows(a.image_id) == {"model-a": ("h1", "SKU-1"), "model-b": ("h1", "SKU-1")}
+    assert ledger.sku_members("SKU-1", "model-a") == sorted([a.image_id, b.image_id])
+    assert ledger.sku_members("SKU-1", "model-b") == [a.image_id]
+    # a vector of older content does not count
+    ledger.mark_indexed([IndexedImage(b.image_id, b.version, "stale", "model-b", "req")])
+    assert ledger.coverage("model-b").covered == 1
+    ledger.set_serving("model-b")
+    rows = ledger.rows([a.image_id, b.image_id])
+    assert rows[a.image_id].state == "indexed" and rows[a.image_id].model_id == "model-b"
+    assert rows[b.image_id].state == "pending"
+    # a delete forgets the image in every version
+    d = ev("s3://b/SKU-1/a.jpg", version=30, action=Action.delete)
+    ledger.accept(d, "r")
+    ledger.mark_deleted(d.image_id, d.version)
+    assert ledger.vector_rows(a.image_id) == {}
 
 
 def _mark_many(url: str, sku: str, n: int) -> None:
@@ -158,10 +211,38 @@ def test_migration_up_down_up(tmp_path: Path) -> None:
     from worker.ledger.db import _alembic_config
 
     url = f"sqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}"
-    assert upgrade(url) == "0003"
+    assert upgrade(url) == "0004"
     command.downgrade(_alembic_config(url), "base")
     assert current_revision(url) is None
-    assert upgrade(url) == "0003"
+    assert upgrade(url) == "0004"
+
+
+def test_migration_0004_keeps_what_was_indexed(tmp_path: Path) -> None:
+    """An index built before versions had a status: its newest version serves after the upgrade (older
+    ones retire) and the vectors its images hold are known per version."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    assert upgrade(url, "0003") == "0003"
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO index_versions (model_id, images_collection, skus_collection, dim, created_at) "
+            "VALUES ('old', 'i_old', 's_old', 4, '2026-01-01'), ('new', 'i_new', 's_new', 4, '2026-02-01')"
+        ))
+        conn.execute(sa.text(
+            "INSERT INTO images (image_id, uri, sku, state, content_hash, model_id, version, attempts, created_at, "
+            "updated_at, indexed_at) VALUES ('i1', 's3://b/S/1.jpg', 'S', 'indexed', 'h', 'new', '1', 0, "
+            "'2026-02-02', '2026-02-02', '2026-02-02'), ('i2', 's3://b/S/2.jpg', 'S', 'failed', NULL, NULL, '1', 0, "
+            "'2026-02-02', '2026-02-02', NULL)"
+        ))
+    engine.dispose()
+    assert upgrade(url) == "0004"
+    led = Ledger(make_engine(url))
+    assert led.serving_version().model_id == "new"
+    assert [v.model_id for v in led.versions()] == ["new"]  # older versions were not kept in sync
+    assert led.version("old").status == "retired"
+    assert led.vector_rows("i1") == {"new": ("h", "S")} and led.vector_rows("i2") == {}
+    assert led.sku_members("S", "new") == ["i1"]
+    led.engine.dispose()
 
 
 def test_worker_heartbeats(ledger: Ledger) -> None:

@@ -115,7 +115,7 @@ def emit_json(doc: BaseModel | dict[str, Any]) -> None:
 def ensure_schema(settings: Settings) -> None:
     """Embedded mode upgrades its own SQLite state; a production database must be upgraded on purpose
     (``imgsync db upgrade``) and is only checked here."""
-    from worker.ledger.db import current_revision, upgrade
+    from worker.ledger.db import current_revision, head_revision, upgrade
 
     if not settings.database_url:
         upgrade(settings.effective_database_url)
@@ -126,6 +126,11 @@ def ensure_schema(settings: Settings) -> None:
         raise ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", settings.effective_database_url, str(exc)) from exc
     if rev is None:
         raise ConfigError("the state database has no schema yet: run `imgsync db upgrade` (IMGSYNC_DATABASE_URL)")
+    if rev != head_revision():
+        raise ConfigError(
+            f"the state database is at schema revision {rev}, this imgsync needs {head_revision()}: "
+            "run `imgsync db upgrade` (IMGSYNC_DATABASE_URL)"
+        )
 
 
 @contextmanager

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from schemas.events import ImageEvent, image_id_for, normalize_uri
+from schemas.events import image_id_for, normalize_uri
 from schemas.outputs import FailureItem, FailuresOutput, IndexOutput
 from schemas.reasons import Reason
 from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, plain, settings_from
@@ -122,7 +122,7 @@ def replay(
     settings = settings_from(ctx)
     ledger = _ledger(ctx)
     rows = ledger.failures(reason=_reason(reason), sku=sku, since=_since(since), limit=100_000)
-    events = [ImageEvent(uri=r.uri, sku=r.sku, source="replay") for r in rows]
+    events = [r.event("replay") for r in rows]
     if not events:
         if json_out:
             emit_json(IndexOutput(results=[]))

@@ -17,6 +17,8 @@ from rich.table import Table
 from schemas.outputs import SearchHit, SearchOutput, StatusOutput
 from worker.cli.failures import failures_app
 from worker.cli.reindex import reindex
+from worker.cli.sources import sources_app
+from worker.cli.versions import cutover, retire, rollback
 from worker.cli.common import (
     EXIT_FAILURES,
     State,
@@ -44,7 +46,11 @@ app = typer.Typer(
 db_app = typer.Typer(help="State database (ledger) schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(failures_app, name="failures")
+app.add_typer(sources_app, name="sources")
 app.command("reindex")(reindex)
+app.command("cutover")(cutover)
+app.command("rollback")(rollback)
+app.command("retire")(retire)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
@@ -69,13 +75,23 @@ def _root(
 
 @db_app.command("upgrade")
 @handle_errors
-def db_upgrade(ctx: typer.Context) -> None:
-    """Create or upgrade the state database schema (alembic) to the newest revision."""
+def db_upgrade(
+    ctx: typer.Context,
+    skip_catalog: Annotated[
+        bool, typer.Option("--skip-catalog", help="Leave IMGSYNC_CATALOG_URL alone (a catalog with tables of its own).")
+    ] = False,
+) -> None:
+    """Create or upgrade the state database schema and the reference catalog schema (alembic)."""
     from worker.ledger.db import upgrade
+    from worker.sources.catalog_db import upgrade_catalog
 
     settings = settings_from(ctx)
     rev = upgrade(settings.effective_database_url)
     err_console.print(f"state database at revision [bold]{rev}[/]")
+    if skip_catalog:
+        return
+    catalog_rev = upgrade_catalog(settings.effective_catalog_url)
+    err_console.print(f"catalog schema at revision [bold]{catalog_rev}[/]")
 
 
 # --- worker / up -------------------------------------------------------------------------------
@@ -118,7 +134,7 @@ def worker(
     if settings.queues.encode in chosen:
         rt = runtime()
         rt.encoder.warmup()  # fail fast on a bad model, before taking any message
-        rt.names()  # and on an unreachable Milvus
+        rt.names()  # and on an unreachable Milvus (registers the first serving version)
         if not encode_only:
             rt.reset_after_fork()
     heartbeat = Heartbeat(Ledger(make_engine(settings.effective_database_url)), queues=",".join(chosen), model=settings.model)
@@ -155,10 +171,14 @@ def _start_metrics(settings, *, node: str) -> None:  # type: ignore[no-untyped-d
 @app.command()
 @handle_errors
 def up(ctx: typer.Context) -> None:
-    """Run the embedded stack in the foreground (Milvus Lite server, workers) until Ctrl-C."""
+    """Run the embedded stack in the foreground (Milvus Lite server, workers, folder source, metrics)
+    until Ctrl-C."""
+    import threading
+
     from worker.cli.stack import EmbeddedStack
     from worker.encoders import create_encoder
     from worker.ledger.db import upgrade
+    from worker.sources.folder import FolderSource
 
     settings = settings_from(ctx)
     upgrade(settings.effective_database_url)
@@ -184,20 +204,30 @@ def up(ctx: typer.Context) -> None:
             stack.stop()
             raise
     metrics_at = f"http://127.0.0.1:{settings.metrics_port}/metrics" if settings.metrics_port else "off"
+    folder_stop = threading.Event()
+    folder = threading.Thread(
+        target=FolderSource(settings).run, args=(folder_stop,), name="imgsync-folder", daemon=True
+    )
+    folder.start()
     console.print(
         f"[bold green]imgsync up[/]: Milvus {uri}, model {settings.model}, data {settings.home}, "
-        f"metrics {metrics_at}, logs {stack.log_dir}. Ctrl-C stops."
+        f"watching {settings.effective_watch_folder}, metrics {metrics_at}, logs {stack.log_dir}. Ctrl-C stops."
     )
     try:
         while not stopping:
             if not stack.alive():
                 err_console.print(f"[bold red]a stack process exited; see {stack.log_dir}[/]")
                 raise typer.Exit(EXIT_FAILURES)
+            if not folder.is_alive():
+                err_console.print("[bold red]the folder source stopped (see the log above)[/]")
+                raise typer.Exit(EXIT_FAILURES)
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         console.print("stopping: workers finish their batches, Milvus is flushed …")
+        folder_stop.set()
+        folder.join(10)
         stack.stop()
 
 
@@ -277,14 +307,14 @@ def verify(
     from schemas.outputs import VerifyOutput
     from worker import verify as verifying
     from worker.celery_app import configure, dispatcher
-    from worker.index import MilvusStore
+    from worker.index.milvus_store import store_for
     from worker.ledger import Ledger, make_engine
 
     settings = settings_from(ctx)
     ensure_schema(settings)
     ledger = Ledger(make_engine(settings.effective_database_url))
     with milvus_session(settings) as uri:
-        store = MilvusStore(uri, settings.milvus_token)
+        store = store_for(settings, uri)
         try:
             report = verifying.verify(ledger, store)
             repaired = None
@@ -339,6 +369,8 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         table.add_row("indexed, last 5 min", f"{doc.indexed_last_5m} ({doc.indexed_per_second_5m:.2f}/s)")
         table.add_row("failures", ", ".join(f"{k}={v}" for k, v in sorted(doc.failures_by_reason.items())) or "none")
         table.add_row("aliases", plain(", ".join(f"{k} → {v}" for k, v in doc.aliases.items()) or "—"))
+        for v in doc.versions:
+            table.add_row(f"version ({v.status})", plain(f"{v.model_id}: {v.covered}/{v.total} images, dim {v.dim}"))
         for e in doc.errors:
             table.add_row("[red]error[/]", plain(e))
         console.print(table)

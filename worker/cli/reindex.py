@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from schemas.events import ImageEvent, normalize_uri
+from schemas.events import normalize_uri
 from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, settings_from
 from worker.errors import ConfigError
 from worker.ledger import ImageState, Ledger, make_engine
@@ -28,7 +28,7 @@ def reindex(
     prefix: Annotated[str | None, typer.Option(help="Only images whose uri (or local path) starts with this.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every image the ledger holds (deleted ones excepted).")] = False,
     failed: Annotated[bool, typer.Option("--failed", help="Only failed images.")] = False,
-    model: Annotated[str | None, typer.Option(help="Build this model's index version (must be the configured model for now).")] = None,
+    model: Annotated[str | None, typer.Option(help="Build this model's version (spec backend:name[@weights]) in the background while the serving one answers; then `imgsync cutover`.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-encode even unchanged images.")] = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the work with a progress bar.")] = True,
@@ -42,21 +42,29 @@ def reindex(
     if len(chosen) != 1:
         raise ConfigError("give exactly one scope: --sku S, --prefix P, --all or --failed")
     settings = settings_from(ctx)
-    if model is not None and model.strip() != settings.model:
-        raise ConfigError(
-            f"--model {model}: building another model's index version next to the serving one is not available yet; "
-            f"re-index with IMGSYNC_MODEL={settings.model} or change IMGSYNC_MODEL (and the workers) first"
-        )
+    if model is not None and failed:
+        raise ConfigError("--failed re-runs failed images through every version: give it without --model")
     ensure_schema(settings)
     ledger = Ledger(make_engine(settings.effective_database_url))
+    serving = ledger.serving_version()
     uri_prefix = None
     if prefix:
         uri_prefix = prefix if "://" in prefix else normalize_uri(prefix) + ("/" if Path(prefix).is_dir() else "")
     states = (ImageState.failed,) if failed else (ImageState.pending, ImageState.indexed, ImageState.failed)
     rows = ledger.select(sku=sku, uri_prefix=uri_prefix, states=states)
-    skus = sorted({r.sku for r in rows})
     recent = ledger.indexed_since(datetime.now(UTC) - RATE_WINDOW)
     rate = recent / RATE_WINDOW.total_seconds() if recent else None
+    if model is not None and not (serving is not None and model.strip() in (serving.spec, serving.model_id)):
+        from worker.cli.versions import build_version
+
+        ok = build_version(
+            settings, model.strip(), rows, dry_run=dry_run, force=force, wait=wait, timeout=timeout, json_out=json_out,
+            rate=rate,
+        )
+        if not ok:
+            raise typer.Exit(EXIT_FAILURES)
+        return
+    skus = sorted({r.sku for r in rows})
     estimate = round(len(rows) / rate, 1) if rate else None
     plan = {
         "scope": chosen[0],
@@ -73,7 +81,7 @@ def reindex(
             eta = f"~{estimate:.0f}s at the last hour's {rate:.2f} images/s" if estimate else "unknown (no recent throughput)"
             console.print(f"{'would re-index' if dry_run else 're-index'} {len(rows)} image(s) over {len(skus)} SKU(s); estimated time {eta}")
         return
-    events = [ImageEvent(uri=r.uri, sku=r.sku, source="reindex") for r in rows]
+    events = [r.event("reindex") for r in rows]
     if not json_out:
         console.print(f"re-indexing {len(rows)} image(s) over {len(skus)} SKU(s)")
     if not submit_and_report(settings, events, force=force, wait=wait, timeout=timeout, json_out=json_out, label="re-indexing"):

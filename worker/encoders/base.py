@@ -7,7 +7,8 @@ import json
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,12 +23,27 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["Encoder", "ModelSpec", "PreprocessCfg", "l2_normalize", "file_digest", "RANDOM_INIT_SEED"]
+__all__ = ["Encoder", "ModelSpec", "PreprocessCfg", "l2_normalize", "file_digest", "seeded_init", "RANDOM_INIT_SEED"]
 
 log = logging.getLogger(__name__)
 
 #: Seed of random-initialised weights, so every process builds the very same model.
 RANDOM_INIT_SEED = 0
+
+
+@contextmanager
+def seeded_init() -> Iterator[None]:
+    """Build a model from ``RANDOM_INIT_SEED`` without disturbing the caller's RNG. One thread at a
+    time: torch's generator is process-global, and two threads initialising at once would interleave
+    their draws and build different weights (seen with searches running during a model build)."""
+    import torch
+
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        yield
+
+
+_INIT_LOCK = threading.Lock()
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

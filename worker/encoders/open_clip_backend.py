@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from worker.encoders.base import RANDOM_INIT_SEED, Encoder, PreprocessCfg, file_digest
+from worker.encoders.base import Encoder, PreprocessCfg, file_digest, seeded_init
 from worker.errors import ConfigError
 
 __all__ = ["OpenClipEncoder"]
@@ -50,8 +50,7 @@ class OpenClipEncoder(Encoder):
                 self.spec,
             )
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
+            with seeded_init():
                 model, _, _ = open_clip.create_model_and_transforms(
                     name, pretrained=pretrained, device=self.device
                 )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from worker.encoders.base import RANDOM_INIT_SEED, Encoder, PreprocessCfg, file_digest
+from worker.encoders.base import Encoder, PreprocessCfg, file_digest, seeded_init
 from worker.errors import ConfigError
 
 __all__ = ["TimmEncoder"]
@@ -45,8 +45,7 @@ class TimmEncoder(Encoder):
             pretrained = False
             log.warning("MODEL %s HAS RANDOM WEIGHTS (no @weights given): vectors are for tests, not for search", self.spec)
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
+            with seeded_init():
                 model = timm.create_model(name, pretrained=pretrained, **kwargs)
         except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/OSError/KeyError here
             raise ConfigError(f"IMGSYNC_MODEL={self.spec}: cannot load weights: {exc}") from exc

@@ -20,7 +20,7 @@ import numpy as np
 from schemas.reasons import Reason
 from worker.errors import ServiceUnavailable, TransientError
 
-__all__ = ["MilvusStore", "IMAGES_ALIAS", "SKUS_ALIAS", "version_names", "ImageEntity", "VersionNames"]
+__all__ = ["MilvusStore", "store_for", "IMAGES_ALIAS", "SKUS_ALIAS", "version_names", "ImageEntity", "VersionNames"]
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,22 @@ def version_names(model_id: str) -> VersionNames:
 class MilvusStore:
     """Thin, typed access to Milvus through ``pymilvus.MilvusClient``; one per process."""
 
-    def __init__(self, uri: str, token: str = "", *, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        uri: str,
+        token: str = "",
+        *,
+        timeout: float = 30.0,
+        index_type: str = "AUTOINDEX",
+        index_params: dict | None = None,
+        search_params: dict | None = None,
+    ) -> None:
         self.uri = uri
         self._token = token
         self._timeout = timeout
+        self._index_type = index_type
+        self._index_params_extra = dict(index_params or {})
+        self._search_params = dict(search_params or {})
         self._client = None
         self._lock = threading.Lock()
         self._ready: set[str] = set()
@@ -107,10 +119,14 @@ class MilvusStore:
 
     # --- versions and aliases ------------------------------------------------------------------
 
-    def ensure_version(self, model_id: str, dim: int) -> VersionNames:
-        """Create (once) and load the collections of a model version; the first version serves."""
+    def ensure_version(self, model_id: str, dim: int, *, serve_if_unset: bool = False) -> VersionNames:
+        """Create (once) and load the collections of a model version.
+
+        With ``serve_if_unset`` the serving aliases are created for it when they do not exist yet (a
+        fresh install); an existing alias is only ever moved by :meth:`point_aliases` (cutover).
+        """
         names = version_names(model_id)
-        if names.images in self._ready:
+        if names.images in self._ready and not serve_if_unset:
             return names
         with _wrap("create collections"):
             c = self.client
@@ -129,15 +145,41 @@ class MilvusStore:
                     index_params=self._index_params(),
                     consistency_level=CONSISTENCY,
                 )
-            for coll in (names.images, names.skus):
-                c.load_collection(coll)  # after a server restart collections come back released
-            aliases = set(c.list_aliases().get("aliases", []))
-            if IMAGES_ALIAS not in aliases:
-                c.create_alias(names.images, IMAGES_ALIAS)
-            if SKUS_ALIAS not in aliases:
-                c.create_alias(names.skus, SKUS_ALIAS)
+            if names.images not in self._ready:
+                for coll in (names.images, names.skus):
+                    c.load_collection(coll)  # after a server restart collections come back released
+            if serve_if_unset:
+                aliases = set(c.list_aliases().get("aliases", []))
+                if IMAGES_ALIAS not in aliases:
+                    c.create_alias(names.images, IMAGES_ALIAS)
+                if SKUS_ALIAS not in aliases:
+                    c.create_alias(names.skus, SKUS_ALIAS)
         self._ready.add(names.images)
         return names
+
+    def point_aliases(self, names: VersionNames) -> None:
+        """Cutover: move both serving aliases to ``names`` (``alter_alias`` is atomic per alias;
+        images move first, SKUs right after)."""
+        with _wrap("alter aliases"):
+            c = self.client
+            aliases = set(c.list_aliases().get("aliases", []))
+            for alias, coll in ((IMAGES_ALIAS, names.images), (SKUS_ALIAS, names.skus)):
+                if alias in aliases:
+                    c.alter_alias(coll, alias)
+                else:
+                    c.create_alias(coll, alias)
+
+    def has_version(self, names: VersionNames) -> bool:
+        with _wrap("list collections"):
+            existing = set(self.client.list_collections())
+        return names.images in existing and names.skus in existing
+
+    def drop_version(self, names: VersionNames) -> None:
+        """Drop a version's collections (never the serving one: the caller checks)."""
+        with _wrap("drop collections"):
+            for coll in (names.images, names.skus):
+                self.client.drop_collection(coll)
+        self._ready.discard(names.images)
 
     def serving_collection(self) -> str | None:
         """The images collection the serving alias points at, or None before anything was indexed."""
@@ -232,9 +274,12 @@ class MilvusStore:
 
     # --- search --------------------------------------------------------------------------------
 
-    def search(self, vector: np.ndarray, *, limit: int = 10, skus: bool = False) -> list[dict]:
-        """Nearest neighbours through the serving alias; each hit has its fields and ``score``."""
-        coll = SKUS_ALIAS if skus else IMAGES_ALIAS
+    def search(
+        self, vector: np.ndarray, *, limit: int = 10, skus: bool = False, collection: str | None = None
+    ) -> list[dict]:
+        """Nearest neighbours in ``collection`` (default: through the serving alias); each hit has its
+        fields and ``score``."""
+        coll = collection or (SKUS_ALIAS if skus else IMAGES_ALIAS)
         fields = ["sku", "image_count"] if skus else ["image_id", "sku", "uri"]
         with _wrap("search"):
             res = self.client.search(
@@ -242,7 +287,7 @@ class MilvusStore:
                 data=[np.asarray(vector, dtype=np.float32).tolist()],
                 limit=limit,
                 output_fields=fields,
-                search_params={"metric_type": "COSINE"},
+                search_params={"metric_type": "COSINE", "params": self._search_params},
                 consistency_level=CONSISTENCY,
             )
         hits = []
@@ -296,8 +341,20 @@ class MilvusStore:
 
     def _index_params(self):  # type: ignore[no-untyped-def]
         ip = self.client.prepare_index_params()
-        ip.add_index("vector", index_type="AUTOINDEX", metric_type="COSINE")
+        ip.add_index("vector", index_type=self._index_type, metric_type="COSINE", params=self._index_params_extra)
         return ip
+
+
+def store_for(settings, uri: str, *, timeout: float = 30.0) -> MilvusStore:  # type: ignore[no-untyped-def]
+    """A store with the index and search settings of ``settings`` (IMGSYNC_MILVUS_*)."""
+    return MilvusStore(
+        uri,
+        settings.milvus_token,
+        timeout=timeout,
+        index_type=settings.milvus_index_type,
+        index_params=settings.milvus_index_params,
+        search_params=settings.milvus_search_params,
+    )
 
 
 class _wrap:

@@ -1,7 +1,18 @@
 """The SQL ledger: image and SKU state, schema upgrades."""
 
 from worker.ledger.db import make_engine, upgrade
-from worker.ledger.ledger import Acceptance, ImageRow, IndexedImage, Ledger
-from worker.ledger.tables import ImageState
+from worker.ledger.ledger import Acceptance, Coverage, ImageRow, IndexedImage, Ledger, VersionRow
+from worker.ledger.tables import ImageState, VersionStatus
 
-__all__ = ["Acceptance", "ImageRow", "ImageState", "IndexedImage", "Ledger", "make_engine", "upgrade"]
+__all__ = [
+    "Acceptance",
+    "Coverage",
+    "ImageRow",
+    "ImageState",
+    "IndexedImage",
+    "Ledger",
+    "VersionRow",
+    "VersionStatus",
+    "make_engine",
+    "upgrade",
+]

@@ -13,12 +13,12 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from schemas.events import Action, ImageEvent
+from schemas.events import Action, CropBox, ImageEvent
 from schemas.reasons import Reason
 from worker.ledger.housekeeping import HousekeepingMixin
-from worker.ledger.tables import ImageState, images, index_versions, skus
+from worker.ledger.tables import ImageState, VersionStatus, image_vectors, images, index_versions, skus
 
-__all__ = ["Ledger", "Acceptance", "ImageRow", "IndexedImage"]
+__all__ = ["Ledger", "Acceptance", "ImageRow", "IndexedImage", "VersionRow", "Coverage"]
 
 
 def _now() -> datetime:
@@ -40,6 +40,16 @@ class ImageRow:
     outcome: str | None
     attempts: int
     updated_at: datetime | None = None
+    crop: str | None = None  # CropBox JSON
+
+    def event(self, source: str = "reindex", *, keep_version: bool = True) -> ImageEvent:
+        """An upsert event that re-indexes this image as the ledger knows it (crop box included).
+
+        It keeps the image's version: a re-run is not a newer change, and a fresh clock value would
+        outrank the source's own versions (S3 sequencers) and make its later events look stale."""
+        extra = {"version": self.version} if keep_version else {}
+        crop = CropBox.model_validate_json(self.crop) if self.crop else None
+        return ImageEvent(uri=self.uri, sku=self.sku, crop=crop, source=source, **extra)
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,37 @@ class IndexedImage:
     content_hash: str
     model_id: str
     request_id: str
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    """A model version: its collections, how to load its model, and its status."""
+
+    model_id: str
+    spec: str | None
+    status: str
+    images_collection: str
+    skus_collection: str
+    dim: int
+    created_at: datetime
+    activated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the indexed catalog a model version holds current vectors for."""
+
+    model_id: str
+    covered: int
+    total: int
+
+    @property
+    def complete(self) -> bool:
+        return self.covered >= self.total
+
+    @property
+    def fraction(self) -> float:
+        return 1.0 if self.total == 0 else self.covered / self.total
 
 
 def _row(r: sa.Row | None) -> ImageRow | None:
@@ -100,6 +141,7 @@ class Ledger(HousekeepingMixin):
             values = {
                 "uri": event.uri,
                 "sku": event.sku,
+                "crop": event.crop.model_dump_json() if event.crop is not None else None,
                 "version": event.version,
                 "event_time": event.event_time,
                 "request_id": request_id or None,
@@ -159,44 +201,79 @@ class Ledger(HousekeepingMixin):
     def mark_indexed(self, done: Sequence[IndexedImage]) -> tuple[list[str], set[str]]:
         """Record vectors Milvus accepted and mark their SKUs dirty, in one transaction.
 
-        Returns the image ids recorded and the SKUs marked; ids whose version was overtaken
-        (a newer event arrived meanwhile) are left to the newer event.
+        Every model version remembers which vector it holds (``image_vectors``); the image's own state
+        follows the serving version. Returns the image ids recorded and the SKUs marked; ids whose
+        version was overtaken (a newer event arrived meanwhile) are left to the newer event.
         """
         now = _now()
         recorded: list[str] = []
         dirty: set[str] = set()
         with self.engine.begin() as conn:
-            for item in done:
-                res = conn.execute(
-                    images.update()
-                    .where(
-                        images.c.image_id == item.image_id,
-                        images.c.version == item.version,
-                        images.c.state != ImageState.deleted,
+            statuses = {
+                r.model_id: r.status
+                for r in conn.execute(
+                    sa.select(index_versions.c.model_id, index_versions.c.status).where(
+                        index_versions.c.model_id.in_(sorted({d.model_id for d in done}))
                     )
-                    .values(
-                        state=ImageState.indexed,
-                        outcome="indexed",
-                        reason=None,
-                        detail=None,
-                        content_hash=item.content_hash,
-                        model_id=item.model_id,
-                        updated_at=now,
-                        indexed_at=now,
-                    )
-                    .returning(images.c.sku)
                 )
-                row = res.first()
-                if row is not None:
-                    recorded.append(item.image_id)
-                    dirty.add(row.sku)
+            }
+            for item in done:
+                q = sa.select(images.c.sku).where(
+                    images.c.image_id == item.image_id,
+                    images.c.version == item.version,
+                    images.c.state != ImageState.deleted,
+                )
+                row = conn.execute(q.with_for_update() if self._lock_rows else q).first()
+                if row is None:
+                    continue
+                self._upsert_vector_row(conn, item, row.sku, now)
+                if statuses.get(item.model_id) == VersionStatus.serving:
+                    conn.execute(
+                        images.update()
+                        .where(images.c.image_id == item.image_id)
+                        .values(
+                            state=ImageState.indexed,
+                            outcome="indexed",
+                            reason=None,
+                            detail=None,
+                            content_hash=item.content_hash,
+                            model_id=item.model_id,
+                            updated_at=now,
+                            indexed_at=now,
+                        )
+                    )
+                recorded.append(item.image_id)
+                dirty.add(row.sku)
             self._mark_dirty(conn, dirty, now)
         return recorded, dirty
+
+    def _upsert_vector_row(self, conn: Connection, item: IndexedImage, sku: str, now: datetime) -> None:
+        values = {"version": item.version, "sku": sku, "content_hash": item.content_hash, "indexed_at": now}
+        res = conn.execute(
+            image_vectors.update()
+            .where(image_vectors.c.image_id == item.image_id, image_vectors.c.model_id == item.model_id)
+            .values(**values)
+        )
+        if res.rowcount == 0:
+            conn.execute(image_vectors.insert().values(image_id=item.image_id, model_id=item.model_id, **values))
+
+    def vector_rows(self, image_id: str) -> dict[str, tuple[str, str]]:
+        """``model_id -> (content_hash, sku)`` of the vectors each model version holds for an image."""
+        with self.engine.connect() as conn:
+            return {
+                r.model_id: (r.content_hash, r.sku)
+                for r in conn.execute(
+                    sa.select(image_vectors.c.model_id, image_vectors.c.content_hash, image_vectors.c.sku).where(
+                        image_vectors.c.image_id == image_id
+                    )
+                )
+            }
 
     def mark_failed(
         self, image_id: str, version: str, reason: Reason, detail: str, request_id: str = ""
     ) -> bool:
-        """Record a permanent failure. An image that was indexed leaves the index (and its SKU)."""
+        """Record a permanent failure. An image that was indexed leaves the index (and its SKU): the
+        caller removes its vectors from Milvus."""
         now = _now()
         with self.engine.begin() as conn:
             prev = self._get(conn, image_id, lock=True)
@@ -214,6 +291,7 @@ class Ledger(HousekeepingMixin):
                     updated_at=now,
                 )
             )
+            conn.execute(image_vectors.delete().where(image_vectors.c.image_id == image_id))
             if prev.state == ImageState.indexed:
                 self._mark_dirty(conn, [prev.sku], now)
         return True
@@ -241,6 +319,7 @@ class Ledger(HousekeepingMixin):
                 .where(images.c.image_id == image_id)
                 .values(state=ImageState.deleted, outcome="indexed", updated_at=now)
             )
+            conn.execute(image_vectors.delete().where(image_vectors.c.image_id == image_id))
             self._mark_dirty(conn, [prev.sku], now)
             return prev.sku
 
@@ -261,12 +340,20 @@ class Ledger(HousekeepingMixin):
         with self.engine.connect() as conn:
             return list(conn.execute(sa.select(skus.c.sku).where(skus.c.dirty_gen > skus.c.clean_gen)).scalars())
 
-    def sku_members(self, sku: str) -> list[str]:
-        """Image ids currently indexed under ``sku``."""
+    def sku_members(self, sku: str, model_id: str) -> list[str]:
+        """Image ids currently indexed under ``sku`` whose vector ``model_id``'s version holds."""
         with self.engine.connect() as conn:
             return list(
                 conn.execute(
                     sa.select(images.c.image_id)
+                    .join(
+                        image_vectors,
+                        sa.and_(
+                            image_vectors.c.image_id == images.c.image_id,
+                            image_vectors.c.model_id == model_id,
+                            image_vectors.c.sku == images.c.sku,
+                        ),
+                    )
                     .where(images.c.sku == sku, images.c.state == ImageState.indexed)
                     .order_by(images.c.image_id)
                 ).scalars()
@@ -296,22 +383,158 @@ class Ledger(HousekeepingMixin):
 
     # --- index versions ----------------------------------------------------------------------
 
-    def record_version(self, model_id: str, images_collection: str, skus_collection: str, dim: int) -> None:
-        """Remember that the collections of ``model_id`` exist (idempotent)."""
+    def register_version(
+        self, model_id: str, spec: str, images_collection: str, skus_collection: str, dim: int, *, serve_if_first: bool
+    ) -> VersionRow:
+        """Remember a model version (idempotent). With ``serve_if_first`` it becomes the serving version
+        when none serves yet (a fresh install's first worker); otherwise a new version is ``building``."""
+        now = _now()
         with self.engine.begin() as conn:
-            found = conn.execute(
-                sa.select(index_versions.c.model_id).where(index_versions.c.model_id == model_id)
-            ).first()
-            if found is None:
+            self._lock_versions(conn)
+            row = conn.execute(sa.select(index_versions).where(index_versions.c.model_id == model_id)).first()
+            if row is None:
                 conn.execute(
                     index_versions.insert().values(
                         model_id=model_id,
+                        spec=spec,
                         images_collection=images_collection,
                         skus_collection=skus_collection,
                         dim=dim,
-                        created_at=_now(),
+                        created_at=now,
+                        status=VersionStatus.building,
                     )
                 )
+            elif row.spec is None or row.status == VersionStatus.retired:
+                update: dict = {"spec": row.spec or spec}
+                if row.status == VersionStatus.retired:
+                    update["status"] = VersionStatus.building
+                conn.execute(index_versions.update().where(index_versions.c.model_id == model_id).values(**update))
+            if serve_if_first and self._serving(conn) is None:
+                conn.execute(
+                    index_versions.update()
+                    .where(index_versions.c.model_id == model_id)
+                    .values(status=VersionStatus.serving, activated_at=now)
+                )
+            return _version(conn.execute(sa.select(index_versions).where(index_versions.c.model_id == model_id)).one())
+
+    def versions(self, statuses: Sequence[str] = VersionStatus.ACTIVE) -> list[VersionRow]:
+        """Model versions with one of ``statuses``, serving first, then newest first."""
+        order = sa.case((index_versions.c.status == VersionStatus.serving, 0), else_=1)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(index_versions)
+                .where(index_versions.c.status.in_(list(statuses)))
+                .order_by(order, index_versions.c.created_at.desc())
+            )
+            return [_version(r) for r in rows]
+
+    def version(self, model_id: str) -> VersionRow | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(index_versions).where(index_versions.c.model_id == model_id)).first()
+        return _version(r) if r is not None else None
+
+    def serving_version(self) -> VersionRow | None:
+        with self.engine.connect() as conn:
+            return self._serving(conn)
+
+    def set_serving(self, model_id: str) -> VersionRow | None:
+        """Cutover: ``model_id`` serves, the version that served becomes ``standby`` (kept in sync for a
+        rollback) and an older standby is retired. Returns the version that served before."""
+        now = _now()
+        with self.engine.begin() as conn:
+            self._lock_versions(conn)
+            before = self._serving(conn)
+            if before is not None and before.model_id == model_id:
+                return before
+            conn.execute(
+                index_versions.update()
+                .where(index_versions.c.status == VersionStatus.standby, index_versions.c.model_id != model_id)
+                .values(status=VersionStatus.retired)
+            )
+            if before is not None:
+                conn.execute(
+                    index_versions.update()
+                    .where(index_versions.c.model_id == before.model_id)
+                    .values(status=VersionStatus.standby)
+                )
+            conn.execute(
+                index_versions.update()
+                .where(index_versions.c.model_id == model_id)
+                .values(status=VersionStatus.serving, activated_at=now)
+            )
+            # images the new version holds a current vector for are indexed in it; the others wait
+            covered = sa.select(image_vectors.c.image_id).where(self._current_vector(model_id)).exists()
+            conn.execute(
+                images.update()
+                .where(images.c.state == ImageState.indexed, ~covered)
+                .values(state=ImageState.pending, outcome=None, updated_at=now)
+            )
+            conn.execute(
+                images.update().where(images.c.state == ImageState.indexed).values(model_id=model_id)
+            )
+            return before
+
+    def retire(self, model_id: str) -> None:
+        """Stop writing to a version that does not serve."""
+        with self.engine.begin() as conn:
+            self._lock_versions(conn)
+            conn.execute(
+                index_versions.update()
+                .where(index_versions.c.model_id == model_id, index_versions.c.status != VersionStatus.serving)
+                .values(status=VersionStatus.retired)
+            )
+
+    def coverage(self, model_id: str, image_ids: Sequence[str] | None = None) -> Coverage:
+        """How many indexed images (of ``image_ids``, or all) ``model_id``'s version holds a vector of the
+        current content for."""
+        current = self._current_vector(model_id)
+        base = sa.select(sa.func.count()).select_from(images).where(images.c.state == ImageState.indexed)
+        covered_q = (
+            sa.select(sa.func.count())
+            .select_from(images.join(image_vectors, current))
+            .where(images.c.state == ImageState.indexed)
+        )
+        total = covered = 0
+        with self.engine.connect() as conn:
+            if image_ids is None:
+                total = int(conn.execute(base).scalar_one())
+                covered = int(conn.execute(covered_q).scalar_one())
+            else:
+                for chunk in _chunks(list(image_ids), 500):
+                    total += int(conn.execute(base.where(images.c.image_id.in_(chunk))).scalar_one())
+                    covered += int(conn.execute(covered_q.where(images.c.image_id.in_(chunk))).scalar_one())
+        return Coverage(model_id, covered, total)
+
+    def held_by(self, model_id: str, image_ids: Sequence[str]) -> set[str]:
+        """Those of ``image_ids`` that ``model_id``'s version holds a vector of the current content for."""
+        held: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(image_ids), 500):
+                q = (
+                    sa.select(images.c.image_id)
+                    .join(image_vectors, self._current_vector(model_id))
+                    .where(images.c.image_id.in_(chunk))
+                )
+                held.update(conn.execute(q).scalars())
+        return held
+
+    @staticmethod
+    def _current_vector(model_id: str) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            image_vectors.c.image_id == images.c.image_id,
+            image_vectors.c.model_id == model_id,
+            image_vectors.c.content_hash == images.c.content_hash,
+            image_vectors.c.sku == images.c.sku,
+        )
+
+    def _serving(self, conn: Connection) -> VersionRow | None:
+        r = conn.execute(sa.select(index_versions).where(index_versions.c.status == VersionStatus.serving)).first()
+        return _version(r) if r is not None else None
+
+    def _lock_versions(self, conn: Connection) -> None:
+        """Serialize changes of version status (SQLite: BEGIN IMMEDIATE already does)."""
+        if self.engine.dialect.name == "postgresql":
+            conn.execute(sa.text("LOCK TABLE index_versions IN SHARE ROW EXCLUSIVE MODE"))
 
     def model_for_collection(self, images_collection: str) -> str | None:
         """The model id whose images live in ``images_collection``."""
@@ -426,6 +649,11 @@ class Ledger(HousekeepingMixin):
             )
             if res.rowcount == 0:
                 _insert_sku(conn, sku, now)
+
+
+def _version(r: sa.Row) -> VersionRow:
+    m = r._mapping
+    return VersionRow(**{f: m[f] for f in VersionRow.__dataclass_fields__})
 
 
 def _insert_sku(conn: Connection, sku: str, now: datetime) -> None:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["metadata", "images", "skus", "index_versions", "workers", "dead_letters", "ImageState"]
+__all__ = [
+    "metadata",
+    "images",
+    "image_vectors",
+    "skus",
+    "index_versions",
+    "workers",
+    "dead_letters",
+    "ImageState",
+    "VersionStatus",
+]
 
 metadata = sa.MetaData()
 
@@ -15,6 +25,21 @@ class ImageState:
     failed = "failed"
     deleted = "deleted"
     ALL = (pending, indexed, failed, deleted)
+
+
+class VersionStatus:
+    """Life of a model version (its pair of collections).
+
+    ``serving``: the aliases point at it. ``standby``: served before the last cutover; kept in sync so
+    that ``rollback`` is instant. ``building``: filled in the background (``reindex --model``).
+    ``retired``: no longer written to.
+    """
+
+    serving = "serving"
+    standby = "standby"
+    building = "building"
+    retired = "retired"
+    ACTIVE = (serving, standby, building)
 
 
 images = sa.Table(
@@ -36,6 +61,7 @@ images = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("indexed_at", sa.DateTime(timezone=True)),
+    sa.Column("crop", sa.Text()),
 )
 
 skus = sa.Table(
@@ -57,6 +83,21 @@ index_versions = sa.Table(
     sa.Column("skus_collection", sa.String(255), nullable=False),
     sa.Column("dim", sa.Integer(), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("spec", sa.String(500)),
+    sa.Column("status", sa.String(16), nullable=False, server_default=VersionStatus.building),
+    sa.Column("activated_at", sa.DateTime(timezone=True)),
+)
+
+#: which vector each model version holds for an image (written when Milvus accepted it)
+image_vectors = sa.Table(
+    "image_vectors",
+    metadata,
+    sa.Column("image_id", sa.String(32), primary_key=True),
+    sa.Column("model_id", sa.String(200), primary_key=True),
+    sa.Column("version", sa.String(40), nullable=False),
+    sa.Column("sku", sa.String(256), nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("indexed_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 workers = sa.Table(

@@ -176,3 +176,29 @@ def test_hf_text_without_tokenizer_is_config_error(tmp_path: Path) -> None:
     enc = create_encoder(f"hf:{save_family('clip', tmp_path / 'c')}").load()
     with pytest.raises(ConfigError, match="tokenizer"):
         enc.encode_text(["a shoe"])
+
+
+def test_random_init_is_the_same_under_concurrent_builds() -> None:
+    """torch's RNG is process-global: models built by several threads at once must still get the
+    seeded weights (a search thread building the query model while another builds it too)."""
+    import threading
+
+    import numpy as np
+
+    from tests.helpers import photo
+
+    reference = create_encoder("timm:resnet10t").load()
+    px = reference.preprocess([photo(96, 80, seed=1)])
+    want = reference.encode(px)[0]
+    built: list = []
+
+    def build() -> None:
+        built.append(create_encoder("timm:resnet10t").load())
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for enc in built:
+        assert float(np.dot(enc.encode(px)[0], want)) > 0.99999

@@ -1,0 +1,305 @@
+"""Model versions from the command line: build one in the background (``reindex --model``), follow
+its coverage, ``cutover`` to it and ``rollback``. Search keeps answering from the serving version
+the whole time: a cutover is one ``alter_alias`` per alias."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from config.settings import Settings
+from schemas.tasks import PreprocessPayload
+from worker.cli.common import (
+    EXIT_FAILURES,
+    console,
+    emit_json,
+    ensure_schema,
+    err_console,
+    handle_errors,
+    milvus_session,
+    settings_from,
+)
+from worker.errors import ConfigError
+from worker.ledger import ImageRow, ImageState, Ledger, VersionRow, VersionStatus, make_engine
+
+__all__ = ["cutover", "rollback", "retire", "build_version", "resolve_version"]
+
+#: seconds between polls of the ledger while following a build
+POLL_SECONDS = 0.5
+
+
+def resolve_version(ledger: Ledger, text: str) -> VersionRow:
+    """A version by its model id, its spec, or an unambiguous prefix of its model id.
+
+    Raises:
+        ConfigError: no such version, or several match (the message lists the known ones).
+    """
+    text = text.strip()
+    every = ledger.versions((VersionStatus.serving, VersionStatus.standby, VersionStatus.building, VersionStatus.retired))
+    exact = [v for v in every if v.model_id == text]
+    matches = exact or [v for v in every if v.spec == text] or [v for v in every if v.model_id.startswith(text)]
+    if len(matches) == 1:
+        return matches[0]
+    known = "; ".join(f"{v.model_id} ({v.status})" for v in every) or "none yet"
+    what = "matches several versions" if matches else "is not a known model version"
+    raise ConfigError(f"{text!r} {what}: known versions: {known}")
+
+
+def build_version(
+    settings: Settings,
+    spec: str,
+    rows: Sequence[ImageRow],
+    *,
+    dry_run: bool,
+    force: bool,
+    wait: bool,
+    timeout: float | None,
+    json_out: bool,
+    rate: float | None = None,
+) -> bool:
+    """Fill the version of ``spec`` for ``rows`` while the serving version keeps answering.
+
+    Images the version already holds a current vector for are not sent again, so a rerun after an
+    interruption only pays for what is left. Returns True when every image got its vector.
+    """
+    from worker.index.milvus_store import store_for
+    from worker.runtime import Runtime
+
+    rt = Runtime(settings)
+    try:
+        with milvus_session(settings) as uri:
+            rt.__dict__["store"] = store_for(settings, uri)
+            target = _peek_version(rt.ledger, spec) if dry_run else rt.register_candidate(spec)
+            rt.store.close()
+        return _build(settings, rt.ledger, spec, target, rows, dry_run=dry_run, force=force, wait=wait,
+                      timeout=timeout, json_out=json_out, rate=rate)
+    finally:
+        rt.ledger.engine.dispose()
+
+
+def _build(
+    settings: Settings,
+    ledger: Ledger,
+    spec: str,
+    target: VersionRow | None,
+    rows: Sequence[ImageRow],
+    *,
+    dry_run: bool,
+    force: bool,
+    wait: bool,
+    timeout: float | None,
+    json_out: bool,
+    rate: float | None,
+) -> bool:
+    from worker.celery_app import configure, dispatcher
+
+    by_id = {r.image_id: r for r in rows if r.state in (ImageState.indexed, ImageState.pending)}
+    ids = list(by_id)
+    held = ledger.held_by(target.model_id, ids) if target is not None else set()
+    todo = ids if force else [i for i in ids if i not in held]
+    plan = {
+        "model_id": target.model_id if target else None,
+        "spec": spec,
+        "status": target.status if target else "new",
+        "images": len(ids),
+        "to_encode": len(todo),
+        "skus": len({by_id[i].sku for i in todo}),
+        "dry_run": dry_run,
+        # the serving model's measured rate over the last hour; another model may be slower or faster
+        "estimated_seconds": round(len(todo) / rate, 1) if rate else None,
+        "measured_images_per_second": round(rate, 3) if rate else None,
+    }
+    if target is not None:
+        plan["covered"] = len(held)
+    if dry_run or not todo or target is None:
+        if not dry_run:
+            plan.update(queued=0, failed=0)
+        if json_out:
+            emit_json(plan)
+        else:
+            verb = "would encode" if dry_run else "encoding"
+            eta = (
+                f"~{plan['estimated_seconds']:.0f}s at the last hour's {rate:.2f} images/s"
+                if rate and todo
+                else "unknown (no recent throughput)"
+            )
+            console.print(
+                f"{verb} {len(todo)} of {len(ids)} image(s) over {plan['skus']} SKU(s) with {spec} "
+                f"({plan['status']} version {plan['model_id'] or '(new)'}); estimated time {eta}"
+            )
+        return True
+    if target.status == VersionStatus.serving:
+        raise ConfigError(f"{spec} is the serving model: re-index without --model")
+    configure(settings)
+    payloads = [PreprocessPayload(event=by_id[i].event("reindex"), models=[target.model_id], force=force) for i in todo]
+    dispatcher().preprocess_many(payloads)
+    if not json_out:
+        console.print(f"building {target.model_id}: {len(payloads)} image(s) queued, {len(ids) - len(todo)} already held")
+    if not wait:
+        if json_out:
+            emit_json({**plan, "queued": len(payloads)})
+        return True
+    covered, failed = follow_build(ledger, target.model_id, ids, timeout=timeout, show_progress=not json_out)
+    if json_out:
+        emit_json({**plan, "queued": len(payloads), "covered": covered, "failed": failed})
+    else:
+        console.print(
+            f"{target.model_id}: {covered}/{len(ids)} images hold a vector, {failed} failed. "
+            f"Next: `imgsync cutover {target.model_id}`"
+        )
+    return covered + failed >= len(ids) and failed == 0
+
+
+def _peek_version(ledger: Ledger, spec: str) -> VersionRow | None:
+    for v in ledger.versions((VersionStatus.serving, VersionStatus.standby, VersionStatus.building)):
+        if v.spec == spec:
+            return v
+    return None
+
+
+def follow_build(
+    ledger: Ledger, model_id: str, ids: Sequence[str], *, timeout: float | None, show_progress: bool
+) -> tuple[int, int]:
+    """Show the version's coverage of ``ids`` until complete (or ``timeout``); returns
+    ``(covered, failed)``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    progress = Progress(
+        TextColumn("[bold]building[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not show_progress,
+    )
+    started, first = time.monotonic(), None
+    covered = failed = 0
+    with progress:
+        task = progress.add_task("build", total=len(ids), failed=0, rate="")
+        while True:
+            covered = ledger.coverage(model_id, ids).covered
+            failed = sum(r.state == ImageState.failed for r in ledger.rows(ids).values())
+            first = covered if first is None else first
+            elapsed = time.monotonic() - started
+            rate = f"{(covered - first) / elapsed:.1f} img/s" if elapsed > 1 and covered > first else ""
+            progress.update(task, completed=covered + failed, failed=failed, rate=rate)
+            if covered + failed >= len(ids) or (deadline is not None and time.monotonic() > deadline):
+                return covered, failed
+            time.sleep(POLL_SECONDS)
+
+
+@handle_errors
+def cutover(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="The version to serve: its model id, spec, or a unique prefix.")],
+    force: Annotated[bool, typer.Option("--force", help="Cut over although the version does not hold every image yet.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Make a built model version serve search (both aliases move; the old version stands by)."""
+    with _ledger_session(ctx) as (settings, ledger):
+        _switch(settings, ledger, resolve_version(ledger, model_id), force=force, json_out=json_out, verb="cutover")
+
+
+@handle_errors
+def rollback(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help="Roll back although the standby version misses images.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Serve the version that served before the last cutover again."""
+    with _ledger_session(ctx) as (settings, ledger):
+        standby = ledger.versions((VersionStatus.standby,))
+        if not standby:
+            raise ConfigError("nothing to roll back to: no version stands by (no cutover happened yet)")
+        _switch(settings, ledger, standby[0], force=force, json_out=json_out, verb="rollback")
+
+
+@handle_errors
+def retire(
+    ctx: typer.Context,
+    model_id: Annotated[str, typer.Argument(help="A version that does not serve: model id, spec, or a unique prefix.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Stop writing to a standby or building version (an abandoned build costs an encode per image).
+    Its collections stay in Milvus until you drop them."""
+    with _ledger_session(ctx) as (_, ledger):
+        target = resolve_version(ledger, model_id)
+        if target.status == VersionStatus.serving:
+            raise ConfigError(f"{target.model_id} serves search: cut over to another version first")
+        ledger.retire(target.model_id)
+        _report({"action": "retire", "model_id": target.model_id, "was": target.status}, json_out, f"retired {target.model_id} (was {target.status})")
+
+
+@contextmanager
+def _ledger_session(ctx: typer.Context) -> Iterator[tuple[Settings, Ledger]]:
+    """The command's settings and a ledger on a checked schema, disposed at the end."""
+    settings = settings_from(ctx)
+    ensure_schema(settings)
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    try:
+        yield settings, ledger
+    finally:
+        ledger.engine.dispose()
+
+
+def _switch(settings: Settings, ledger: Ledger, target: VersionRow, *, force: bool, json_out: bool, verb: str) -> None:
+    from worker.index.milvus_store import store_for
+    from worker.index.milvus_store import VersionNames
+
+    before = ledger.serving_version()
+    cov = ledger.coverage(target.model_id)
+    doc = {
+        "action": verb,
+        "serving": target.model_id,
+        "previous": before.model_id if before else None,
+        "covered": cov.covered,
+        "total": cov.total,
+        "changed": False,
+    }
+    if before is not None and before.model_id == target.model_id:
+        _report(doc, json_out, f"{target.model_id} already serves")
+        return
+    if target.status == VersionStatus.retired:
+        raise ConfigError(f"{target.model_id} is retired (not kept in sync): build it again with `imgsync reindex --all --model {target.spec}`")
+    if not json_out:
+        console.print(f"{target.model_id}: holds {cov.covered}/{cov.total} indexed images ({cov.fraction:.1%})")
+    if not cov.complete and not force:
+        if json_out:
+            emit_json(doc)
+        else:
+            err_console.print(
+                f"[bold red]refused:[/] {target.model_id} is incomplete; finish it with "
+                f"`imgsync reindex --all --model {target.spec}` or pass --force"
+            )
+        raise typer.Exit(EXIT_FAILURES)
+    names = VersionNames(target.model_id, target.images_collection, target.skus_collection)
+    with milvus_session(settings) as uri:
+        store = store_for(settings, uri)
+        try:
+            store.ensure_version(target.model_id, target.dim)
+            store.point_aliases(names)
+        finally:
+            store.close()
+    ledger.set_serving(target.model_id)
+    doc["changed"] = True
+    missing = ledger.select(states=(ImageState.pending,))
+    if not cov.complete and missing:
+        from worker.sources.common import publish_events
+
+        publish_events(settings, [r.event(verb) for r in missing])
+        doc["requeued"] = len(missing)
+    _report(doc, json_out, f"{verb}: {target.model_id} serves now (was {doc['previous']})")
+
+
+def _report(doc: dict, json_out: bool, text: str) -> None:
+    if json_out:
+        emit_json(doc)
+    else:
+        console.print(text)
