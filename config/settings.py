@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
@@ -110,6 +110,19 @@ class Settings(BaseSettings):
     catalog_url: str = Field(
         "", description="SQLAlchemy URL of the product catalog (outbox source). Empty: same as IMGSYNC_DATABASE_URL."
     )
+    pixel_store_url: str = Field(
+        "",
+        description=(
+            "Where preprocess hands model-input pixels to encode: redis://… (entries expire after "
+            "IMGSYNC_PIXEL_TTL_SECONDS) or a directory path shared by the workers. Empty: the broker's "
+            "Redis when the broker is Redis, else IMGSYNC_HOME/pixels."
+        ),
+    )
+    pixel_ttl_seconds: int = Field(
+        3600,
+        ge=60,
+        description="Pixel entries older than this are dropped; encode then redoes the preprocessing.",
+    )
     milvus_uri: str = Field(
         "",
         description="Milvus URI (http://host:19530). Empty: the embedded Milvus Lite server under IMGSYNC_HOME.",
@@ -164,6 +177,24 @@ class Settings(BaseSettings):
         0, ge=0, le=256, description="Prefork processes of a CPU worker. 0: one per CPU core."
     )
     max_retries: int = Field(5, ge=0, le=100, description="Retries of a transient failure before giving up.")
+    retry_backoff_max: float = Field(
+        300.0, ge=0.1, le=3600, description="Longest pause between two attempts of a transient failure, seconds."
+    )
+    broker_visibility_timeout: int = Field(
+        900,
+        ge=5,
+        le=86_400,
+        description=(
+            "Redis broker: seconds before a message taken by a worker that died unacknowledged is delivered "
+            "again. Must exceed 2 × IMGSYNC_RETRY_BACKOFF_MAX (retries wait unacknowledged in the worker)."
+        ),
+    )
+    health_probe_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="Encode worker: seconds between health probes of Milvus and the device while it is paused.",
+    )
     s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto) for s3:// fetches. Empty: AWS default.")
     s3_region: str = Field("", description="S3 region for s3:// fetches. Empty: the AWS default chain.")
     sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source (`imgsync sources sqs`).")
@@ -238,10 +269,27 @@ class Settings(BaseSettings):
             raise ValueError("needs a named group (?P<sku>...) that captures the SKU")
         return value
 
+    @field_validator("pixel_store_url", mode="after")
+    @classmethod
+    def _pixel_store_kind(cls, value: str) -> str:
+        if "://" in value and not value.startswith(("redis://", "rediss://")):
+            raise ValueError(f"must be redis://… or a directory path, got {value!r}")
+        return value
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _visibility_covers_retries(self) -> Settings:
+        if self.broker_visibility_timeout < 2 * self.retry_backoff_max:
+            raise ValueError(
+                f"IMGSYNC_BROKER_VISIBILITY_TIMEOUT ({self.broker_visibility_timeout} s) must be at least "
+                f"2 × IMGSYNC_RETRY_BACKOFF_MAX ({self.retry_backoff_max} s): a retry waiting in a worker "
+                "longer than the visibility timeout is delivered twice"
+            )
+        return self
 
     # --- derived values -------------------------------------------------------------------------
 
@@ -269,6 +317,15 @@ class Settings(BaseSettings):
     @property
     def pixel_dir(self) -> Path:
         return self.home / "pixels"
+
+    @property
+    def effective_pixel_store(self) -> str:
+        """``redis://…`` or a directory path (see ``pixel_store_url``)."""
+        if self.pixel_store_url:
+            return self.pixel_store_url
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return str(self.pixel_dir)
 
     @property
     def milvus_data_dir(self) -> Path:

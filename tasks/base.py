@@ -85,7 +85,7 @@ class SkuTask(Task):
                 log.error("sku %s: refresh gave up after %d attempts: %s", payload.sku, payload.attempt + 1, exc)
                 return "failed"
             celery_app.dispatcher().refresh_sku(
-                payload.sku, countdown=pipeline.backoff_seconds(payload.attempt), attempt=payload.attempt + 1
+                payload.sku, countdown=pipeline.backoff_seconds(payload.attempt, settings.retry_backoff_max), attempt=payload.attempt + 1
             )
             return "retried"
 

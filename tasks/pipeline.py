@@ -14,6 +14,7 @@ from tasks.base import ImageTask, SkuTask, dead_letter
 from worker import pipeline
 from worker.celery_app import app, dispatcher, runtime
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU
+from worker.health import gate
 
 __all__ = ["preprocess", "encode", "refresh_sku", "apply_batching"]
 
@@ -33,11 +34,14 @@ def encode(requests: list[Any]) -> dict[str, int]:
             payloads.append(EncodePayload.model_validate(req.args[0]))
         except (ValidationError, IndexError, TypeError) as exc:
             dead_letter(TASK_ENCODE, {"args": list(req.args), "kwargs": req.kwargs}, str(exc))
+    if not gate().is_open():  # back-pressure: hand the batch back to the broker, attempts unchanged
+        pipeline.requeue_encode(dispatcher(), payloads)
+        return {"indexed": 0, "skipped": 0, "retried": 0, "failed": 0, "requeued": len(payloads)}
     try:
         return pipeline.encode_batch(runtime(), dispatcher(), payloads).__dict__
     except Exception:  # noqa: BLE001 - encode_batch handles item faults; this is the ledger/broker itself
         log.exception("encode: batch of %d could not be processed: re-publishing", len(payloads))
-        pipeline.republish_encode(dispatcher(), runtime().settings.max_retries, payloads)
+        pipeline.republish_encode(dispatcher(), runtime().settings, payloads)
         return {"indexed": 0, "skipped": 0, "retried": len(payloads), "failed": 0}
 
 

@@ -5,6 +5,7 @@ state) or production settings (Redis or RabbitMQ broker, PostgreSQL state)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,19 @@ class Stack:
 
     def __getitem__(self, key: str):  # dict-style access kept for older tests
         return getattr(self, key)
+
+    def start_worker(self, name: str, queues: str, **env: str) -> subprocess.Popen:
+        """Start one more worker (e.g. a replacement for a killed one), logging to ``logs/NAME.log``,
+        with ``env`` on top of the stack's; it is stopped with the stack. Returns once it is ready."""
+        proc = _start_worker(self.logs / f"{name}.log", queues, {**self.env, **env})
+        self.procs.append(proc)
+        _wait_ready(self.logs, [proc], names=[name])
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a worker and its pool children (its process group), as an OOM killer would."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``imgsync ARGS`` as a user would, with the stack's settings."""
@@ -70,7 +84,7 @@ def running_stack(
         IMGSYNC_WORKER_CONCURRENCY="2",
         IMGSYNC_METRICS_PORT="0",  # several workers on one host
     )
-    overrides: dict[str, str] = dict(extra_env or {})
+    overrides: dict[str, str] = {}
     if mode != "embedded":
         assert mode in MODES and pg_database is not None, mode
         tag = uuid.uuid4().hex[:8]
@@ -81,6 +95,7 @@ def running_stack(
             IMGSYNC_QUEUE_ENCODE=f"encode-{tag}",
             IMGSYNC_QUEUE_SKU=f"sku-{tag}",
         )
+    overrides.update(extra_env or {})  # the test's settings win (e.g. a broker of its own)
     env.update(overrides)
     queues = (
         env.get("IMGSYNC_QUEUE_PREPROCESS", "preprocess") + "," + env.get("IMGSYNC_QUEUE_SKU", "sku"),
@@ -89,10 +104,7 @@ def running_stack(
     subprocess.run([sys.executable, "-m", "worker.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
-    procs = []
-    for name, qs in zip(("cpu", "encode"), queues, strict=True):
-        with (logs / f"{name}.log").open("wb") as fh:
-            procs.append(subprocess.Popen(worker_command(qs), env=env, stdout=fh, stderr=subprocess.STDOUT))
+    procs = [_start_worker(logs / f"{name}.log", qs, env) for name, qs in zip(("cpu", "encode"), queues, strict=True)]
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None,
         home=home,
@@ -117,11 +129,18 @@ def running_stack(
         server.stop()
 
 
-def _wait_ready(logs: Path, procs: list[subprocess.Popen], timeout: float = 180) -> None:
+def _start_worker(log: Path, queues: str, env: dict[str, str]) -> subprocess.Popen:
+    with log.open("ab") as fh:  # own process group: a test can kill a worker with its pool children
+        return subprocess.Popen(worker_command(queues), env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_ready(
+    logs: Path, procs: list[subprocess.Popen], names: tuple[str, ...] | list[str] = ("cpu", "encode"), timeout: float = 180
+) -> None:
     """Block until every worker logged celery's ``ready.`` line (consumers are up), so a test's first
     events never race the workers' start-up."""
     deadline = time.monotonic() + timeout
-    for name, proc in zip(("cpu", "encode"), procs, strict=True):
+    for name, proc in zip(names, procs, strict=True):
         while " ready." not in (logs / f"{name}.log").read_text(errors="replace"):
             assert proc.poll() is None, f"{name} worker exited with {proc.returncode} before it was ready"
             assert time.monotonic() < deadline, f"{name} worker not ready after {timeout:.0f} s"

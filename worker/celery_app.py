@@ -54,8 +54,14 @@ def configure(settings: Settings) -> Celery:
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
-        # longer than the longest retry delay, so a delayed message is not redelivered early (Redis)
-        "broker_transport_options": {"visibility_timeout": 3600},
+        # Redis: a message taken by a worker that died comes back after the visibility timeout, which
+        # is longer than the longest retry delay (a delayed retry waits unacknowledged in a worker);
+        # the sweep that brings such messages back runs every few seconds, not every 100 s
+        "broker_transport_options": {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
+        },
         "timezone": "UTC",
     }
     if settings.embedded_broker:

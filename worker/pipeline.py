@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from config.settings import Settings
 from schemas.events import Action, CropBox, ImageEvent
 from schemas.reasons import Reason
 from schemas.tasks import EncodePayload, PreprocessPayload
@@ -21,6 +22,7 @@ from worker.dispatch import Dispatcher
 from worker.encoders.base import Encoder, l2_normalize
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.fetch import fetch_bytes
+from worker.health import TRIPPING_REASONS, gate
 from worker.imaging.decode import apply_crop, decode_image
 from worker.imaging.trim import trim_border
 from worker.index import ImageEntity
@@ -43,14 +45,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Upper bound of a retry delay, seconds.
-MAX_BACKOFF = 300.0
+MAX_BACKOFF = 300.0  # the default of IMGSYNC_RETRY_BACKOFF_MAX
 #: Rounds a SKU refresh repeats while its SKU keeps changing under it.
 SKU_REFRESH_ROUNDS = 5
 
 
-def backoff_seconds(attempt: int, base: float = 1.0) -> float:
-    """Exponential backoff with jitter: 50–100 % of ``base * 2**attempt`` seconds, capped at MAX_BACKOFF."""
-    return random.uniform(0.5, 1.0) * min(MAX_BACKOFF, base * (2**attempt))
+def backoff_seconds(attempt: int, cap: float = MAX_BACKOFF, base: float = 1.0) -> float:
+    """Exponential backoff with jitter: 50–100 % of ``base * 2**attempt`` seconds, capped at ``cap``."""
+    return random.uniform(0.5, 1.0) * min(cap, base * (2**attempt))
 
 
 def content_hash(data: bytes, crop: CropBox | None = None) -> str:
@@ -261,6 +263,8 @@ def _encode_group(
         m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
         err = exc if isinstance(exc, ImgsyncError) else TransientError(Reason.device_error, repr(exc))
+        if err.reason in TRIPPING_REASONS:
+            gate().trip(f"{err.reason}: {err}")  # stop taking work until a probe passes
         log.warning("encode batch of %d (%s) failed (%s): re-publishing each item", len(live), model_id, exc)
         for p in live:
             outcome = record_failure(rt, dispatch, p, err, keep_pixels=True)
@@ -381,7 +385,7 @@ def record_failure(
             _leave_index(rt, dispatch, event)
         _drop_pixels(rt, payload)
         return "failed"
-    delay = backoff_seconds(payload.attempt)
+    delay = backoff_seconds(payload.attempt, rt.settings.retry_backoff_max)
     log.info("retrying %s in %.1fs (attempt %d, ledger attempts %d): %s", event.uri, delay, payload.attempt + 1, attempts, exc)
     nxt = payload.model_copy(update={"attempt": payload.attempt + 1})
     if isinstance(nxt, EncodePayload) and keep_pixels:
@@ -396,13 +400,22 @@ def record_failure(
     return "retried"
 
 
-def republish_encode(dispatch: Dispatcher, max_retries: int, payloads: Sequence[EncodePayload]) -> None:
+def requeue_encode(dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> None:
+    """Put encode payloads back on their queue as they are (no attempt used): the worker is paused."""
+    for p in payloads:
+        dispatch.encode(p)
+    if payloads:
+        metrics().images.labels("encode", "requeued").inc(len(payloads))
+
+
+def republish_encode(dispatch: Dispatcher, settings: Settings, payloads: Sequence[EncodePayload]) -> None:
     """Send encode payloads again with backoff when even recording their failure was impossible."""
     for p in payloads:
-        if p.attempt >= max_retries:
+        if p.attempt >= settings.max_retries:
             log.error("giving up on %s after %d attempts (state store unavailable)", p.event.uri, p.attempt + 1)
             continue
-        dispatch.encode(p.model_copy(update={"attempt": p.attempt + 1}), countdown=backoff_seconds(p.attempt))
+        delay = backoff_seconds(p.attempt, settings.retry_backoff_max)
+        dispatch.encode(p.model_copy(update={"attempt": p.attempt + 1}), countdown=delay)
 
 
 def _leave_index(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:

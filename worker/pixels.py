@@ -1,12 +1,15 @@
 """The pixel store: model-input pixels handed from preprocess to encode by key, not by value.
 
-Entries are raw uint8 H×W×3 arrays (lossless) with a small header. The embedded store is a
-directory; a missing entry (expired, evicted, another machine) makes the encode stage re-run
-preprocessing for that image.
+Entries are raw uint8 H×W×3 arrays (lossless) with a small header. In production the store is Redis
+(every entry with a TTL; a Redis with an eviction policy of its own may also drop entries under memory
+pressure); the embedded store is a directory. A missing entry (expired, evicted, another machine)
+makes the encode stage re-run preprocessing for that image: losing an entry costs time, never an
+image.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import time
@@ -15,14 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DirectoryPixelStore", "PixelStore"]
+from schemas.reasons import Reason
+from worker.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DirectoryPixelStore", "PixelStore", "RedisPixelStore", "open_pixel_store"]
 
 _HEADER = struct.Struct("<4sHHH")  # magic, height, width, channels
 _MAGIC = b"IMGP"
 
 
 class PixelStore:
-    """Interface of pixel stores."""
+    """Interface of pixel stores. ``put`` raises TransientError when the store cannot be written;
+    ``get`` answers None for a missing entry; ``delete`` of a missing entry is a no-op."""
 
     def put(self, pixels: np.ndarray) -> str:
         raise NotImplementedError
@@ -32,6 +41,10 @@ class PixelStore:
 
     def delete(self, key: str) -> None:
         raise NotImplementedError
+
+    def sweep(self) -> int:
+        """Remove expired entries (stores without their own expiry); returns how many."""
+        return 0
 
 
 def _pack(pixels: np.ndarray) -> bytes:
@@ -52,13 +65,12 @@ def _unpack(blob: bytes) -> np.ndarray | None:
 
 
 class DirectoryPixelStore(PixelStore):
-    """Pixels as files under ``root``; entries older than ``ttl_seconds`` are swept on ``sweep``."""
+    """Pixels as files under ``root``; entries older than ``ttl_seconds`` are swept on ``sweep``
+    (a stuck encode queue should not fill the disk)."""
 
-    #: entries kept at most this long (a stuck encode queue should not fill the disk)
-    ttl_seconds = 24 * 3600
-
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ttl_seconds: int = 24 * 3600) -> None:
         self.root = root
+        self.ttl_seconds = ttl_seconds
         self.root.mkdir(parents=True, exist_ok=True)
 
     def put(self, pixels: np.ndarray) -> str:
@@ -92,3 +104,60 @@ class DirectoryPixelStore(PixelStore):
             except FileNotFoundError:
                 continue
         return removed
+
+
+class RedisPixelStore(PixelStore):
+    """Pixels as Redis strings ``<prefix><uuid>`` that expire after ``ttl_seconds``."""
+
+    prefix = "imgsync:px:"
+
+    def __init__(self, url: str, ttl_seconds: int) -> None:
+        import redis
+
+        self.url = url
+        self.ttl_seconds = ttl_seconds
+        # short timeouts: a dead Redis must turn into a retry, not a worker stuck on a socket
+        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+
+    def put(self, pixels: np.ndarray) -> str:
+        key = uuid.uuid4().hex
+        blob = _pack(pixels)
+        try:
+            self.client.set(self.prefix + key, blob, ex=self.ttl_seconds)
+        except Exception as exc:  # noqa: BLE001 - redis raises several families (connection, OOM)
+            raise TransientError(Reason.internal_error, f"pixel store {_safe(self.url)}: {exc}") from exc
+        return key
+
+    def get(self, key: str) -> np.ndarray | None:
+        if not key.isalnum():
+            return None
+        try:
+            blob = self.client.get(self.prefix + key)
+        except Exception:  # noqa: BLE001 - unreadable is as good as missing: encode re-preprocesses
+            log.warning("pixel store %s unreadable: treating entry %s as missing", _safe(self.url), key, exc_info=True)
+            return None
+        return None if blob is None else _unpack(blob)
+
+    def delete(self, key: str) -> None:
+        if not key.isalnum():
+            return
+        try:
+            self.client.delete(self.prefix + key)
+        except Exception:  # noqa: BLE001 - the TTL removes it anyway
+            log.warning("pixel store %s: could not delete %s (it expires by itself)", _safe(self.url), key)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _safe(url: str) -> str:
+    """``url`` without its password."""
+    head, sep, tail = url.rpartition("@")
+    return f"{head.split('://')[0]}://…@{tail}" if sep else url
+
+
+def open_pixel_store(target: str, ttl_seconds: int) -> PixelStore:
+    """The store for ``Settings.effective_pixel_store``: Redis for a redis:// URL, else a directory."""
+    if target.startswith(("redis://", "rediss://")):
+        return RedisPixelStore(target, ttl_seconds)
+    return DirectoryPixelStore(Path(target), ttl_seconds)

@@ -19,7 +19,7 @@ from worker.errors import ServiceUnavailable, TransientError
 from worker.index import MilvusStore, running_server_uri
 from worker.index.milvus_store import VersionNames, store_for, version_names
 from worker.ledger import Ledger, VersionRow, VersionStatus, make_engine
-from worker.pixels import DirectoryPixelStore, PixelStore
+from worker.pixels import PixelStore, open_pixel_store
 
 __all__ = ["Runtime", "resolve_milvus_uri"]
 
@@ -79,7 +79,7 @@ class Runtime:
 
     @cached_property
     def pixels(self) -> PixelStore:
-        return DirectoryPixelStore(self.settings.pixel_dir)
+        return open_pixel_store(self.settings.effective_pixel_store, self.settings.pixel_ttl_seconds)
 
     # --- model versions ----------------------------------------------------------------------
 

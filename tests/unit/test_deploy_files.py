@@ -54,7 +54,7 @@ def test_alert_rules_pass_promtool() -> None:
     assert promtool, "promtool missing: .ci/services installs Debian's prometheus package"
     out = subprocess.run([promtool, "check", "rules", str(ROOT / "config/prometheus/alerts.yml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "5 rules found" in out.stdout
+    assert "6 rules found" in out.stdout
 
 
 def test_grafana_dashboard_provisioned() -> None:
@@ -96,3 +96,17 @@ def test_dockerfile_passes_hadolint() -> None:
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([exe, "--no-color", str(root / "Dockerfile")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_compose_pixel_store_and_shutdown() -> None:
+    """Workers hand pixels over through a Redis of their own that may evict (not the broker, which must
+    never evict), and get a grace period to hand their buffered batch back on SIGTERM."""
+    services = compose()["services"]
+    assert "noeviction" in services["redis"]["command"]
+    pixel_cmd = services["redis-pixels"]["command"]
+    assert pixel_cmd[pixel_cmd.index("--maxmemory-policy") + 1] == "volatile-ttl"
+    for name in ("worker-cpu", "worker-gpu"):
+        svc = services[name]
+        assert svc["environment"]["IMGSYNC_PIXEL_STORE_URL"].startswith("redis://redis-pixels:")
+        assert "redis-pixels" in svc["depends_on"]
+        assert svc["stop_grace_period"] == "60s"

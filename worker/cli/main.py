@@ -112,7 +112,7 @@ def worker(
     from worker.heartbeat import Heartbeat
     from worker.ledger import Ledger, make_engine
     from worker.metrics import metrics
-    from worker.pixels import DirectoryPixelStore
+    from worker.pixels import open_pixel_store
 
     logging.getLogger().setLevel(loglevel.upper())
     settings = settings_from(ctx)
@@ -128,7 +128,7 @@ def worker(
     metrics().build_info.labels(__version__, settings.model).set(1)
     app_ = configure(settings)
     encode_only = chosen == [settings.queues.encode]
-    swept = DirectoryPixelStore(settings.pixel_dir).sweep()  # entries nobody will read any more
+    swept = open_pixel_store(settings.effective_pixel_store, settings.pixel_ttl_seconds).sweep()  # stale entries
     if swept:
         logging.getLogger("imgsync").info("removed %d expired pixel entries", swept)
     if settings.queues.encode in chosen:
@@ -140,6 +140,9 @@ def worker(
     heartbeat = Heartbeat(Ledger(make_engine(settings.effective_database_url)), queues=",".join(chosen), model=settings.model)
     argv = ["worker", "-Q", ",".join(chosen), "--loglevel", loglevel, "-n", f"imgsync-{'-'.join(chosen)}-{os.getpid()}@%h"]
     if encode_only:
+        from worker.health import BackPressure
+
+        app_.steps["consumer"].add(BackPressure)  # stop consuming while Milvus or the device is down
         # solo pool: the model lives in this process; prefetch enough for a full batch to form
         argv += ["--pool", "solo", "--prefetch-multiplier", str(max(4, settings.batch_max * 2))]
     else:

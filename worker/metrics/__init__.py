@@ -51,6 +51,7 @@ class Metrics:
     gpu_utilization: Any  #: Gauge imgsync_gpu_utilization_ratio{device} (NVML)
     gpu_temperature: Any  #: Gauge imgsync_gpu_temperature_celsius{device} (NVML)
     build_info: Any  #: Gauge imgsync_build_info{version, model_id}
+    encode_paused: Any  #: Gauge imgsync_encode_paused (1 while back-pressure holds the encode consumer)
 
 
 def metrics() -> Metrics:
@@ -86,6 +87,11 @@ def metrics() -> Metrics:
                     ),
                     build_info=Gauge(
                         "imgsync_build_info", "Worker build", ["version", "model_id"], multiprocess_mode="liveall"
+                    ),
+                    encode_paused=Gauge(
+                        "imgsync_encode_paused",
+                        "1 while an encode worker stopped consuming because Milvus or its device failed",
+                        multiprocess_mode="livemax",
                     ),
                 )
     return _metrics

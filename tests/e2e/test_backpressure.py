@@ -1,0 +1,62 @@
+"""Back-pressure: with Milvus down, the encode worker stops taking messages (they wait in the Redis
+queue) instead of burning retries, and resumes by itself when Milvus is back.
+
+IMGSYNC_MAX_RETRIES=1 makes the point: without back-pressure every image would exhaust its single
+retry within ~3 s of backoff and end `failed` (retries_exhausted) during the outage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import REDIS_URL
+from tests.stack import running_stack
+from worker.index import IMAGES_ALIAS, MilvusStore
+from worker.ledger import Ledger, make_engine
+
+pytestmark = pytest.mark.e2e
+
+N = 24
+
+
+def test_encode_pauses_while_milvus_is_down_and_resumes(tmp_path: Path, catalog, pg_database) -> None:
+    root = catalog(n_skus=6, per_sku=4)
+    env = {"IMGSYNC_MAX_RETRIES": "1", "IMGSYNC_HEALTH_PROBE_SECONDS": "0.5"}
+    with running_stack(tmp_path / "stack", "production", pg_database=pg_database, extra_env=env) as st:
+        ledger = Ledger(make_engine(st.settings.effective_database_url))
+        broker = redis.Redis.from_url(REDIS_URL)
+        encode_q = st.settings.queues.encode
+        st.server.proc.kill()  # Milvus dies before the images arrive
+        st.server.proc.wait(30)
+        proc = st.cli("index", str(root), "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+        # every image is preprocessed and its encode message ends up waiting in the broker
+        deadline = time.monotonic() + 120
+        while broker.llen(encode_q) < N:
+            assert time.monotonic() < deadline, (broker.llen(encode_q), ledger.counts())
+            time.sleep(0.2)
+        encode_log = (st.logs / "encode.log").read_text()
+        assert "encode paused: index_unavailable" in encode_log
+        time.sleep(6)  # far longer than the backoff of two attempts: nothing may fail meanwhile
+        counts = ledger.counts()
+        assert counts["failed"] == 0 and counts["indexed"] == 0 and counts["pending"] == N, counts
+        assert broker.llen(encode_q) == N  # held in the broker, not taken and retried
+
+        st.server.start()  # same port and data
+        deadline = time.monotonic() + 180
+        while ledger.counts()["indexed"] < N:
+            assert time.monotonic() < deadline, ledger.counts()
+            assert ledger.counts()["failed"] == 0, ledger.failure_counts()
+            time.sleep(0.5)
+        assert "encode resumed after" in (st.logs / "encode.log").read_text()
+        assert broker.llen(encode_q) == 0
+        store = MilvusStore(st.uri)
+        ids = [r.image_id for r in ledger.select()]
+        assert sorted(store.image_vectors(IMAGES_ALIAS, ids)) == sorted(ids)
+        store.close()
+        broker.close()
+        ledger.engine.dispose()
