@@ -50,18 +50,23 @@ def write_catalog(root: Path, n_skus: int, per_sku: int, size: tuple[int, int] =
     return files
 
 
-def batch_sizes(st: Stack, proc: subprocess.Popen) -> tuple[float, float]:
-    """``(batches, images)`` from the encode batch-size histogram of worker ``proc``."""
+def histogram(st: Stack, proc: subprocess.Popen, name: str) -> tuple[float, float]:
+    """``(count, sum)`` of histogram ``name`` in the samples of worker ``proc``."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(st.settings.home / "metrics" / f"worker-{proc.pid}"))
     count = total = 0.0
     for family in registry.collect():
         for s in family.samples:
-            if s.name == "imgsync_encode_batch_size_count":
+            if s.name == f"{name}_count":
                 count += s.value
-            elif s.name == "imgsync_encode_batch_size_sum":
+            elif s.name == f"{name}_sum":
                 total += s.value
     return count, total
+
+
+def batch_sizes(st: Stack, proc: subprocess.Popen) -> tuple[float, float]:
+    """``(batches, images)`` from the encode batch-size histogram of worker ``proc``."""
+    return histogram(st, proc, "imgsync_encode_batch_size")
 
 
 def wait_for(predicate, what: str, timeout: float = 240, every: float = 0.2):  # type: ignore[no-untyped-def]
@@ -94,14 +99,17 @@ def test_500_images_fill_batches_under_backlog_and_flush_alone_when_idle(tmp_pat
         lone = tmp_path / "catalog" / "P-LONE" / "x.jpg"
         lone.parent.mkdir()
         photo(96, 72, seed=7).save(lone, quality=85)
-        started = time.monotonic()
+        lags_before = histogram(st, encode, "imgsync_index_lag_seconds")
         assert st.cli("index", str(lone), "--wait", "--json").returncode == 0
-        waited = time.monotonic() - started
         after = batch_sizes(st, encode)
         assert after == (batches + 1, images + 1)  # one batch of exactly one image
-        lag = ledger.get(ImageEvent(uri=str(lone), sku="P-LONE").image_id)
-        assert lag is not None and lag.state == ImageState.indexed
-        print(f"500 images: {batches:.0f} batches (mean {images / batches:.1f}); lone image: {waited:.2f} s CLI round trip")
+        row = ledger.get(ImageEvent(uri=str(lone), sku="P-LONE").image_id)
+        assert row is not None and row.state == ImageState.indexed
+        lags_after = histogram(st, encode, "imgsync_index_lag_seconds")
+        assert lags_after[0] == lags_before[0] + 1
+        lag = lags_after[1] - lags_before[1]  # event created → vector written, for the lone image
+        assert lag < 0.2 + 1.3, f"lone image took {lag:.2f} s with BATCH_WAIT_MS=200"
+        print(f"500 images: {batches:.0f} batches (mean {images / batches:.1f}); lone image lag {lag:.2f} s")
         broker.close()
         ledger.engine.dispose()
 
