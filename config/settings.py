@@ -140,11 +140,20 @@ class Settings(BaseSettings):
     )
     model: str = Field(
         DEFAULT_MODEL,
-        description="Model spec <backend>:<name>[@<weights>]; backends open_clip, hf, timm, tiny.",
+        description="Model spec <backend>:<name>[@<weights>]; backends open_clip, hf, timm, tiny (and random:<dim>, a control).",
     )
     device: str = Field("auto", description="Torch device: auto, cpu, cuda or cuda:N.")
     precision: Literal["fp32", "fp16", "bf16"] = Field(
         "fp32", description="Inference precision on CUDA (CPU always runs fp32)."
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description=(
+            "CPU threads of the model in a worker. 0: torch's default (all cores), except that `imgsync up` "
+            "leaves the cores its preprocess workers use to them (oversubscribed cores slow both)."
+        ),
     )
     batch_max: int = Field(32, ge=1, le=4096, description="Encode micro-batch: flush at this many images.")
     batch_wait_ms: int = Field(

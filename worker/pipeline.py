@@ -83,8 +83,9 @@ def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None, encoder: Encode
 
 
 #: decode large JPEGs at a reduced scale that keeps this many times the model input (room for
-#: auto-trim and for the final antialiased resize)
-DECODE_HEADROOM = 3
+#: auto-trim and for the final antialiased resize). 2 rather than 3: 20 % less preprocessing time
+#: on 1–12 MP photos, vectors unchanged (cos ≥ 0.999997 to the full-resolution path, ViT-B-32)
+DECODE_HEADROOM = 2
 
 
 def decode_min_side(encoder: Encoder, crop: CropBox | None) -> int:

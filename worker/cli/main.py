@@ -18,6 +18,7 @@ from schemas.outputs import SearchHit, SearchOutput, StatusOutput
 from worker.cli.failures import failures_app
 from worker.cli.reindex import reindex
 from worker.cli.sources import sources_app
+from worker.cli.evaluate import evaluate
 from worker.cli.versions import cutover, retire, rollback
 from worker.cli.common import (
     EXIT_FAILURES,
@@ -49,6 +50,7 @@ app.add_typer(failures_app, name="failures")
 app.add_typer(sources_app, name="sources")
 app.command("reindex")(reindex)
 app.command("cutover")(cutover)
+app.command("evaluate")(evaluate)
 app.command("rollback")(rollback)
 app.command("retire")(retire)
 
@@ -131,6 +133,10 @@ def worker(
     swept = open_pixel_store(settings.effective_pixel_store, settings.pixel_ttl_seconds).sweep()  # stale entries
     if swept:
         logging.getLogger("imgsync").info("removed %d expired pixel entries", swept)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     if settings.queues.encode in chosen:
         rt = runtime()
         rt.encoder.warmup()  # fail fast on a bad model, before taking any message

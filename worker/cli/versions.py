@@ -22,6 +22,7 @@ from worker.cli.common import (
     err_console,
     handle_errors,
     milvus_session,
+    plain,
     settings_from,
 )
 from worker.errors import ConfigError
@@ -199,10 +200,11 @@ def follow_build(
 def cutover(
     ctx: typer.Context,
     model_id: Annotated[str, typer.Argument(help="The version to serve: its model id, spec, or a unique prefix.")],
-    force: Annotated[bool, typer.Option("--force", help="Cut over although the version does not hold every image yet.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Cut over although the version does not hold every image yet, or `imgsync evaluate` found it worse on Recall@1.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Make a built model version serve search (both aliases move; the old version stands by)."""
+    """Make a built model version serve search (both aliases move; the old version stands by). Shows
+    the kept `imgsync evaluate` results of the serving and the target model side by side."""
     with _ledger_session(ctx) as (settings, ledger):
         _switch(settings, ledger, resolve_version(ledger, model_id), force=force, json_out=json_out, verb="cutover")
 
@@ -279,6 +281,8 @@ def _switch(settings: Settings, ledger: Ledger, target: VersionRow, *, force: bo
                 f"`imgsync reindex --all --model {target.spec}` or pass --force"
             )
         raise typer.Exit(EXIT_FAILURES)
+    if verb == "cutover":
+        _evaluation_gate(settings, ledger, before, target, doc, force=force, json_out=json_out)
     names = VersionNames(target.model_id, target.images_collection, target.skus_collection)
     with milvus_session(settings) as uri:
         store = store_for(settings, uri)
@@ -296,6 +300,35 @@ def _switch(settings: Settings, ledger: Ledger, target: VersionRow, *, force: bo
         publish_events(settings, [r.event(verb) for r in missing])
         doc["requeued"] = len(missing)
     _report(doc, json_out, f"{verb}: {target.model_id} serves now (was {doc['previous']})")
+
+
+def _evaluation_gate(
+    settings: Settings, ledger: Ledger, before: VersionRow | None, target: VersionRow, doc: dict, *, force: bool,
+    json_out: bool,
+) -> None:
+    """Show the kept evaluations (``imgsync evaluate``) of the serving model and the target; refuse a
+    target worse on Recall@1 beyond the serving model's interval unless ``--force``."""
+    from worker.evaluate import cutover_check
+
+    text, worse = cutover_check(settings, ledger, before.model_id if before else None, target.model_id)
+    if text is None:
+        return
+    doc.update(evaluation=text, worse_recall_at_1=worse)
+    if not json_out:
+        console.print(plain(text))
+    if not worse:
+        return
+    if force:
+        err_console.print(f"[bold yellow]warning:[/] {target.model_id} is worse on Recall@1; cutting over (--force)", highlight=False)
+        return
+    if json_out:
+        emit_json(doc)
+    err_console.print(
+        f"[bold red]refused:[/] {target.model_id} is worse on Recall@1 than the serving model on the same "
+        "sample; pass --force to cut over anyway",
+        highlight=False,
+    )
+    raise typer.Exit(EXIT_FAILURES)
 
 
 def _report(doc: dict, json_out: bool, text: str) -> None:

@@ -36,5 +36,9 @@ def create_encoder(config: EncoderConfig | str) -> Encoder:
             from worker.encoders.tiny import TinyEncoder
 
             return TinyEncoder(spec, device=config.device, precision=config.precision)
+        case "random":
+            from worker.encoders.random_backend import RandomEncoder
+
+            return RandomEncoder(spec, device=config.device, precision=config.precision)
         case _:
             raise ConfigError(f"IMGSYNC_MODEL: unknown backend {spec.backend!r}; valid: {', '.join(BACKENDS)}")

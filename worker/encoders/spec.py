@@ -8,15 +8,16 @@ from worker.errors import ConfigError
 __all__ = ["parse_spec", "BACKENDS"]
 
 #: Backends this build can load.
-BACKENDS = ("open_clip", "hf", "timm", "tiny")
+BACKENDS = ("open_clip", "hf", "timm", "tiny", "random")
 
 
 def parse_spec(text: str) -> ModelSpec:
     """Parse ``IMGSYNC_MODEL``.
 
-    ``tiny`` alone is the test model; otherwise ``backend:name`` with an optional ``@weights``
-    (a pretrained tag, a hub id or a local path). The name may itself contain ``:`` (open_clip's
-    ``hf-hub:org/repo`` and ``local-dir:/path``).
+    ``tiny`` alone is the test model and ``random:<dim>`` the control of ``imgsync evaluate``;
+    otherwise ``backend:name`` with an optional ``@weights`` (a pretrained tag, a hub id or a local
+    path). The name may itself contain ``:`` (open_clip's ``hf-hub:org/repo`` and
+    ``local-dir:/path``).
 
     Raises:
         ConfigError: empty parts or an unknown backend; the message lists the valid backends.
