@@ -26,7 +26,7 @@ from worker.health import TRIPPING_REASONS, gate
 from worker.imaging.decode import apply_crop, decode_image
 from worker.imaging.trim import trim_border
 from worker.index import ImageEntity
-from worker.ledger import ImageState, IndexedImage, VersionRow
+from worker.ledger import ImageRow, ImageState, IndexedImage, VersionRow
 from worker.metrics import Metrics, metrics
 from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
 from worker.runtime import Runtime
@@ -143,13 +143,9 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
     digest = content_hash(data, event.crop)
     held = rt.ledger.vector_rows(event.image_id)
     serving = rt.serving().model_id
-    need = []
-    for v in versions:
-        current = held.get(v.model_id) == (digest, event.sku)
-        if v.model_id == serving and not build:
-            current = current and prev is not None and prev.state == ImageState.indexed and prev.sku == event.sku
-        if payload.force or not current:
-            need.append(v)
+    need = [
+        v for v in versions if payload.force or not _holds(v.model_id, held, digest, event, prev, serving, build=build)
+    ]
     if not build and all(v.model_id != serving for v in need):
         rt.ledger.mark_unchanged(event.image_id, event.version, payload.request_id)
     if not need:
@@ -164,6 +160,54 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
             )
         )
     return "queued"
+
+
+def _holds(
+    model_id: str,
+    held: dict[str, tuple[str, str]],
+    digest: str,
+    event: ImageEvent,
+    prev: ImageRow | None,
+    serving: str,
+    *,
+    build: bool = False,
+) -> bool:
+    """True when version ``model_id`` already holds the vector of this content and SKU. For the
+    serving version, a new event (not a background build) also needs the image indexed under that
+    SKU before it (``prev``)."""
+    if held.get(model_id) != (digest, event.sku):
+        return False
+    if model_id == serving and not build:
+        return prev is not None and prev.state == ImageState.indexed and prev.sku == event.sku
+    return True
+
+
+def settle_unchanged(rt: Runtime, events: Sequence[ImageEvent], request_id: str) -> list[ImageEvent]:
+    """Record at once, in this process, the events of local files whose content every active version
+    already holds (outcome ``unchanged``, as the preprocess stage would); return the others, to be
+    published. A re-index of an unchanged local catalog then costs no broker message, no decode and
+    no forward pass. Anything else (new, changed, failed, deleted, remote, unreadable) is returned."""
+    rest: list[ImageEvent] = []
+    versions: list[VersionRow] | None = None
+    for event in events:
+        prev = rt.ledger.get(event.image_id) if event.action is Action.upsert and event.uri.startswith("file://") else None
+        if prev is None or prev.state != ImageState.indexed or prev.sku != event.sku or prev.version > event.version:
+            rest.append(event)
+            continue
+        try:
+            digest = content_hash(fetch_bytes(event.uri, rt.settings.fetch), event.crop)
+        except ImgsyncError:
+            rest.append(event)  # the worker records what is wrong with it
+            continue
+        versions = versions if versions is not None else rt.active_versions()
+        held, serving = rt.ledger.vector_rows(event.image_id), rt.serving().model_id
+        if not all(_holds(v.model_id, held, digest, event, prev, serving) for v in versions):
+            rest.append(event)
+            continue
+        acceptance = rt.ledger.accept(event, request_id)
+        if acceptance.current:
+            rt.ledger.mark_unchanged(event.image_id, event.version, request_id)
+    return rest
 
 
 def delete_image(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:

@@ -207,3 +207,28 @@ def test_image_moving_to_another_sku_refreshes_both(env, tmp_path: Path) -> None
     assert rt.store.get_skus(names.skus, [old])[0]["image_count"] == 1
     assert rt.store.get_skus(names.skus, [new])[0]["image_count"] == 1
     assert rt.ledger.sku_counts()[1] == 0
+
+
+def test_unchanged_local_images_are_settled_without_a_message(env, tmp_path: Path) -> None:
+    """Submitting a local catalog again records its unchanged images at once (no broker message, no
+    decode, no forward pass); changed, new, unreadable and remote images are still published."""
+    settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    files = [write_image(tmp_path / sku / f"{i}.jpg", 40 + i) for i in range(4)]
+    for f in files:
+        d.preprocess(PreprocessPayload(event=ImageEvent(uri=str(f), sku=sku), request_id="r1"))
+    run_until_idle(rt, d)
+    write_image(files[1], 99)  # changed content
+    files[2].unlink()  # gone: the worker must record not_found
+    new = write_image(tmp_path / sku / "new.jpg", 77)
+    events = [ImageEvent(uri=str(f), sku=sku) for f in [*files, new]]
+    events.append(ImageEvent(uri="https://example.com/x.jpg", sku=sku))
+    events.append(ImageEvent(uri=str(files[3]), sku="OTHER"))  # moved to another SKU
+    rest = pipeline.settle_unchanged(rt, events, "r2")
+    assert [e.uri for e in rest] == [events[i].uri for i in (1, 2, 4, 5, 6)]
+    row = rt.ledger.get(events[0].image_id)
+    assert row is not None and row.outcome == "unchanged" and row.request_id == "r2" and row.state == "indexed"
+    assert row.version == events[0].version  # the newer event was accepted, not dropped
+    assert d.sent == []
+    older = ImageEvent(uri=str(files[0]), sku=sku, version=1)  # an old event replayed: stale, nothing to do
+    assert pipeline.settle_unchanged(rt, [older], "r3") == [older]  # the worker short-circuits it as stale

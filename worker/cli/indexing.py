@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -26,6 +28,10 @@ IMAGE_SUFFIXES = frozenset(
 
 #: seconds between polls of the ledger while waiting
 POLL_SECONDS = 0.25
+#: every this many polls, read every image still waited for (not only this request's finished ones)
+FULL_SCAN_EVERY = 20
+#: how far back an incremental poll looks, for writers' clocks and commit delays
+CLOCK_SLACK = timedelta(seconds=5)
 #: seconds without any image finishing before ``--wait`` suggests checking the workers
 STALL_HINT_SECONDS = 30.0
 
@@ -78,11 +84,13 @@ def publish(settings: Settings, events: Sequence[ImageEvent], *, force: bool = F
     """Publish preprocess tasks for ``events``; returns the request id that tags them in the ledger."""
     from worker.celery_app import configure, dispatcher
 
+    from worker.celery_app import runtime
+    from worker.pipeline import settle_unchanged
+
     configure(settings)
     request_id = uuid.uuid4().hex
-    dispatcher().preprocess_many(
-        [PreprocessPayload(event=ev, request_id=request_id, force=force) for ev in events]
-    )
+    todo = list(events) if force else settle_unchanged(runtime(), events, request_id)
+    dispatcher().preprocess_many([PreprocessPayload(event=ev, request_id=request_id, force=force) for ev in todo])
     return request_id
 
 
@@ -117,10 +125,20 @@ def wait_for(
         with progress:
             task = progress.add_task(label, total=len(by_id), failed=0)
             last_change, hinted = time.monotonic(), False
-            while len(done) < len(by_id):
+            since: datetime | None = None
+            for poll in itertools.count():
                 before = len(done)
-                pending = [i for i in by_id if i not in done]
-                for image_id, row in ledger.rows(pending).items():
+                watermark = datetime.now(UTC) - CLOCK_SLACK
+                if poll % FULL_SCAN_EVERY == 0:  # every waiting row: also catches events overtaken by newer ones
+                    candidates = ledger.rows([i for i in by_id if i not in done]).items()
+                else:  # only rows of this request finished since the last poll (indexed lookup)
+                    candidates = [
+                        (r.image_id, r)
+                        for r in ledger.finished_rows(request_id, since)
+                        if r.image_id in by_id and r.image_id not in done
+                    ]
+                since = watermark
+                for image_id, row in candidates:
                     outcome = None
                     if row.request_id == request_id and row.outcome:
                         outcome = row.outcome

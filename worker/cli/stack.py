@@ -68,14 +68,11 @@ class EmbeddedStack:
         }
         q = self.settings.queues
         cpu = self.settings.worker_concurrency or max(1, min(4, os.cpu_count() or 1))
-        # the model shares this machine with the preprocess processes: give it the cores they leave
-        # (torch on all cores while they decode runs both slower, see BENCHMARKS.md)
-        threads = self.settings.torch_threads or max(1, (os.cpu_count() or 1) - cpu)
         for name, queues, conc in (("cpu", f"{q.preprocess},{q.sku}", cpu), ("encode", q.encode, None)):
             logf = (self.log_dir / f"worker-{name}.log").open("ab")
             proc = subprocess.Popen(
                 worker_command(queues, concurrency=conc),
-                env={**env, "IMGSYNC_TORCH_THREADS": str(threads)} if name == "encode" else env,
+                env=env,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

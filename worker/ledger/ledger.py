@@ -560,6 +560,15 @@ class Ledger(HousekeepingMixin):
         with self.engine.connect() as conn:
             return self._get(conn, image_id, lock=False)
 
+    def finished_rows(self, request_id: str, since: datetime | None = None) -> list[ImageRow]:
+        """Rows of request ``request_id`` that have an outcome, changed at or after ``since`` (by the
+        writers' clocks); uses the request_id index, so a poll costs what changed, not what waits."""
+        query = sa.select(images).where(images.c.request_id == request_id, images.c.outcome.is_not(None))
+        if since is not None:
+            query = query.where(images.c.updated_at >= since)
+        with self.engine.connect() as conn:
+            return [row for r in conn.execute(query) if (row := _row(r)) is not None]
+
     def rows(self, image_ids: Sequence[str]) -> dict[str, ImageRow]:
         out: dict[str, ImageRow] = {}
         with self.engine.connect() as conn:

@@ -1,0 +1,115 @@
+"""Scale and re-index: does the cost grow linearly from 1k to 10k images, and does re-indexing
+unchanged content cost no forward pass?
+
+    python benchmarks/bench_scale.py [--small 1000] [--large 10000] [--model tiny]
+
+For each size, a fresh embedded stack (SQLite broker and ledger, Milvus Lite server, the CPU worker
+and the encode worker of `imgsync up`) indexes N photos (320×240 JPEGs over N/10 SKUs), timed from
+enqueue to the last image recorded; then the same images are submitted again (what `imgsync reindex`
+and a replayed event stream do) and timed until every one is reported `unchanged`. Forward passes
+are read from the encode worker's batch-size histogram (its `_sum` is the images encoded).
+
+The default model is `tiny` on purpose: it makes the pipeline's own per-image costs (broker, ledger,
+Milvus, SKU refresh) dominate, which is what grows with the catalog; a big model only adds a
+constant cost per image. Prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def write_photos(root: Path, n: int) -> None:
+    from tests.helpers import photo
+
+    for i in range(n):
+        path = root / f"SKU-{i // 10:05d}" / f"{i % 10}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(320, 240, seed=i).save(path, quality=85)
+
+
+def encoded_images(metrics_dir: Path) -> float:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    return sum(
+        s.value for f in registry.collect() for s in f.samples if s.name == "imgsync_encode_batch_size_sum"
+    )
+
+
+def run(model: str, root: Path, home: Path) -> dict:
+    from config.settings import Settings
+    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.stack import EmbeddedStack
+    from worker.ledger import upgrade
+
+    settings = Settings(_env_file=None, home=home, model=model, metrics_port=0)  # type: ignore[call-arg]
+    upgrade(settings.effective_database_url)
+    stack = EmbeddedStack(settings)
+    stack.start()
+    try:
+        warm = root.parent / f"warm-{root.name}"
+        write_photos(warm, 2)
+        events = collect_events([str(warm)], None)
+        wait_for(settings, events, publish(settings, events), timeout=600, show_progress=False)  # models loaded
+        out: dict = {}
+        for phase in ("first", "unchanged"):
+            events = collect_events([str(root)], None)
+            before = encoded_images(stack.metrics_dir)
+            started = time.perf_counter()
+            results = wait_for(settings, events, publish(settings, events), timeout=7200, show_progress=False)
+            elapsed = time.perf_counter() - started
+            outcomes: dict[str, int] = {}
+            for r in results:
+                outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+            time.sleep(1.0)  # let the last batch's samples reach the files
+            out[phase] = {
+                "seconds": round(elapsed, 2),
+                "images_per_s": round(len(events) / elapsed, 1),
+                "outcomes": outcomes,
+                "forward_passes": int(encoded_images(stack.metrics_dir) - before),
+            }
+        return out
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--small", type=int, default=1000)
+    ap.add_argument("--large", type=int, default=10000)
+    ap.add_argument("--model", default="tiny")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="imgsync-scale-"))
+    results = {}
+    for n in (args.small, args.large):
+        root = work / f"catalog-{n}"
+        write_photos(root, n)
+        results[n] = run(args.model, root, work / f"home-{n}")
+        print(json.dumps({n: results[n]}), file=sys.stderr, flush=True)
+    small, large = results[args.small], results[args.large]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(json.dumps({
+        "date": f"{datetime.now(UTC):%Y-%m-%d}", "commit": commit, "model": args.model, "cpus": os.cpu_count(),
+        "results": results,
+        "large_over_small_time": round(large["first"]["seconds"] / small["first"]["seconds"], 2),
+        "size_ratio": args.large / args.small,
+        "first_over_unchanged_small": round(small["first"]["seconds"] / small["unchanged"]["seconds"], 2),
+        "first_over_unchanged_large": round(large["first"]["seconds"] / large["unchanged"]["seconds"], 2),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
