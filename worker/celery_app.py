@@ -88,12 +88,12 @@ def configure(settings: Settings) -> Celery:
 
 
 def _sqlite_broker_connection(path: Path) -> sqlite3.Connection:
-    """A connection to the embedded broker's SQLite file: WAL, synchronous=NORMAL, a busy timeout.
-    (NORMAL in WAL mode loses no committed message when a process dies; only an OS crash or power
-    loss may drop the last transactions, as for the embedded ledger.)"""
-    conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
+    """A connection to the embedded broker's SQLite file, set up like the ledger's (only an OS crash
+    or power loss may drop the last committed messages)."""
+    from worker.ledger.db import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
+
+    conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    sqlite_pragmas(conn)
     return conn
 
 

@@ -44,14 +44,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Upper bound of a retry delay, seconds.
-MAX_BACKOFF = 300.0  # the default of IMGSYNC_RETRY_BACKOFF_MAX
 #: Rounds a SKU refresh repeats while its SKU keeps changing under it.
 SKU_REFRESH_ROUNDS = 5
 
 
-def backoff_seconds(attempt: int, cap: float = MAX_BACKOFF, base: float = 1.0) -> float:
-    """Exponential backoff with jitter: 50–100 % of ``base * 2**attempt`` seconds, capped at ``cap``."""
+def backoff_seconds(attempt: int, cap: float, base: float = 1.0) -> float:
+    """Exponential backoff with jitter: 50–100 % of ``base * 2**attempt`` seconds, capped at ``cap``
+    (IMGSYNC_RETRY_BACKOFF_MAX)."""
     return random.uniform(0.5, 1.0) * min(cap, base * (2**attempt))
 
 
@@ -188,7 +187,8 @@ def settle_unchanged(rt: Runtime, events: Sequence[ImageEvent], request_id: str)
     published. A re-index of an unchanged local catalog then costs no broker message, no decode and
     no forward pass. Anything else (new, changed, failed, deleted, remote, unreadable) is returned."""
     rest: list[ImageEvent] = []
-    versions: list[VersionRow] | None = None
+    versions: list[VersionRow] | None = None  # read once, when the first indexed image needs them
+    serving = ""
     for event in events:
         prev = rt.ledger.get(event.image_id) if event.action is Action.upsert and event.uri.startswith("file://") else None
         if prev is None or prev.state != ImageState.indexed or prev.sku != event.sku or prev.version > event.version:
@@ -199,8 +199,9 @@ def settle_unchanged(rt: Runtime, events: Sequence[ImageEvent], request_id: str)
         except ImgsyncError:
             rest.append(event)  # the worker records what is wrong with it
             continue
-        versions = versions if versions is not None else rt.active_versions()
-        held, serving = rt.ledger.vector_rows(event.image_id), rt.serving().model_id
+        if versions is None:
+            versions, serving = rt.active_versions(), rt.serving().model_id
+        held = rt.ledger.vector_rows(event.image_id)
         if not all(_holds(v.model_id, held, digest, event, prev, serving) for v in versions):
             rest.append(event)
             continue

@@ -20,6 +20,7 @@ import numpy as np
 
 from schemas.reasons import Reason
 from worker.errors import TransientError
+from worker.ledger.db import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class RedisPixelStore(PixelStore):
         try:
             self.client.set(self.prefix + key, blob, ex=self.ttl_seconds)
         except Exception as exc:  # noqa: BLE001 - redis raises several families (connection, OOM)
-            raise TransientError(Reason.internal_error, f"pixel store {_safe(self.url)}: {exc}") from exc
+            raise TransientError(Reason.internal_error, f"pixel store {safe_url(self.url)}: {exc}") from exc
         return key
 
     def get(self, key: str) -> np.ndarray | None:
@@ -134,7 +135,7 @@ class RedisPixelStore(PixelStore):
         try:
             blob = self.client.get(self.prefix + key)
         except Exception:  # noqa: BLE001 - unreadable is as good as missing: encode re-preprocesses
-            log.warning("pixel store %s unreadable: treating entry %s as missing", _safe(self.url), key, exc_info=True)
+            log.warning("pixel store %s unreadable: treating entry %s as missing", safe_url(self.url), key, exc_info=True)
             return None
         return None if blob is None else _unpack(blob)
 
@@ -144,16 +145,10 @@ class RedisPixelStore(PixelStore):
         try:
             self.client.delete(self.prefix + key)
         except Exception:  # noqa: BLE001 - the TTL removes it anyway
-            log.warning("pixel store %s: could not delete %s (it expires by itself)", _safe(self.url), key)
+            log.warning("pixel store %s: could not delete %s (it expires by itself)", safe_url(self.url), key)
 
     def close(self) -> None:
         self.client.close()
-
-
-def _safe(url: str) -> str:
-    """``url`` without its password."""
-    head, sep, tail = url.rpartition("@")
-    return f"{head.split('://')[0]}://…@{tail}" if sep else url
 
 
 def open_pixel_store(target: str, ttl_seconds: int) -> PixelStore:

@@ -25,43 +25,16 @@ from typer.testing import CliRunner
 
 from schemas.events import ImageEvent, image_id_for, normalize_version
 from tests.helpers import photo
+from tests.sources.conftest import REGION
 from tests.sources.test_s3events import TEST_EVENT, aws_record
-from tests.stack import Stack, running_stack
+from tests.stack import Stack
 from worker.cli.main import app
 from worker.index import IMAGES_ALIAS, MilvusStore
 from worker.index.lite_server import free_port
 from worker.ledger import Ledger, make_engine
 from worker.sources.sqs import TASK, SqsSource
 
-REGION = "us-east-1"
 TIMEOUT = 60.0
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": REGION,
-}
-
-
-@pytest.fixture(scope="module")
-def aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Test credentials for this process and the stack's workers; nothing from ~/.aws."""
-    empty = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in AWS_ENV.items():
-            mp.setenv(k, v)
-        mp.setenv("AWS_CONFIG_FILE", str(empty / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS"):
-            mp.delenv(name, raising=False)
-        yield
-
-
-@pytest.fixture(scope="module")
-def stack(aws, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One embedded stack whose workers fetch s3:// objects from the moto server."""
-    extra = {"IMGSYNC_S3_ENDPOINT_URL": moto_endpoint, "IMGSYNC_S3_REGION": REGION}
-    with running_stack(tmp_path_factory.mktemp("sqs-stack"), extra_env=extra) as st:
-        yield st
 
 
 @pytest.fixture(scope="module")

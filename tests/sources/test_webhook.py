@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 
 from schemas.events import image_id_for
 from tests.sources.test_s3events import minio_body
-from tests.sources.test_sqs import AWS_ENV, REGION, jpeg, state, wait_for
-from tests.stack import Stack, running_stack
+from tests.sources.conftest import REGION
+from tests.sources.test_sqs import jpeg, state, wait_for
+from tests.stack import Stack
 from worker.cli.main import app as cli_app
 from worker.index import IMAGES_ALIAS, MilvusStore
 from worker.index.lite_server import free_port
@@ -36,25 +37,6 @@ from worker.sources.webhook import EVENTS_PATH, TASK, bind, create_app, serve
 
 TOKEN = "s3cret-" + uuid.uuid4().hex
 MAX_BODY = 4096
-
-
-@pytest.fixture(scope="module")
-def aws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Test credentials for this process and the stack's workers; nothing from ~/.aws."""
-    empty = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in AWS_ENV.items():
-            mp.setenv(k, v)
-        mp.setenv("AWS_CONFIG_FILE", str(empty / "config"))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
-        yield
-
-
-@pytest.fixture(scope="module")
-def stack(aws, moto_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    extra = {"IMGSYNC_S3_ENDPOINT_URL": moto_endpoint, "IMGSYNC_S3_REGION": REGION}
-    with running_stack(tmp_path_factory.mktemp("webhook-stack"), extra_env=extra) as st:
-        yield st
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,22 @@ from sqlalchemy.engine import Engine, make_url
 
 from worker.errors import ServiceUnavailable
 
-__all__ = ["make_engine", "upgrade", "current_revision", "MIGRATIONS_DIR"]
+__all__ = ["make_engine", "upgrade", "current_revision", "safe_url", "sqlite_pragmas", "MIGRATIONS_DIR"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 #: How long a SQLite writer waits for another process's write lock, in ms.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def sqlite_pragmas(dbapi_conn) -> None:  # type: ignore[no-untyped-def]
+    """What every SQLite file shared by several processes gets (ledger, embedded broker): WAL, a busy
+    timeout, synchronous=NORMAL (in WAL mode a process crash loses no committed transaction)."""
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
 
 
 def make_engine(url: str) -> Engine:
@@ -30,11 +40,7 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # type: ignore[no-untyped-def]
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
+            sqlite_pragmas(dbapi_conn)
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):  # type: ignore[no-untyped-def]
@@ -70,7 +76,7 @@ def upgrade(url: str, revision: str = "head") -> str:
             command.upgrade(cfg, revision)
             conn.commit()
     except sa.exc.OperationalError as exc:
-        raise ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", _safe(url), str(exc.orig)) from exc
+        raise ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", safe_url(url), str(exc.orig)) from exc
     finally:
         engine.dispose()
     return current_revision(url) or ""
@@ -95,5 +101,6 @@ def head_revision() -> str:
     return str(ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head())
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
+    """``url`` (a database, Redis or AMQP URL) without its password, for messages."""
     return make_url(url).render_as_string(hide_password=True)

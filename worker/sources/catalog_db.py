@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from worker.errors import ServiceUnavailable
+from worker.ledger.db import safe_url
 
 __all__ = [
     "CATALOG_MIGRATIONS_DIR",
@@ -182,6 +183,3 @@ def same_database(a: str, b: str) -> bool:
     return (ua.host, ua.port, ua.database) == (ub.host, ub.port, ub.database)
 
 
-def safe_url(url: str) -> str:
-    """``url`` without its password, for messages."""
-    return make_url(url).render_as_string(hide_password=True)

@@ -54,10 +54,10 @@ from worker.sources.catalog_db import (
     outbox,
     product_images,
     products,
-    safe_url,
     same_database,
     upgrade_catalog,
 )
+from worker.ledger.db import safe_url
 
 __all__ = ["OutboxRelay", "RelayStats", "command"]
 
