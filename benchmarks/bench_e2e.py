@@ -92,13 +92,13 @@ def preprocess_all_cores(spec: str, files: list[Path]) -> float:
         return done / (time.perf_counter() - started)
 
 
-def naive(spec: str, files: list[Path], milvus_uri: str) -> float:
+def naive(spec: str, files: list[Path], milvus_uri: str, device: str = "cpu") -> float:
     import open_clip
     import torch
     from pymilvus import DataType, MilvusClient
 
     name = spec.split(":", 1)[1].split("@")[0]
-    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None, device=device)
     model.eval()
     client = MilvusClient(uri=milvus_uri)
     schema = MilvusClient.create_schema(auto_id=False)
@@ -112,7 +112,7 @@ def naive(spec: str, files: list[Path], milvus_uri: str) -> float:
     for i, f in enumerate(files):
         img = Image.open(f).convert("RGB")
         with torch.no_grad():
-            v = model.encode_image(transform(img).unsqueeze(0))[0]
+            v = model.encode_image(transform(img).unsqueeze(0).to(device))[0].float().cpu()
         v = (v / v.norm()).tolist()
         client.insert("naive_bench", [{"id": i, "vector": v}])
     rate = len(files) / (time.perf_counter() - started)
@@ -121,28 +121,37 @@ def naive(spec: str, files: list[Path], milvus_uri: str) -> float:
     return rate
 
 
-def imgsync_e2e(spec: str, root: Path, home: Path, batch: int, threads: int = 0) -> tuple[float, int]:
+def imgsync_e2e(
+    spec: str, root: Path, home: Path, batch: int, threads: int = 0, *, during=None, **extra: object
+) -> tuple[float, int]:
+    """imgsync end to end over every image under ``root``: (images/s, images indexed). ``extra``:
+    more Settings; ``during``: a context manager entered around the timed part (e.g. a GPU sampler)."""
+    import contextlib
+
     from config.settings import Settings
     from worker.cli.indexing import collect_events, publish, wait_for
     from worker.cli.stack import EmbeddedStack
     from worker.ledger import upgrade
 
-    settings = Settings(
-        _env_file=None, home=home, model=spec, batch_max=batch, batch_wait_ms=200, worker_concurrency=1,
-        metrics_port=0, torch_threads=threads,
-    )  # type: ignore[call-arg]
+    values: dict[str, object] = {
+        "home": home, "model": spec, "batch_max": batch, "batch_wait_ms": 200, "worker_concurrency": 1,
+        "metrics_port": 0, "torch_threads": threads,
+    }  # fmt: skip
+    values.update(extra)
+    settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
     upgrade(settings.effective_database_url)
     stack = EmbeddedStack(settings)
     stack.start()
     try:
         warm_dir = home.parent / "warm"
-        write_photos(warm_dir, 2)
+        write_photos(warm_dir, max(2, 2 * settings.worker_concurrency))  # every CPU child loads its model
         events = collect_events([str(warm_dir)], None)
         wait_for(settings, events, publish(settings, events), timeout=600, show_progress=False)  # models loaded
         events = collect_events([str(root)], None)
-        started = time.perf_counter()
-        results = wait_for(settings, events, publish(settings, events), timeout=3600, show_progress=False)
-        elapsed = time.perf_counter() - started
+        with during if during is not None else contextlib.nullcontext():
+            started = time.perf_counter()
+            results = wait_for(settings, events, publish(settings, events), timeout=3600, show_progress=False)
+            elapsed = time.perf_counter() - started
         indexed = sum(r.outcome == "indexed" for r in results)
         return indexed / elapsed, indexed
     finally:

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from config.settings import Settings
 from schemas.outputs import SearchHit, SearchOutput, StatusOutput
 from worker.cli.failures import failures_app
 from worker.cli.reindex import reindex
@@ -99,6 +100,30 @@ def db_upgrade(
 # --- worker / up -------------------------------------------------------------------------------
 
 
+def role_settings(settings: Settings, queues: list[str]) -> Settings:
+    """The settings a worker of ``queues`` runs with. A worker that does not encode builds its models
+    on the CPU: it needs only their preprocessing and identity, and its prefork children must not
+    each take a CUDA context and a copy of the weights on the GPU.
+
+    Raises:
+        ConfigError: the encode queue shares a prefork worker with CPU queues on a CUDA device (a
+            CUDA context does not survive the fork).
+    """
+    if settings.queues.encode not in queues:
+        return settings.model_copy(update={"device": "cpu"})
+    if queues != [settings.queues.encode]:
+        from worker.encoders.device import resolve_device
+
+        if resolve_device(settings.device).type == "cuda":
+            raise ConfigError(
+                f"IMGSYNC_DEVICE={settings.device} is a GPU: run the encode queue in a worker of its own "
+                f"(imgsync worker --queues {settings.queues.encode}) and the CPU queues in another "
+                f"(--queues {settings.queues.preprocess},{settings.queues.sku}); a CUDA context does not "
+                "survive the prefork pool's fork"
+            )
+    return settings
+
+
 @app.command()
 @handle_errors
 def worker(
@@ -124,6 +149,7 @@ def worker(
     unknown = [q for q in chosen if q not in known]
     if unknown:
         raise ConfigError(f"--queues: unknown queue(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    settings = role_settings(settings, chosen)
     ensure_schema(settings)
     if settings.queues.encode in chosen or settings.queues.preprocess in chosen:
         check_weights_available(settings.model)  # never fall back silently, never retry for minutes

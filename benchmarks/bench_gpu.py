@@ -1,0 +1,339 @@
+"""Throughput on a CUDA GPU, in one run: model bound, the encode stage, CPU decoding on every core,
+batched GPU JPEG decoding, the naive loop and imgsync end to end, with GPU utilisation and memory.
+
+    python benchmarks/bench_gpu.py --out DIR [--images 2000] [--small-images 3000] [--batch 256]
+
+1. model bound: bare forward of the model (fp16 autocast, channels-last) on tensors already on the
+   GPU, batch 1 … 512 (CUDA events), with peak GPU memory per batch size;
+2. encode stage: ``Encoder.encode`` from host uint8 pixels (pinned copy, normalisation, forward,
+   vectors back to the host), the encode worker's own call;
+3. CPU preprocessing: imgsync's decode + trim + resize on every core (one process per core), on
+   1–12 MP camera JPEGs and on ~0.5 MP catalog JPEGs;
+4. GPU decoding: ``torchvision.io.decode_jpeg(device="cuda")`` in batches + antialiased bicubic
+   resize + centre crop on the GPU, alone and followed by the model; cosine of its vectors to the
+   CPU path's;
+5. naive loop on the GPU: PIL open + convert, the model's transform, encode one image, insert one row;
+6. imgsync end to end (embedded stack: SQLite broker and ledger, Milvus Lite, one prefork CPU worker
+   with a process per spare core, one encode worker on the GPU), GPU utilisation sampled by NVML.
+
+Writes ``DIR/gpu_bench.json`` after every section (a later failure keeps what was measured) and
+prints a table at the end. Runs on a CPU too (``--smoke``, for checking the script, not for figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_e2e import SIZES, imgsync_e2e, naive, preprocess_all_cores  # noqa: E402
+
+#: catalog-sized JPEGs (~0.3–1 MP), what a shop's CDN usually serves
+SMALL_SIZES = [(800, 800), (1000, 750), (640, 853), (1200, 900), (900, 1200)]
+
+
+def _one_photo(args: tuple[Path, int, tuple[int, int], int]) -> str:
+    from tests.helpers import photo
+
+    root, i, (w, h), n_skus = args
+    rng = np.random.default_rng(i)
+    base = photo(max(8, w // 8), max(8, h // 8), seed=i).resize((w, h), Image.Resampling.BILINEAR)
+    noise = rng.integers(-8, 9, (h, w, 3), dtype=np.int16)
+    px = np.clip(np.asarray(base, np.int16) + noise, 0, 255).astype(np.uint8)
+    path = root / f"SKU-{i % n_skus:04d}" / f"{i:06d}.jpg"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(px).save(path, quality=90)
+    return str(path)
+
+
+def write_photos(root: Path, n: int, sizes: list[tuple[int, int]], n_skus: int = 200) -> list[Path]:
+    """``n`` JPEG photos (structure + sensor noise) under ``root/<sku>/``, made on every core."""
+    jobs = [(root, i, sizes[i % len(sizes)], n_skus) for i in range(n)]
+    with mp.get_context("spawn").Pool(os.cpu_count() or 1) as pool:
+        return [Path(p) for p in pool.map(_one_photo, jobs, chunksize=8)]
+
+
+class GpuSampler:
+    """GPU utilisation (NVML, %) and memory used, sampled every ``interval`` s while entered."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.util: list[int] = []
+        self.mem_used: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception:  # noqa: BLE001 - no NVML: no samples
+            return self
+
+        def run() -> None:
+            while not self._stop.wait(self.interval):
+                self.util.append(int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
+                self.mem_used.append(int(pynvml.nvmlDeviceGetMemoryInfo(handle).used))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self) -> dict[str, float | int | None]:
+        if not self.util:
+            return {"gpu_util_mean_pct": None, "gpu_util_median_pct": None, "gpu_mem_used_max_mib": None}
+        return {
+            "gpu_util_mean_pct": round(float(np.mean(self.util)), 1),
+            "gpu_util_median_pct": float(np.median(self.util)),
+            "gpu_mem_used_max_mib": round(max(self.mem_used) / 2**20),
+            "samples": len(self.util),
+        }
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _rate(fn: Callable[[], int], seconds: float) -> float:
+    """Images/s of ``fn`` (returns images done per call) over at least ``seconds``, after a warm-up."""
+    fn()
+    _sync()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done == 0:
+        done += fn()
+    _sync()
+    return done / (time.perf_counter() - started)
+
+
+def model_bound(spec: str, precision: str, batches: list[int], seconds: float) -> list[dict]:
+    """Bare forward on device tensors and the encode worker's ``Encoder.encode``, per batch size."""
+    import torch
+
+    from config.settings import EncoderConfig
+    from worker.encoders import create_encoder
+
+    enc = create_encoder(EncoderConfig(spec=spec, device="auto", precision=precision)).load()
+    cuda = enc.device.type == "cuda"
+    h, w = enc.preprocess_cfg.size
+    rows = []
+    for bs in batches:
+        x = torch.randn(bs, 3, h, w, device=enc.device)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+        def bare(x=x, bs=bs) -> int:
+            with torch.inference_mode(), enc._autocast():
+                enc._forward_images(x)
+            return bs
+
+        bound = _rate(bare, seconds)
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+        pixels = [np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8) for i in range(bs)]
+        stage = _rate(lambda px=pixels: len(enc.encode(px)), seconds)
+        rows.append({
+            "batch": bs, "model_bound_images_per_s": round(bound, 1), "encode_stage_images_per_s": round(stage, 1),
+            "peak_gpu_mib": round(peak / 2**20) if peak is not None else None,
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def gpu_decode(spec: str, precision: str, files: list[Path], batch: int) -> dict:
+    """Batched nvJPEG decode + GPU resize/crop, alone and with the model; cos to the CPU path."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.io import decode_jpeg
+
+    from config.settings import EncoderConfig, Settings
+    from worker import pipeline
+    from worker.encoders import create_encoder
+    from worker.runtime import Runtime
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to check this code (--smoke)
+    enc = create_encoder(EncoderConfig(spec=spec, device=dev, precision=precision)).load()
+    h, w = enc.preprocess_cfg.size
+    mean = torch.tensor(enc.preprocess_cfg.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(enc.preprocess_cfg.std, device=dev).view(1, 3, 1, 1)
+    blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
+
+    def fit(img: torch.Tensor) -> torch.Tensor:
+        """torchvision Resize(short side) + CenterCrop, bicubic with antialias, as open_clip does."""
+        _, ih, iw = img.shape
+        short, long = min(ih, iw), max(ih, iw)
+        new_long = int(h * long / short)
+        nh, nw = (h, new_long) if ih <= iw else (new_long, h)
+        r = F.interpolate(img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        top, left = int(round((nh - h) / 2.0)), int(round((nw - w) / 2.0))
+        return r[0, :, top : top + h, left : left + w].round_().clamp_(0, 255)
+
+    def pixels_of(chunk: list[torch.Tensor]) -> torch.Tensor:
+        imgs = decode_jpeg(chunk, device=dev)
+        return torch.stack([fit(im) for im in imgs])  # N×3×h×w float in 0..255
+
+    def decode_only() -> int:
+        for i in range(0, len(blobs), batch):
+            pixels_of(blobs[i : i + batch])
+        return len(blobs)
+
+    def decode_and_encode() -> int:
+        for i in range(0, len(blobs), batch):
+            x = ((pixels_of(blobs[i : i + batch]) / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), enc._autocast():
+                enc._forward_images(x).float().cpu()
+        return len(blobs)
+
+    out = {"images": len(blobs), "batch": batch}
+    out["gpu_decode_images_per_s"] = round(_rate(decode_only, 2.0), 1)
+    out["gpu_decode_and_model_images_per_s"] = round(_rate(decode_and_encode, 2.0), 1)
+    # the same vectors as the CPU path? (fp32 model, 32 images)
+    ref = create_encoder(EncoderConfig(spec=spec, device=dev, precision="fp32")).load()
+    rt = Runtime(Settings(_env_file=None, home=Path(tempfile.mkdtemp()), model=spec))  # type: ignore[call-arg]
+    sample = files[:32]
+    cpu_vec = ref.encode([pipeline.model_pixels(rt, p.read_bytes(), None, ref) for p in sample])
+    gpu_px = pixels_of(blobs[: len(sample)]).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+    gpu_vec = ref.encode(list(gpu_px))
+    cos = (cpu_vec * gpu_vec).sum(axis=1)
+    out["cos_to_cpu_path_min"] = round(float(cos.min()), 6)
+    out["cos_to_cpu_path_mean"] = round(float(cos.mean()), 6)
+    return out
+
+
+def env_info() -> dict:
+    import torch
+
+    info = {
+        "date": f"{datetime.now(UTC):%Y-%m-%d %H:%M}Z", "host": platform.node(), "cpus": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    with contextlib.suppress(Exception):
+        info["cpu_model"] = next(
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
+        )
+    return info
+
+
+@contextlib.contextmanager
+def section(results: dict, name: str, out: Path) -> Iterator[dict]:
+    """Run one section; record its figures, or its error, and save everything so far."""
+    slot: dict = {}
+    started = time.perf_counter()
+    print(f"== {name}", flush=True)
+    try:
+        yield slot
+    except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others
+        slot["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    slot["section_seconds"] = round(time.perf_counter() - started, 1)
+    results[name] = slot
+    (out / "gpu_bench.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps({name: slot}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="open_clip:ViT-B-32")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--images", type=int, default=2000, help="1–12 MP photos")
+    ap.add_argument("--small-images", type=int, default=3000, help="~0.5 MP catalog photos")
+    ap.add_argument("--naive-images", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=256, help="IMGSYNC_BATCH_MAX of the end-to-end runs")
+    ap.add_argument("--batches", default="1,8,32,64,128,256,512")
+    ap.add_argument("--seconds", type=float, default=1.5, help="time per model-bound measurement")
+    ap.add_argument("--skip", default="", help="comma-separated sections to leave out")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on a CPU")
+    args = ap.parse_args()
+    if args.smoke:
+        args.images, args.small_images, args.naive_images = 24, 24, 4
+        args.batches, args.seconds, args.batch = "1,8", 0.2, 8
+        args.skip = args.skip or "e2e_big,e2e_small,preprocess"
+    skip = set(args.skip.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="imgsync-gpu-bench-"))
+    results: dict = {"env": env_info(), "args": {k: str(v) for k, v in vars(args).items()}}
+    import torch
+
+    cuda = torch.cuda.is_available()
+    spare = max(1, (os.cpu_count() or 2) - 2)  # cores left for the CPU worker (encode worker + Milvus)
+
+    big = small = []
+    with section(results, "photos", args.out) as r:
+        big = write_photos(work / "big", args.images, SIZES)
+        small = write_photos(work / "small", args.small_images, SMALL_SIZES)
+        r.update(big=len(big), small=len(small), big_mb=round(sum(p.stat().st_size for p in big) / 2**20))
+    if "bound" not in skip:
+        with section(results, "model_bound", args.out) as r:
+            r["rows"] = model_bound(args.model, args.precision, [int(b) for b in args.batches.split(",")], args.seconds)
+    if "preprocess" not in skip:
+        with section(results, "cpu_preprocess", args.out) as r:
+            r["big_images_per_s"] = round(preprocess_all_cores(args.model, big[: min(len(big), 800)]), 1)
+            r["small_images_per_s"] = round(preprocess_all_cores(args.model, small[: min(len(small), 1600)]), 1)
+    if (cuda or args.smoke) and "gpu_decode" not in skip:
+        with section(results, "gpu_decode_big", args.out) as r:
+            r.update(gpu_decode(args.model, args.precision, big[:256], 32))
+        with section(results, "gpu_decode_small", args.out) as r:
+            r.update(gpu_decode(args.model, args.precision, small[:1024], 128))
+    if "naive" not in skip:
+        from worker.index import LiteServer
+
+        with section(results, "naive", args.out) as r, LiteServer(work / "naive-milvus") as server:
+            r["images_per_s"] = round(naive(args.model, big[: args.naive_images], server.uri, "cuda" if cuda else "cpu"), 2)
+    for name, root in (("e2e_big", work / "big"), ("e2e_small", work / "small")):
+        if name in skip:
+            continue
+        with section(results, name, args.out) as r:
+            sampler = GpuSampler()
+            rate, indexed = imgsync_e2e(
+                args.model, root, work / f"home-{name}", args.batch, during=sampler,
+                precision=args.precision, worker_concurrency=spare, batch_wait_ms=100,
+            )  # fmt: skip
+            r.update(images_per_s=round(rate, 1), indexed=indexed, cpu_workers=spare, **sampler.summary())
+            logs = work / f"home-{name}" / "logs"
+            for f in logs.glob("*.log"):
+                (args.out / f"{name}-{f.name}").write_bytes(f.read_bytes()[-200_000:])
+    print("\n| section | figure |\n|---|---|")
+    for name, slot in results.items():
+        if name in ("env", "args"):
+            continue
+        for k, v in slot.items():
+            if k != "rows":
+                print(f"| {name} | {k}: {v} |")
+        for row in slot.get("rows", []):
+            print(f"| {name} | {row} |")
+    print(json.dumps(results["env"]))
+
+
+if __name__ == "__main__":
+    main()
