@@ -63,30 +63,46 @@ def model_bound(spec: str, n: int, batch: int) -> float:
     return done / (time.perf_counter() - started)
 
 
+_PROCESS_STATE: dict = {}  # per pool process: its Runtime and model, made by the warm-up call
+
+
 def _preprocess_files(args: tuple[str, list[str]]) -> int:
-    from config.settings import Settings
+    from config.settings import EncoderConfig, Settings
     from worker import pipeline
     from worker.encoders import create_encoder
     from worker.runtime import Runtime
 
     spec, paths = args
-    rt = Runtime(Settings(_env_file=None, home=Path(tempfile.mkdtemp()), model=spec))  # type: ignore[call-arg]
-    enc = create_encoder(spec).load()
+    if _PROCESS_STATE.get("spec") != spec:  # load once: model loading is not preprocessing
+        home = Path(tempfile.mkdtemp())
+        _PROCESS_STATE.update(
+            spec=spec,
+            rt=Runtime(Settings(_env_file=None, home=home, model=spec, device="cpu")),  # type: ignore[call-arg]
+            enc=create_encoder(EncoderConfig(spec=spec, device="cpu", precision="fp32")).load(),
+        )
+    rt, enc = _PROCESS_STATE["rt"], _PROCESS_STATE["enc"]
     for p in paths:
         pipeline.model_pixels(rt, Path(p).read_bytes(), None, enc)
     return len(paths)
 
 
+def _warm(spec: str, path: str, barrier) -> None:  # type: ignore[no-untyped-def]
+    _preprocess_files((spec, [path]))
+    barrier.wait()  # every process has its model before any timed work starts
+
+
 def preprocess_all_cores(spec: str, files: list[Path]) -> float:
-    """imgsync's preprocessing of ``files`` split over one process per core, images/s (after each
-    process loaded its model config)."""
+    """imgsync's preprocessing of ``files`` split over one process per core, images/s. Each process
+    loads its model in a warm-up call first, with a barrier so that every process gets one."""
     import multiprocessing as mp
     import os
 
     cores = os.cpu_count() or 1
     parts = [[str(f) for f in files[i::cores]] for i in range(cores)]
-    with mp.get_context("spawn").Pool(cores) as pool:
-        pool.map(_preprocess_files, [(spec, p[:1]) for p in parts])  # warm: imports, model config
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Manager().Barrier(cores + 1)
+    with ctx.Pool(cores, initializer=_warm, initargs=(spec, str(files[0]), barrier)) as pool:
+        barrier.wait()
         started = time.perf_counter()
         done = sum(pool.map(_preprocess_files, [(spec, p) for p in parts]))
         return done / (time.perf_counter() - started)

@@ -273,6 +273,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64,128,256,512")
     ap.add_argument("--seconds", type=float, default=1.5, help="time per model-bound measurement")
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out")
+    ap.add_argument(
+        "--redis-server", default="", help="a redis-server binary: also run end to end on a Redis broker (+ pixel store)"
+    )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on a CPU")
     args = ap.parse_args()
     if args.smoke:
@@ -310,19 +313,33 @@ def main() -> None:
 
         with section(results, "naive", args.out) as r, LiteServer(work / "naive-milvus") as server:
             r["images_per_s"] = round(naive(args.model, big[: args.naive_images], server.uri, "cuda" if cuda else "cpu"), 2)
-    for name, root in (("e2e_big", work / "big"), ("e2e_small", work / "small")):
+    runs = [("e2e_big", work / "big", {}), ("e2e_small", work / "small", {})]
+    redis = None
+    if args.redis_server:
+        port = 6399
+        redis = subprocess.Popen(
+            [args.redis_server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(work)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1)
+        for i, (name, root, _) in enumerate(list(runs)):
+            runs.append((f"{name}_redis", root, {"broker_url": f"redis://127.0.0.1:{port}/{i}"}))
+    for name, root, extra in runs:
         if name in skip:
             continue
         with section(results, name, args.out) as r:
             sampler = GpuSampler()
             rate, indexed = imgsync_e2e(
                 args.model, root, work / f"home-{name}", args.batch, during=sampler,
-                precision=args.precision, worker_concurrency=spare, batch_wait_ms=100,
+                precision=args.precision, worker_concurrency=spare, batch_wait_ms=100, **extra,
             )  # fmt: skip
             r.update(images_per_s=round(rate, 1), indexed=indexed, cpu_workers=spare, **sampler.summary())
             logs = work / f"home-{name}" / "logs"
-            for f in logs.glob("*.log"):
-                (args.out / f"{name}-{f.name}").write_bytes(f.read_bytes()[-200_000:])
+            for f in logs.glob("worker-*.log"):
+                (args.out / "logs").mkdir(exist_ok=True)
+                (args.out / "logs" / f"{name}-{f.name}").write_bytes(f.read_bytes()[-100_000:])
+    if redis is not None:
+        redis.terminate()
     print("\n| section | figure |\n|---|---|")
     for name, slot in results.items():
         if name in ("env", "args"):

@@ -309,7 +309,11 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or f"sqla+sqlite:///{self.broker_db_path}"
+        if self.broker_url:
+            return self.broker_url
+        from worker.embedded_broker import broker_url  # registers the embedded broker's kombu transport
+
+        return broker_url(self.broker_db_path)
 
     @property
     def broker_db_path(self) -> Path:

@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import sqlite3
-from pathlib import Path
 
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
@@ -26,10 +23,6 @@ app.conf.update(
     result_serializer="json",
     event_serializer="json",
 )
-
-#: seconds between polls of the embedded (SQLite) broker; kombu's default of 1 s makes every task
-#: take about a second (see FACTS.md)
-EMBEDDED_POLLING_INTERVAL = 0.05
 
 _state: dict[str, object] = {}
 
@@ -69,13 +62,7 @@ def configure(settings: Settings) -> Celery:
     }
     if settings.embedded_broker:
         settings.home.mkdir(parents=True, exist_ok=True)
-        import kombu.transport.sqlalchemy as sqla_transport
-
-        # kombu passes broker_transport_options to create_engine for this transport: a creator that
-        # opens the file in WAL mode with synchronous=NORMAL, like the ledger (the default rollback
-        # journal fsyncs on every fetch and every ack)
-        conf["broker_transport_options"] = {"creator": functools.partial(_sqlite_broker_connection, settings.broker_db_path)}
-        sqla_transport.Transport.polling_interval = EMBEDDED_POLLING_INTERVAL
+        conf["broker_transport_options"] = {}  # worker.embedded_broker: one SQLite file, no options
     if app.conf.broker_url and app.conf.broker_url != conf["broker_url"]:
         _drop_broker_pools()
     app.conf.update(conf)
@@ -85,16 +72,6 @@ def configure(settings: Settings) -> Celery:
     _state["settings"] = settings
     _state.pop("runtime", None)
     return app
-
-
-def _sqlite_broker_connection(path: Path) -> sqlite3.Connection:
-    """A connection to the embedded broker's SQLite file, set up like the ledger's (only an OS crash
-    or power loss may drop the last committed messages)."""
-    from worker.ledger.db import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
-
-    conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
-    sqlite_pragmas(conn)
-    return conn
 
 
 def _drop_broker_pools() -> None:

@@ -204,6 +204,44 @@ def test_concurrent_writers_on_sqlite(tmp_path: Path) -> None:
     assert Ledger(make_engine(url)).sku_generation("S")[0] == 150
 
 
+def test_sqlite_reads_never_wait_for_a_writer(tmp_path: Path) -> None:
+    """While another process holds SQLite's write lock, ledger reads answer at once (WAL readers take
+    no lock) and ledger writes wait for it, then go through."""
+    import sqlite3
+    import threading
+
+    path = tmp_path / "state.db"
+    url = f"sqlite:///{path}"
+    upgrade(url)
+    led = Ledger(make_engine(url))
+    led.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    led.accept(ev("s3://b/SKU-1/r.jpg"))
+    other = sqlite3.connect(path, isolation_level=None)  # another process's writer, in effect
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        reads: dict[str, object] = {}
+        reader = threading.Thread(
+            target=lambda: reads.update(
+                row=led.get(ev("s3://b/SKU-1/r.jpg").image_id), counts=led.counts(), serving=led.serving_version()
+            )
+        )  # fmt: skip
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "a read waited for the write lock"
+        assert reads["row"] is not None and reads["serving"] is not None
+        writer = threading.Thread(target=led.mark_dirty, args=(["S-LOCK"],))
+        writer.start()
+        writer.join(0.5)
+        assert writer.is_alive()  # the write waits for the lock ...
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    writer.join(10)
+    assert not writer.is_alive()  # ... and goes through once it is free
+    assert led.sku_generation("S-LOCK")[0] == 1
+    led.engine.dispose()
+
+
 def test_migration_up_down_up(tmp_path: Path) -> None:
     """The alembic migration applies, reverts and applies again."""
     from alembic import command

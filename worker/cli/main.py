@@ -136,7 +136,6 @@ def worker(
     CPU queues get a prefork pool."""
     from worker import __version__
     from worker.celery_app import configure, runtime
-    from worker.broker_sweep import BrokerSweeper
     from worker.heartbeat import Heartbeat
     from worker.ledger import Ledger, make_engine
     from worker.metrics import metrics
@@ -182,13 +181,10 @@ def worker(
         conc = concurrency or settings.worker_concurrency or (os.cpu_count() or 1)
         argv += ["--pool", "prefork", "--concurrency", str(conc)]
     heartbeat.start()
-    sweeper = BrokerSweeper(settings.broker_db_path).start() if settings.embedded_broker else None
     try:
         app_.worker_main(argv)
     finally:
         heartbeat.stop()
-        if sweeper is not None:
-            sweeper.stop()
 
 
 def _start_metrics(settings, *, node: str) -> None:  # type: ignore[no-untyped-def]

@@ -20,6 +20,7 @@ class HousekeepingMixin:
     """Methods of :class:`~worker.ledger.Ledger` that are not about images or SKUs."""
 
     engine: Engine
+    _reader: Engine  # read-only transactions (worker.ledger.db.reader)
 
     # --- dead letters ----------------------------------------------------------------------------
 
@@ -36,11 +37,11 @@ class HousekeepingMixin:
             )
 
     def dead_letter_count(self) -> int:
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar_one())
 
     def dead_letter_rows(self, limit: int = 100) -> list[dict]:
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             q = sa.select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
             return [dict(r) for r in conn.execute(q).mappings()]
 

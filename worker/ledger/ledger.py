@@ -15,6 +15,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from schemas.events import Action, CropBox, ImageEvent
 from schemas.reasons import Reason
+from worker.ledger.db import reader
 from worker.ledger.housekeeping import HousekeepingMixin
 from worker.ledger.tables import ImageState, VersionStatus, image_vectors, images, index_versions, skus
 
@@ -116,6 +117,7 @@ class Ledger(HousekeepingMixin):
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._reader = reader(engine)  # read-only transactions: no SQLite write lock
         self._lock_rows = engine.dialect.name != "sqlite"  # SQLite: BEGIN IMMEDIATE locks the file
 
     # --- events --------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ class Ledger(HousekeepingMixin):
 
     def is_current(self, image_id: str, version: str) -> bool:
         """True when ``version`` is still the newest event seen for the image and it is not deleted."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             r = conn.execute(
                 sa.select(images.c.version, images.c.state).where(images.c.image_id == image_id)
             ).first()
@@ -177,7 +179,7 @@ class Ledger(HousekeepingMixin):
     def current_versions(self, image_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """``image_id -> (version, state)`` for the ids that have a row."""
         out: dict[str, tuple[str, str]] = {}
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             for chunk in _chunks(list(image_ids), 500):
                 for r in conn.execute(
                     sa.select(images.c.image_id, images.c.version, images.c.state).where(
@@ -259,7 +261,7 @@ class Ledger(HousekeepingMixin):
 
     def vector_rows(self, image_id: str) -> dict[str, tuple[str, str]]:
         """``model_id -> (content_hash, sku)`` of the vectors each model version holds for an image."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return {
                 r.model_id: (r.content_hash, r.sku)
                 for r in conn.execute(
@@ -331,18 +333,18 @@ class Ledger(HousekeepingMixin):
 
     def sku_generation(self, sku: str) -> tuple[int, int]:
         """``(dirty_gen, clean_gen)`` of a SKU; (0, 0) when unknown."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             r = conn.execute(sa.select(skus.c.dirty_gen, skus.c.clean_gen).where(skus.c.sku == sku)).first()
         return (int(r.dirty_gen), int(r.clean_gen)) if r else (0, 0)
 
     def dirty_skus(self) -> list[str]:
         """SKUs awaiting a refresh."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return list(conn.execute(sa.select(skus.c.sku).where(skus.c.dirty_gen > skus.c.clean_gen)).scalars())
 
     def sku_members(self, sku: str, model_id: str) -> list[str]:
         """Image ids currently indexed under ``sku`` whose vector ``model_id``'s version holds."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return list(
                 conn.execute(
                     sa.select(images.c.image_id)
@@ -420,7 +422,7 @@ class Ledger(HousekeepingMixin):
     def versions(self, statuses: Sequence[str] = VersionStatus.ACTIVE) -> list[VersionRow]:
         """Model versions with one of ``statuses``, serving first, then newest first."""
         order = sa.case((index_versions.c.status == VersionStatus.serving, 0), else_=1)
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             rows = conn.execute(
                 sa.select(index_versions)
                 .where(index_versions.c.status.in_(list(statuses)))
@@ -429,12 +431,12 @@ class Ledger(HousekeepingMixin):
             return [_version(r) for r in rows]
 
     def version(self, model_id: str) -> VersionRow | None:
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             r = conn.execute(sa.select(index_versions).where(index_versions.c.model_id == model_id)).first()
         return _version(r) if r is not None else None
 
     def serving_version(self) -> VersionRow | None:
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return self._serving(conn)
 
     def set_serving(self, model_id: str) -> VersionRow | None:
@@ -495,7 +497,7 @@ class Ledger(HousekeepingMixin):
             .where(images.c.state == ImageState.indexed)
         )
         total = covered = 0
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             if image_ids is None:
                 total = int(conn.execute(base).scalar_one())
                 covered = int(conn.execute(covered_q).scalar_one())
@@ -508,7 +510,7 @@ class Ledger(HousekeepingMixin):
     def held_by(self, model_id: str, image_ids: Sequence[str]) -> set[str]:
         """Those of ``image_ids`` that ``model_id``'s version holds a vector of the current content for."""
         held: set[str] = set()
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             for chunk in _chunks(list(image_ids), 500):
                 q = (
                     sa.select(images.c.image_id)
@@ -538,7 +540,7 @@ class Ledger(HousekeepingMixin):
 
     def model_for_collection(self, images_collection: str) -> str | None:
         """The model id whose images live in ``images_collection``."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return conn.execute(
                 sa.select(index_versions.c.model_id).where(
                     index_versions.c.images_collection == images_collection
@@ -547,7 +549,7 @@ class Ledger(HousekeepingMixin):
 
     def indexed_since(self, since: datetime) -> int:
         """Images indexed at or after ``since`` (for rates)."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return int(
                 conn.execute(
                     sa.select(sa.func.count()).select_from(images).where(images.c.indexed_at >= since)
@@ -557,7 +559,7 @@ class Ledger(HousekeepingMixin):
     # --- reads for the CLI ---------------------------------------------------------------------
 
     def get(self, image_id: str) -> ImageRow | None:
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return self._get(conn, image_id, lock=False)
 
     def finished_rows(self, request_id: str, since: datetime | None = None) -> list[ImageRow]:
@@ -566,12 +568,12 @@ class Ledger(HousekeepingMixin):
         query = sa.select(images).where(images.c.request_id == request_id, images.c.outcome.is_not(None))
         if since is not None:
             query = query.where(images.c.updated_at >= since)
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [row for r in conn.execute(query) if (row := _row(r)) is not None]
 
     def rows(self, image_ids: Sequence[str]) -> dict[str, ImageRow]:
         out: dict[str, ImageRow] = {}
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             for chunk in _chunks(list(image_ids), 500):
                 for r in conn.execute(sa.select(images).where(images.c.image_id.in_(chunk))):
                     row = _row(r)
@@ -593,7 +595,7 @@ class Ledger(HousekeepingMixin):
         if uri_prefix:
             escaped = uri_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             q = q.where(images.c.uri.like(escaped + "%", escape="\\"))
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [r for r in (_row(x) for x in conn.execute(q.order_by(images.c.uri))) if r is not None]
 
     def failures(
@@ -613,12 +615,12 @@ class Ledger(HousekeepingMixin):
         if since is not None:
             q = q.where(images.c.updated_at >= since)
         q = q.order_by(images.c.updated_at.desc(), images.c.image_id).limit(limit)
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             return [r for r in (_row(x) for x in conn.execute(q)) if r is not None]
 
     def failure_counts(self) -> dict[str, int]:
         """Failed images by reason."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             rows = conn.execute(
                 sa.select(images.c.reason, sa.func.count())
                 .where(images.c.state == ImageState.failed)
@@ -629,14 +631,14 @@ class Ledger(HousekeepingMixin):
     def counts(self) -> dict[str, int]:
         """Images by state (every state present, zero included)."""
         out = {s: 0 for s in ImageState.ALL}
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             for state, n in conn.execute(sa.select(images.c.state, sa.func.count()).group_by(images.c.state)):
                 out[state] = int(n)
         return out
 
     def sku_counts(self) -> tuple[int, int]:
         """``(skus known, skus awaiting refresh)``."""
-        with self.engine.connect() as conn:
+        with self._reader.connect() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(skus)).scalar_one()
             dirty = conn.execute(
                 sa.select(sa.func.count()).select_from(skus).where(skus.c.dirty_gen > skus.c.clean_gen)

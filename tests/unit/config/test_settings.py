@@ -15,7 +15,7 @@ def test_defaults_serve_embedded_mode(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)
     s = Settings(_env_file=None)  # type: ignore[call-arg]
     assert s.home == (tmp_path / ".imgsync").resolve()
-    assert s.effective_broker_url == f"sqla+sqlite:///{s.home / 'broker.db'}"
+    assert s.effective_broker_url == f"imgsync-sqlite://{s.home / 'broker.db'}"
     assert s.effective_database_url == f"sqlite:///{s.home / 'state.db'}"
     assert s.effective_catalog_url == s.effective_database_url
     assert s.embedded_broker and s.milvus_uri == ""

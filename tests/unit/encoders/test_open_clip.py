@@ -112,7 +112,8 @@ def test_cuda_oom_splits_batch(tiny_encoder, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(type(tiny_encoder), "_encode_now", flaky)
     got = tiny_encoder.encode(pixels)
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # on a GPU, cuBLAS/cuDNN choose kernels by batch size: the halves differ in the last digits
+    np.testing.assert_allclose(got, expected, atol=1e-6 if tiny_encoder.device.type == "cpu" else 5e-5)
     assert sizes[0] == 7 and max(s for s in sizes[1:]) <= 4
 
 
