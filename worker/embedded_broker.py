@@ -11,6 +11,8 @@ reads in the other) and changes how they are used:
 
 - a fetch reads the queue's oldest message outside any write lock, then takes it with one
   ``DELETE … RETURNING`` statement; if another consumer took it first, it reads again;
+- writers wait for the lock in sub-millisecond steps (``worker.ledger.db.begin_immediate``), not in
+  SQLite's own sleeps that grow to 100 ms;
 - an empty queue costs one indexed read and takes no lock;
 - a delivered message is deleted at once. Delivery guarantees are kombu's, unchanged: the message
   waits unacknowledged in the consumer's memory, and a consumer that closes puts back what it did not
@@ -25,6 +27,8 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from queue import Empty
@@ -80,18 +84,27 @@ def _connect(path: Path) -> sqlite3.Connection:
     if key not in _ready:
         with _ready_lock:
             if key not in _ready:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
+                with _write(conn):
                     for stmt in _SCHEMA:
                         conn.execute(stmt)
                     # messages kombu's SQLAlchemy transport delivered and left behind (invisible)
                     conn.execute("DELETE FROM kombu_message WHERE visible = 0")
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
                 _ready.add(key)
     return conn
+
+
+@contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: the lock taken in sub-millisecond steps, committed or rolled back."""
+    from worker.ledger.db import begin_immediate
+
+    begin_immediate(conn)
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class Channel(virtual.Channel):
@@ -117,7 +130,8 @@ class Channel(virtual.Channel):
         qid = self._queue_ids.get(queue)
         if qid is None:
             db = self._db
-            db.execute("INSERT OR IGNORE INTO kombu_queue (name) VALUES (?)", (queue,))
+            with _write(db):
+                db.execute("INSERT OR IGNORE INTO kombu_queue (name) VALUES (?)", (queue,))
             qid = self._queue_ids[queue] = db.execute("SELECT id FROM kombu_queue WHERE name = ?", (queue,)).fetchone()[0]
         return qid
 
@@ -125,10 +139,12 @@ class Channel(virtual.Channel):
         self._queue_id(queue)
 
     def _put(self, queue: str, message: dict, **kwargs: Any) -> None:
-        self._db.execute(
-            "INSERT INTO kombu_message (visible, timestamp, payload, version, queue_id) VALUES (1, ?, ?, 1, ?)",
-            (datetime.now().isoformat(sep=" "), json.dumps(message), self._queue_id(queue)),
-        )
+        db, qid = self._db, self._queue_id(queue)
+        with _write(db):
+            db.execute(
+                "INSERT INTO kombu_message (visible, timestamp, payload, version, queue_id) VALUES (1, ?, ?, 1, ?)",
+                (datetime.now().isoformat(sep=" "), json.dumps(message), qid),
+            )
 
     def _get(self, queue: str) -> dict:
         db, qid = self._db, self._queue_id(queue)
@@ -138,8 +154,8 @@ class Channel(virtual.Channel):
             ).fetchone()
             if row is None:
                 raise Empty()
-            # fetchall: the statement runs to its end, so its implicit transaction commits now
-            taken = db.execute("DELETE FROM kombu_message WHERE id = ? AND visible = 1 RETURNING payload", row).fetchall()
+            with _write(db):
+                taken = db.execute("DELETE FROM kombu_message WHERE id = ? AND visible = 1 RETURNING payload", row).fetchall()
             if taken:
                 return json.loads(taken[0][0])
             # another consumer took that one between the read and the delete: read again
@@ -152,9 +168,11 @@ class Channel(virtual.Channel):
         )
 
     def _purge(self, queue: str) -> int:
-        n = self._size(queue)
-        self._db.execute("DELETE FROM kombu_message WHERE queue_id = ?", (self._queue_id(queue),))
-        return n
+        db, qid = self._db, self._queue_id(queue)
+        with _write(db):
+            n = db.execute("DELETE FROM kombu_message WHERE queue_id = ? AND visible = 1", (qid,)).rowcount
+            db.execute("DELETE FROM kombu_message WHERE queue_id = ?", (qid,))
+        return int(n)
 
     def close(self) -> None:
         try:

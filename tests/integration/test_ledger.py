@@ -242,6 +242,24 @@ def test_sqlite_reads_never_wait_for_a_writer(tmp_path: Path) -> None:
     led.engine.dispose()
 
 
+def test_sqlite_write_lock_wait_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    import sqlite3
+
+    from worker.ledger.db import begin_immediate
+
+    path = tmp_path / "lock.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")
+    waiter = sqlite3.connect(path, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        begin_immediate(waiter, timeout_ms=200)
+    holder.execute("COMMIT")
+    begin_immediate(waiter, timeout_ms=200)  # free now: taken at once
+    waiter.execute("COMMIT")
+    assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] > 0  # the connection's own timeout is back
+
+
 def test_migration_up_down_up(tmp_path: Path) -> None:
     """The alembic migration applies, reverts and applies again."""
     from alembic import command

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -11,7 +14,7 @@ from sqlalchemy.engine import Engine, make_url
 from worker.errors import ServiceUnavailable
 
 __all__ = [
-    "make_engine", "reader", "upgrade", "current_revision", "safe_url", "sqlite_pragmas", "MIGRATIONS_DIR", "READ_ONLY",
+    "make_engine", "reader", "begin_immediate", "upgrade", "current_revision", "safe_url", "sqlite_pragmas", "MIGRATIONS_DIR", "READ_ONLY",
 ]  # fmt: skip
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
@@ -21,6 +24,29 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 #: execution option of connections that only read (see :func:`reader`)
 READ_ONLY = "imgsync_read_only"
+
+
+def begin_immediate(dbapi_conn: sqlite3.Connection, timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+    """``BEGIN IMMEDIATE`` on a raw SQLite connection, waiting for the write lock in steps of under a
+    millisecond. SQLite's own busy handler sleeps 1, 2, 5, 10 … up to 100 ms between tries, so with a
+    dozen writer processes a lock held for a millisecond cost its waiters tens of milliseconds.
+
+    Raises:
+        sqlite3.OperationalError: the lock stayed taken for ``timeout_ms``, or another error.
+    """
+    deadline = time.monotonic() + timeout_ms / 1000
+    dbapi_conn.execute("PRAGMA busy_timeout=0")
+    try:
+        while True:
+            try:
+                dbapi_conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(random.uniform(0.0001, 0.001))
+    finally:
+        dbapi_conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def reader(engine: Engine) -> Engine:
@@ -58,7 +84,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                begin_immediate(conn.connection.dbapi_connection)
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
