@@ -70,8 +70,16 @@ def write_photos(root: Path, n: int, sizes: list[tuple[int, int]], n_skus: int =
         return [Path(p) for p in pool.map(_one_photo, jobs, chunksize=8)]
 
 
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    f = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0.0)
+    return sum(f) - idle, sum(f)
+
+
 class GpuSampler:
-    """GPU utilisation (NVML, %) and memory used, sampled every ``interval`` s while entered."""
+    """GPU utilisation (NVML, %) and memory used, sampled every ``interval`` s while entered, and the
+    machine's CPU utilisation over the whole time."""
 
     def __init__(self, interval: float = 0.1) -> None:
         self.interval = interval
@@ -81,6 +89,7 @@ class GpuSampler:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> GpuSampler:
+        self._cpu0 = _cpu_times()
         try:
             import pynvml
 
@@ -99,14 +108,18 @@ class GpuSampler:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        busy, total = (b - a for a, b in zip(self._cpu0, _cpu_times(), strict=True))
+        self.cpu_busy_pct = round(100.0 * busy / total, 1) if total else None
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
 
     def summary(self) -> dict[str, float | int | None]:
+        cpu = {"cpu_busy_pct": getattr(self, "cpu_busy_pct", None)}
         if not self.util:
-            return {"gpu_util_mean_pct": None, "gpu_util_median_pct": None, "gpu_mem_used_max_mib": None}
+            return {"gpu_util_mean_pct": None, "gpu_util_median_pct": None, "gpu_mem_used_max_mib": None, **cpu}
         return {
+            **cpu,
             "gpu_util_mean_pct": round(float(np.mean(self.util)), 1),
             "gpu_util_median_pct": float(np.median(self.util)),
             "gpu_mem_used_max_mib": round(max(self.mem_used) / 2**20),
@@ -227,6 +240,34 @@ def gpu_decode(spec: str, precision: str, files: list[Path], batch: int) -> dict
     return out
 
 
+def stage_summary(metrics_dir: Path) -> dict:
+    """Per pipeline stage: calls and mean ms (``imgsync_stage_seconds``), and the mean encode batch,
+    from the stack's Prometheus samples (warm-up included)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    sums: dict[tuple[str, str], float] = {}
+    for fam in registry.collect():
+        for smp in fam.samples:
+            if smp.name.endswith(("_sum", "_count")):
+                key = smp.labels.get("stage") or ("batch" if "batch_size" in smp.name else None)
+                if key and smp.name.startswith(("imgsync_stage_seconds", "imgsync_encode_batch_size")):
+                    kind = "sum" if smp.name.endswith("_sum") else "count"
+                    sums[(key, kind)] = sums.get((key, kind), 0.0) + smp.value
+    out = {}
+    for stage in sorted({k for k, _ in sums}):
+        n, total = sums.get((stage, "count"), 0.0), sums.get((stage, "sum"), 0.0)
+        if stage == "batch":
+            out["encode_batch_mean"] = round(total / n, 1) if n else None
+            out["encode_batches"] = int(n)
+        else:
+            out[f"{stage}_ms"] = round(1000 * total / n, 2) if n else None
+            out[f"{stage}_calls"] = int(n)
+    return out
+
+
 def env_info() -> dict:
     import torch
 
@@ -274,6 +315,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5, help="time per model-bound measurement")
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out")
     ap.add_argument(
+        "--runs", default="e2e_big,e2e_small",
+        help="end-to-end runs: e2e_<big|small>[_redis][_c<CPU worker processes>], comma-separated",
+    )  # fmt: skip
+    ap.add_argument(
         "--redis-server", default="", help="a redis-server binary: also run end to end on a Redis broker (+ pixel store)"
     )  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on a CPU")
@@ -313,17 +358,25 @@ def main() -> None:
 
         with section(results, "naive", args.out) as r, LiteServer(work / "naive-milvus") as server:
             r["images_per_s"] = round(naive(args.model, big[: args.naive_images], server.uri, "cuda" if cuda else "cpu"), 2)
-    runs = [("e2e_big", work / "big", {}), ("e2e_small", work / "small", {})]
+    runs = []
     redis = None
+    for i, name in enumerate(args.runs.split(",")):  # e2e_<big|small>[_redis][_c<CPU worker processes>]
+        parts = name.split("_")
+        extra: dict[str, object] = {"worker_concurrency": spare}
+        for part in parts[2:]:
+            if part == "redis":
+                if not args.redis_server:
+                    raise SystemExit(f"{name}: needs --redis-server")
+                extra["broker_url"] = f"redis://127.0.0.1:6399/{i}"
+            elif part.startswith("c") and part[1:].isdigit():
+                extra["worker_concurrency"] = int(part[1:])
+        runs.append((name, work / parts[1], extra))
     if args.redis_server:
-        port = 6399
         redis = subprocess.Popen(
-            [args.redis_server, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(work)],
+            [args.redis_server, "--port", "6399", "--save", "", "--appendonly", "no", "--dir", str(work)],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         time.sleep(1)
-        for i, (name, root, _) in enumerate(list(runs)):
-            runs.append((f"{name}_redis", root, {"broker_url": f"redis://127.0.0.1:{port}/{i}"}))
     for name, root, extra in runs:
         if name in skip:
             continue
@@ -331,9 +384,12 @@ def main() -> None:
             sampler = GpuSampler()
             rate, indexed = imgsync_e2e(
                 args.model, root, work / f"home-{name}", args.batch, during=sampler,
-                precision=args.precision, worker_concurrency=spare, batch_wait_ms=100, **extra,
+                precision=args.precision, batch_wait_ms=100, **extra,
             )  # fmt: skip
-            r.update(images_per_s=round(rate, 1), indexed=indexed, cpu_workers=spare, **sampler.summary())
+            r.update(
+                images_per_s=round(rate, 1), indexed=indexed, cpu_workers=extra["worker_concurrency"], **sampler.summary()
+            )
+            r["stages"] = stage_summary(work / f"home-{name}" / "metrics" / "stack")
             logs = work / f"home-{name}" / "logs"
             for f in logs.glob("worker-*.log"):
                 (args.out / "logs").mkdir(exist_ok=True)

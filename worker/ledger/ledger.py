@@ -219,45 +219,54 @@ class Ledger(HousekeepingMixin):
                     )
                 )
             }
-            for item in done:
-                q = sa.select(images.c.sku).where(
-                    images.c.image_id == item.image_id,
-                    images.c.version == item.version,
-                    images.c.state != ImageState.deleted,
+            current: dict[str, tuple[str, str]] = {}  # image_id -> (version, sku) of live rows
+            for chunk in _chunks(sorted({d.image_id for d in done}), 500):
+                q = sa.select(images.c.image_id, images.c.version, images.c.sku).where(
+                    images.c.image_id.in_(chunk), images.c.state != ImageState.deleted
                 )
-                row = conn.execute(q.with_for_update() if self._lock_rows else q).first()
-                if row is None:
-                    continue
-                self._upsert_vector_row(conn, item, row.sku, now)
+                for r in conn.execute(q.with_for_update() if self._lock_rows else q):
+                    current[r.image_id] = (r.version, r.sku)
+            vector_rows: list[dict] = []
+            serving_rows: list[dict] = []
+            for item in done:
+                row = current.get(item.image_id)
+                if row is None or row[0] != item.version:
+                    continue  # overtaken by a newer event, or deleted
+                vector_rows.append({
+                    "image_id": item.image_id, "model_id": item.model_id, "version": item.version, "sku": row[1],
+                    "content_hash": item.content_hash, "indexed_at": now,
+                })  # fmt: skip
                 if statuses.get(item.model_id) == VersionStatus.serving:
-                    conn.execute(
-                        images.update()
-                        .where(images.c.image_id == item.image_id)
-                        .values(
-                            state=ImageState.indexed,
-                            outcome="indexed",
-                            reason=None,
-                            detail=None,
-                            content_hash=item.content_hash,
-                            model_id=item.model_id,
-                            updated_at=now,
-                            indexed_at=now,
-                        )
-                    )
+                    serving_rows.append({"b_id": item.image_id, "b_hash": item.content_hash, "b_model": item.model_id})
                 recorded.append(item.image_id)
-                dirty.add(row.sku)
+                dirty.add(row[1])
+            if vector_rows:  # one statement, many rows: the write lock is held for as short as possible
+                ins = _dialect_insert(conn)(image_vectors)
+                conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=[image_vectors.c.image_id, image_vectors.c.model_id],
+                        set_={c: ins.excluded[c] for c in ("version", "sku", "content_hash", "indexed_at")},
+                    ),
+                    vector_rows,
+                )
+            if serving_rows:
+                conn.execute(
+                    images.update()
+                    .where(images.c.image_id == sa.bindparam("b_id"))
+                    .values(
+                        state=ImageState.indexed,
+                        outcome="indexed",
+                        reason=None,
+                        detail=None,
+                        content_hash=sa.bindparam("b_hash"),
+                        model_id=sa.bindparam("b_model"),
+                        updated_at=now,
+                        indexed_at=now,
+                    ),
+                    serving_rows,
+                )
             self._mark_dirty(conn, dirty, now)
         return recorded, dirty
-
-    def _upsert_vector_row(self, conn: Connection, item: IndexedImage, sku: str, now: datetime) -> None:
-        values = {"version": item.version, "sku": sku, "content_hash": item.content_hash, "indexed_at": now}
-        res = conn.execute(
-            image_vectors.update()
-            .where(image_vectors.c.image_id == item.image_id, image_vectors.c.model_id == item.model_id)
-            .values(**values)
-        )
-        if res.rowcount == 0:
-            conn.execute(image_vectors.insert().values(image_id=item.image_id, model_id=item.model_id, **values))
 
     def vector_rows(self, image_id: str) -> dict[str, tuple[str, str]]:
         """``model_id -> (content_hash, sku)`` of the vectors each model version holds for an image."""
@@ -654,12 +663,9 @@ class Ledger(HousekeepingMixin):
         return _row(conn.execute(q).first())
 
     def _mark_dirty(self, conn: Connection, sku_ids: Iterable[str], now: datetime) -> None:
-        for sku in sorted(set(sku_ids)):  # sorted: a stable lock order between writers
-            res = conn.execute(
-                skus.update().where(skus.c.sku == sku).values(dirty_gen=skus.c.dirty_gen + 1, updated_at=now)
-            )
-            if res.rowcount == 0:
-                _insert_sku(conn, sku, now)
+        rows = [{"sku": sku} for sku in sorted(set(sku_ids))]  # sorted: a stable lock order between writers
+        if rows:
+            conn.execute(_sku_upsert(conn, now), rows)
 
 
 def _version(r: sa.Row) -> VersionRow:
@@ -667,18 +673,20 @@ def _version(r: sa.Row) -> VersionRow:
     return VersionRow(**{f: m[f] for f in VersionRow.__dataclass_fields__})
 
 
-def _insert_sku(conn: Connection, sku: str, now: datetime) -> None:
-    """Insert a dirty SKU row, or bump it when a concurrent writer inserted it first."""
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
+def _dialect_insert(conn: Connection):  # type: ignore[no-untyped-def]
+    """The ``insert`` construct with ``on_conflict_do_update`` of this connection's database."""
+    if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(skus).values(sku=sku, dirty_gen=1, clean_gen=0, image_count=0, updated_at=now)
-    conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[skus.c.sku], set_={"dirty_gen": skus.c.dirty_gen + 1, "updated_at": now}
-        )
+    return insert
+
+
+def _sku_upsert(conn: Connection, now: datetime) -> sa.Insert:
+    """Insert a dirty SKU row (parameter ``sku``), or bump its dirty generation when it exists."""
+    stmt = _dialect_insert(conn)(skus).values(dirty_gen=1, clean_gen=0, image_count=0, updated_at=now)
+    return stmt.on_conflict_do_update(
+        index_elements=[skus.c.sku], set_={"dirty_gen": skus.c.dirty_gen + 1, "updated_at": now}
     )
 
 
