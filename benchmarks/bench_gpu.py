@@ -8,7 +8,7 @@ batched GPU JPEG decoding, the naive loop and imgsync end to end, with GPU utili
 2. encode stage: ``Encoder.encode`` from host uint8 pixels (pinned copy, normalisation, forward,
    vectors back to the host), the encode worker's own call;
 3. CPU preprocessing: imgsync's decode + trim + resize on every core (one process per core), on
-   1–12 MP camera JPEGs and on ~0.5 MP catalog JPEGs;
+   1–12 MP camera JPEGs and on 0.5–1 MP catalog JPEGs;
 4. GPU decoding: ``torchvision.io.decode_jpeg(device="cuda")`` in batches + antialiased bicubic
    resize + centre crop on the GPU, alone and followed by the model; cosine of its vectors to the
    CPU path's;
@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_e2e import SIZES, imgsync_e2e, naive, preprocess_all_cores  # noqa: E402
 
 #: catalog-sized JPEGs (~0.3–1 MP), what a shop's CDN usually serves
-SMALL_SIZES = [(800, 800), (1000, 750), (640, 853), (1200, 900), (900, 1200)]
+SMALL_SIZES = [(800, 800), (1000, 750), (640, 853), (1200, 900), (900, 1200)]  # 0.5–1.1 MP
 
 
 def _one_photo(args: tuple[Path, int, tuple[int, int], int]) -> str:
@@ -308,7 +308,7 @@ def main() -> None:
     ap.add_argument("--model", default="open_clip:ViT-B-32")
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--images", type=int, default=2000, help="1–12 MP photos")
-    ap.add_argument("--small-images", type=int, default=3000, help="~0.5 MP catalog photos")
+    ap.add_argument("--small-images", type=int, default=3000, help="0.5–1 MP catalog photos")
     ap.add_argument("--naive-images", type=int, default=200)
     ap.add_argument("--batch", type=int, default=256, help="IMGSYNC_BATCH_MAX of the end-to-end runs")
     ap.add_argument("--batches", default="1,8,32,64,128,256,512")
