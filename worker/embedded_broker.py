@@ -70,26 +70,19 @@ def _path_of(url: str) -> Path:
     return Path(url[len(SCHEME) + 3 :])
 
 
-_ready: set[tuple[int, str]] = set()  # (pid, file) whose schema this process has checked
-_ready_lock = threading.Lock()
-
-
 def _connect(path: Path) -> sqlite3.Connection:
+    """A connection to the broker file, its tables made if missing (once per connection: cheap, and
+    right even when the file was deleted and made again under a running process)."""
     from worker.ledger.db import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
 
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     sqlite_pragmas(conn)
-    key = (os.getpid(), str(path))
-    if key not in _ready:
-        with _ready_lock:
-            if key not in _ready:
-                with _write(conn):
-                    for stmt in _SCHEMA:
-                        conn.execute(stmt)
-                    # messages kombu's SQLAlchemy transport delivered and left behind (invisible)
-                    conn.execute("DELETE FROM kombu_message WHERE visible = 0")
-                _ready.add(key)
+    with _write(conn):
+        for stmt in _SCHEMA:
+            conn.execute(stmt)
+        # messages kombu's SQLAlchemy transport delivered and left behind (invisible)
+        conn.execute("DELETE FROM kombu_message WHERE visible = 0")
     return conn
 
 

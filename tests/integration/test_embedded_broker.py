@@ -130,3 +130,17 @@ def test_concurrent_consumers_deliver_each_message_exactly_once(make_settings) -
     assert delivered == list(range(n))  # none lost, none twice
     assert sum(1 for r in results if r) >= 2  # the work was really shared
     assert _rows(settings.broker_db_path) == {}
+
+
+def test_a_broker_file_deleted_under_a_running_process_is_made_again(tmp_path: Path) -> None:
+    path = tmp_path / "home" / "broker.db"
+    for round_ in range(2):
+        with Connection(broker_url(path)) as conn:
+            queue = conn.SimpleQueue("again-test")
+            queue.put({"round": round_})
+            msg = queue.get(timeout=5)
+            assert msg.payload == {"round": round_}
+            msg.ack()
+            queue.close()
+        for f in path.parent.glob("broker.db*"):
+            f.unlink()
