@@ -5,6 +5,8 @@ no hub here) in the background while searches keep answering from A, cut over, r
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -136,13 +138,18 @@ def test_cutover_refuses_an_incomplete_version(tmp_path: Path, catalog) -> None:
         assert unknown.returncode == 2 and "known versions" in unknown.stderr
         nothing = st.cli("rollback")
         assert nothing.returncode == 2 and "nothing to roll back" in nothing.stderr
-        queued = st.cli("reindex", "--all", "--model", MODEL_B, "--no-wait", "--json")
-        assert queued.returncode == 0, queued.stderr[-2000:]
-        model_b = json.loads(queued.stdout)["model_id"]
-        ledger = Ledger(make_engine(st.settings.effective_database_url))
-        if not ledger.coverage(model_b).complete:  # usually still encoding: refused without --force
-            refused = st.cli("cutover", model_b, "--json")
+        encode = st.procs[1]
+        os.kill(encode.pid, signal.SIGSTOP)  # B cannot be encoded: it stays incomplete, whatever the timing
+        try:
+            queued = st.cli("reindex", "--all", "--model", MODEL_B, "--no-wait", "--json")
+            assert queued.returncode == 0, queued.stderr[-2000:]
+            model_b = json.loads(queued.stdout)["model_id"]
+            ledger = Ledger(make_engine(st.settings.effective_database_url))
+            assert not ledger.coverage(model_b).complete
+            refused = st.cli("cutover", model_b, "--json")  # refused without --force
             assert refused.returncode == 1 and json.loads(refused.stdout)["changed"] is False
+        finally:
+            os.kill(encode.pid, signal.SIGCONT)
         serving = ledger.serving_version().model_id
         assert st.cli("retire", serving).returncode == 2  # the serving version cannot retire
         gone = st.cli("retire", MODEL_B, "--json")  # by spec
