@@ -36,6 +36,8 @@ from typing import Any
 
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
+from worker.ledger.db import SQLITE_BUSY_TIMEOUT_MS, begin_immediate, sqlite_pragmas
+
 __all__ = ["SCHEME", "Transport", "broker_url"]
 
 SCHEME = "imgsync-sqlite"
@@ -73,8 +75,6 @@ def _path_of(url: str) -> Path:
 def _connect(path: Path) -> sqlite3.Connection:
     """A connection to the broker file, its tables made if missing (once per connection: cheap, and
     right even when the file was deleted and made again under a running process)."""
-    from worker.ledger.db import SQLITE_BUSY_TIMEOUT_MS, sqlite_pragmas
-
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     sqlite_pragmas(conn)
@@ -89,8 +89,6 @@ def _connect(path: Path) -> sqlite3.Connection:
 @contextmanager
 def _write(conn: sqlite3.Connection) -> Iterator[None]:
     """One write transaction: the lock taken in sub-millisecond steps, committed or rolled back."""
-    from worker.ledger.db import begin_immediate
-
     begin_immediate(conn)
     try:
         yield
