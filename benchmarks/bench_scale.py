@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=10000)
     ap.add_argument("--model", default="tiny")
     args = ap.parse_args()
+    if args.small >= args.large:
+        ap.error("--small must be below --large (each size runs on a stack of its own)")
     work = Path(tempfile.mkdtemp(prefix="imgsync-scale-"))
     results = {}
     for n in (args.small, args.large):
