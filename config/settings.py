@@ -204,6 +204,24 @@ class Settings(BaseSettings):
         le=600,
         description="Encode worker: seconds between health probes of Milvus and the device while it is paused.",
     )
+    redrive_interval_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "Seconds between two looks for work the ledger still waits for but no broker message carries any "
+            "more (a message a broker lost); one CPU worker node looks and sends it again. 0: never."
+        ),
+    )
+    redrive_after_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=7 * 86_400,
+        description=(
+            "An image pending (or a SKU awaiting refresh) this long, while its queues are empty, is sent again. "
+            "0: IMGSYNC_BROKER_VISIBILITY_TIMEOUT + IMGSYNC_RETRY_BACKOFF_MAX."
+        ),
+    )
     s3_endpoint_url: str = Field("", description="S3 endpoint (MinIO, moto) for s3:// fetches. Empty: AWS default.")
     s3_region: str = Field("", description="S3 region for s3:// fetches. Empty: the AWS default chain.")
     sqs_queue_url: str = Field("", description="SQS queue URL of the S3 event source (`imgsync sources sqs`).")
@@ -301,6 +319,12 @@ class Settings(BaseSettings):
         return self
 
     # --- derived values -------------------------------------------------------------------------
+
+    @property
+    def effective_redrive_after(self) -> float:
+        """Seconds after which stalled work is sent again: by then any message a worker held unacknowledged
+        was delivered again, and any retry it waited for was due."""
+        return self.redrive_after_seconds or float(self.broker_visibility_timeout + self.retry_backoff_max)
 
     @property
     def embedded_broker(self) -> bool:

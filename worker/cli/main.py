@@ -184,9 +184,21 @@ def worker(
         # CPU per child); no gRPC channel is opened before the fork
         import pymilvus  # noqa: F401
     heartbeat.start()
+    redrive = None
+    if settings.queues.preprocess in chosen and settings.redrive_interval_seconds > 0:
+        from worker.celery_app import dispatcher
+        from worker.heartbeat import STALE_AFTER_SECONDS
+        from worker.redrive import Redrive, RedriveThread
+
+        ledger = Ledger(make_engine(settings.effective_database_url))  # its own pool, disposed after each look
+        redrive = RedriveThread(
+            Redrive(settings, ledger, dispatcher()), heartbeat.name, settings.redrive_interval_seconds, STALE_AFTER_SECONDS
+        ).start()
     try:
         app_.worker_main(argv)
     finally:
+        if redrive is not None:
+            redrive.stop()
         heartbeat.stop()
 
 

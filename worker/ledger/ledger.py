@@ -313,7 +313,7 @@ class Ledger(HousekeepingMixin):
             row = conn.execute(
                 images.update()
                 .where(images.c.image_id == image_id, images.c.version == version)
-                .values(attempts=images.c.attempts + 1, reason=str(reason), detail=detail[:2000])
+                .values(attempts=images.c.attempts + 1, reason=str(reason), detail=detail[:2000], updated_at=_now())
                 .returning(images.c.attempts)
             ).first()
         return int(row.attempts) if row else 0
@@ -653,6 +653,63 @@ class Ledger(HousekeepingMixin):
                 sa.select(sa.func.count()).select_from(skus).where(skus.c.dirty_gen > skus.c.clean_gen)
             ).scalar_one()
         return int(total), int(dirty)
+
+    # --- work nobody carries any more (see worker.redrive) -------------------------------------
+
+    def _stalled(self) -> sa.ColumnElement[bool]:
+        """An accepted event that never finished: the image is pending, or indexed with a newer event
+        waiting (accept clears the outcome; unchanged/indexed/failed/deleted set it)."""
+        return sa.or_(
+            images.c.state == ImageState.pending,
+            sa.and_(images.c.state == ImageState.indexed, images.c.outcome.is_(None)),
+        )
+
+    def stalled_images(self, idle_since: datetime, limit: int = 10_000) -> list[ImageRow]:
+        """Images whose newest event has waited since before ``idle_since`` with no step recorded, oldest first."""
+        q = (
+            sa.select(images)
+            .where(self._stalled(), images.c.updated_at < idle_since)
+            .order_by(images.c.updated_at, images.c.image_id)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            return [r for r in (_row(x) for x in conn.execute(q)) if r is not None]
+
+    def stalled_skus(self, idle_since: datetime, limit: int = 10_000) -> list[str]:
+        """SKUs marked dirty before ``idle_since`` and not refreshed since."""
+        q = (
+            sa.select(skus.c.sku)
+            .where(skus.c.dirty_gen > skus.c.clean_gen, skus.c.updated_at < idle_since)
+            .order_by(skus.c.updated_at, skus.c.sku)
+            .limit(limit)
+        )
+        with self._reader.connect() as conn:
+            return [r.sku for r in conn.execute(q)]
+
+    def touch_stalled(
+        self, image_ids: Sequence[str], sku_ids: Sequence[str], idle_since: datetime
+    ) -> tuple[list[str], list[str]]:
+        """Restart the idle clock of stalled work about to be sent again; returns the image ids and SKUs
+        still stalled (the others moved on meanwhile and must not be sent)."""
+        now = _now()
+        out_images: list[str] = []
+        out_skus: list[str] = []
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(image_ids), 500):
+                out_images += conn.execute(
+                    images.update()
+                    .where(images.c.image_id.in_(chunk), self._stalled(), images.c.updated_at < idle_since)
+                    .values(updated_at=now)
+                    .returning(images.c.image_id)
+                ).scalars()
+            for chunk in _chunks(list(sku_ids), 500):
+                out_skus += conn.execute(
+                    skus.update()
+                    .where(skus.c.sku.in_(chunk), skus.c.dirty_gen > skus.c.clean_gen, skus.c.updated_at < idle_since)
+                    .values(updated_at=now)
+                    .returning(skus.c.sku)
+                ).scalars()
+        return out_images, out_skus
 
     # --- helpers -------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class Metrics:
     images: Any  #: Counter imgsync_images_total{stage, outcome}
     failures: Any  #: Counter imgsync_failures_total{reason}
     dead_letters: Any  #: Counter imgsync_dead_letters_total{task}
+    redriven: Any  #: Counter imgsync_redriven_total{kind} (image, sku): stalled work sent again
     stage_seconds: Any  #: Histogram imgsync_stage_seconds{stage}
     batch_size: Any  #: Histogram imgsync_encode_batch_size{model_id}
     lag_seconds: Any  #: Histogram imgsync_index_lag_seconds{model_id}
@@ -67,6 +68,9 @@ def metrics() -> Metrics:
                     images=Counter("imgsync_images", "Images through a stage, by outcome", ["stage", "outcome"]),
                     failures=Counter("imgsync_failures", "Images failed, by reason code", ["reason"]),
                     dead_letters=Counter("imgsync_dead_letters", "Malformed messages set aside", ["task"]),
+                    redriven=Counter(
+                        "imgsync_redriven", "Stalled work sent again (its broker message was lost)", ["kind"]
+                    ),
                     stage_seconds=Histogram(
                         "imgsync_stage_seconds", "Latency of a pipeline step", ["stage"], buckets=LATENCY_BUCKETS
                     ),

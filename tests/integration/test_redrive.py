@@ -1,0 +1,157 @@
+"""Work whose broker message was lost is sent again from the ledger (worker.redrive): real SQLite and
+PostgreSQL ledgers, the real embedded broker and Celery's own message format."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from kombu import Connection
+
+from schemas.events import Action, ImageEvent
+from schemas.reasons import Reason
+from worker.celery_app import configure, dispatcher
+from worker.dispatch import TASK_PREPROCESS, TASK_REFRESH_SKU
+from worker.ledger import IndexedImage, Ledger, make_engine, upgrade
+from worker.ledger.tables import images, skus
+from worker.metrics import metrics
+from worker.redrive import Redrive, is_leader
+from worker.status import queue_depths
+
+HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def setup(request: pytest.FixtureRequest, make_settings, tmp_path: Path):
+    settings = make_settings(redrive_after_seconds=60)
+    url = settings.effective_database_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    upgrade(url)
+    ledger = Ledger(make_engine(url))
+    if request.param == "postgresql":  # the session database is shared: start empty
+        with ledger.engine.begin() as conn:
+            conn.execute(sa.text("TRUNCATE images, image_vectors, skus, index_versions, workers, dead_letters"))
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    configure(settings)
+    yield settings, ledger
+    ledger.engine.dispose()
+
+
+def ev(name: str, sku: str = "SKU-1", version: int = 10, action: Action = Action.upsert) -> ImageEvent:
+    return ImageEvent(uri=f"s3://b/{sku}/{name}.jpg", sku=sku, version=version, action=action)
+
+
+def backdate(ledger: Ledger, image_ids: list[str] = (), sku_ids: list[str] = ()) -> None:  # type: ignore[assignment]
+    with ledger.engine.begin() as conn:
+        conn.execute(images.update().where(images.c.image_id.in_(list(image_ids))).values(updated_at=HOUR_AGO))
+        conn.execute(skus.update().where(skus.c.sku.in_(list(sku_ids))).values(updated_at=HOUR_AGO))
+
+
+def drain(settings) -> dict[str, list]:  # type: ignore[no-untyped-def]
+    """Every message waiting per queue, as (task name, payload), acknowledged."""
+    out: dict[str, list] = {}
+    with Connection(settings.effective_broker_url) as conn:
+        channel = conn.channel()
+        for q in settings.queues.all():
+            out[q] = []
+            channel.queue_declare(queue=q)
+            while (msg := channel.basic_get(q)) is not None:
+                body = msg.decode()
+                task = msg.headers.get("task")  # None: a plain message put there by the test
+                out[q].append((task, body[0][0] if task else body))
+                msg.ack()
+        channel.close()
+    return out
+
+
+def test_stalled_images_and_skus_are_sent_again_once(setup) -> None:
+    settings, ledger = setup
+    lost, fresh, done, changed, failed = ev("lost"), ev("fresh"), ev("done"), ev("changed"), ev("failed")
+    for e in (lost, fresh, done, changed, failed):
+        ledger.accept(e, request_id="req-1")
+    ledger.mark_indexed([IndexedImage(e.image_id, e.version, "h", "model-a", "req-1") for e in (done, changed)])
+    newer = ev("changed", version=11)  # a new event for an indexed image: it stays indexed, no outcome yet
+    ledger.accept(newer, request_id="req-2")
+    ledger.mark_failed(failed.image_id, failed.version, Reason.corrupt, "bad")
+    ledger.mark_dirty(["SKU-2"])
+    ledger.finish_sku("SKU-1", ledger.sku_generation("SKU-1")[0], 2, "model-a")  # SKU-1 clean
+    backdate(ledger, [lost.image_id, done.image_id, changed.image_id, failed.image_id], ["SKU-1", "SKU-2"])
+    assert sum(queue_depths(settings).values()) == 0
+    before = metrics().redriven.labels("image")._value.get()
+
+    report = Redrive(settings, ledger, dispatcher()).run_once()
+
+    assert (report.images, report.skus, report.skipped) == (2, 1, "")
+    sent = drain(settings)
+    images_sent = {p["event"]["uri"]: p for name, p in sent[settings.queues.preprocess] if name == TASK_PREPROCESS}
+    assert set(images_sent) == {lost.uri, newer.uri}  # not the fresh, indexed, failed ones
+    assert images_sent[lost.uri]["event"]["version"] == lost.version  # its own version: a replay
+    assert images_sent[newer.uri]["event"]["version"] == newer.version and images_sent[newer.uri]["request_id"] == "req-2"
+    assert images_sent[lost.uri]["event"]["source"] == "redrive"
+    assert [(name, p["sku"]) for name, p in sent[settings.queues.sku]] == [(TASK_REFRESH_SKU, "SKU-2")]
+    assert metrics().redriven.labels("image")._value.get() == before + 2
+    # the idle clock restarted: the next look sends nothing
+    assert Redrive(settings, ledger, dispatcher()).run_once() == type(report)()
+    assert sum(len(v) for v in drain(settings).values()) == 0
+
+
+def test_nothing_is_sent_while_the_queues_hold_messages(setup) -> None:
+    """A backlog: its images wait their turn in the queue; sending them again would double it."""
+    settings, ledger = setup
+    lost = ev("lost")
+    ledger.accept(lost)
+    ledger.mark_dirty(["SKU-9"])
+    backdate(ledger, [lost.image_id], ["SKU-9"])
+    dispatcher().refresh_sku("SKU-0", countdown=None)  # messages wait in the sku and encode queues
+    with Connection(settings.effective_broker_url) as conn:
+        conn.SimpleQueue(settings.queues.encode).put({"waiting": True})
+    report = Redrive(settings, ledger, dispatcher()).run_once()
+    assert (report.images, report.skus, report.skipped) == (0, 0, "busy")
+    sent = drain(settings)
+    assert len(sent[settings.queues.encode]) == 1 and len(sent[settings.queues.sku]) == 1  # only what was there
+    assert not sent[settings.queues.preprocess]
+    # queues empty now: both go
+    report = Redrive(settings, ledger, dispatcher()).run_once()
+    assert (report.images, report.skus) == (1, 1)
+
+
+def test_an_unreachable_broker_skips_the_look(setup) -> None:
+    settings, ledger = setup
+    lost = ev("lost")
+    ledger.accept(lost)
+    backdate(ledger, [lost.image_id])
+
+    def down() -> dict[str, int | None]:
+        raise ConnectionError("broker down")
+
+    assert Redrive(settings, ledger, dispatcher(), depths=down).run_once().skipped == "broker"
+    assert ledger.stalled_images(datetime.now(UTC) - timedelta(minutes=1))[0].image_id == lost.image_id  # untouched
+
+
+def test_a_transient_retry_restarts_the_idle_clock(setup) -> None:
+    settings, ledger = setup
+    e = ev("retrying")
+    ledger.accept(e)
+    backdate(ledger, [e.image_id])
+    ledger.note_attempt(e.image_id, e.version, Reason.fetch_timeout, "slow")
+    assert ledger.stalled_images(datetime.now(UTC) - timedelta(minutes=1)) == []
+
+
+def test_the_leader_is_the_live_preprocess_node_with_the_smallest_name(setup) -> None:
+    _settings, ledger = setup
+    ledger.heartbeat("b-node:2", host="b", pid=2, queues="preprocess,sku", model="tiny")
+    ledger.heartbeat("a-node:1", host="a", pid=1, queues="encode", model="tiny")  # no preprocess queue
+    ledger.heartbeat("c-node:3", host="c", pid=3, queues="preprocess", model="tiny")
+    assert is_leader(ledger, "b-node:2", "preprocess", 60)
+    assert not is_leader(ledger, "c-node:3", "preprocess", 60)
+    assert not is_leader(ledger, "a-node:1", "preprocess", 60)
+    ledger.forget_worker("b-node:2")
+    assert is_leader(ledger, "c-node:3", "preprocess", 60)
+    assert not is_leader(ledger, "z-node:9", "preprocess", 60)  # a node whose heartbeat is missing
+
+
+def test_redrive_after_defaults_to_visibility_timeout_plus_longest_backoff(make_settings) -> None:
+    assert make_settings().effective_redrive_after == 900 + 300
+    assert make_settings(broker_visibility_timeout=60, retry_backoff_max=20).effective_redrive_after == 80
+    assert make_settings(redrive_after_seconds=30).effective_redrive_after == 30
