@@ -81,6 +81,9 @@ def run(model: str, root: Path, home: Path) -> dict:
                 "outcomes": outcomes,
                 "forward_passes": int(encoded_images(stack.metrics_dir) - before),
             }
+        from benchmarks.bench_gpu import stage_summary
+
+        out["stages"] = stage_summary(stack.metrics_dir)  # both phases and the warm-up
         return out
     finally:
         stack.stop()

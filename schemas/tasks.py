@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.events import ImageEvent
 
@@ -37,9 +37,22 @@ class EncodePayload(BaseModel):
 
 
 class SkuRefreshPayload(BaseModel):
-    """Recompute the aggregate vector of one SKU."""
+    """Recompute the aggregate vectors of SKUs: ``sku`` (one) and/or ``skus`` (many, e.g. the SKUs an
+    encode batch touched, refreshed together)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sku: str
+    sku: str = ""
+    skus: list[str] = Field(default_factory=list, max_length=10_000)
     attempt: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_sku(self) -> SkuRefreshPayload:
+        if not self.sku and not any(self.skus):
+            raise ValueError("names no SKU: give sku or skus")
+        return self
+
+    @property
+    def all_skus(self) -> list[str]:
+        """Every SKU named, sorted, once each."""
+        return sorted({s for s in (self.sku, *self.skus) if s})

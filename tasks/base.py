@@ -81,11 +81,13 @@ class SkuTask(Task):
             return self.run(payload)
         except ImgsyncError as exc:
             settings = celery_app.settings()
+            names = ", ".join(payload.all_skus[:5]) + (" …" if len(payload.all_skus) > 5 else "")
             if payload.attempt >= settings.max_retries:
-                log.error("sku %s: refresh gave up after %d attempts: %s", payload.sku, payload.attempt + 1, exc)
+                # the SKUs stay dirty in the ledger: the redrive sends them again once things settle
+                log.error("sku %s: refresh gave up after %d attempts: %s", names, payload.attempt + 1, exc)
                 return "failed"
-            celery_app.dispatcher().refresh_sku(
-                payload.sku, countdown=pipeline.backoff_seconds(payload.attempt, settings.retry_backoff_max), attempt=payload.attempt + 1
+            celery_app.dispatcher().refresh_skus(
+                payload.all_skus, countdown=pipeline.backoff_seconds(payload.attempt, settings.retry_backoff_max), attempt=payload.attempt + 1
             )
             return "retried"
 

@@ -47,7 +47,8 @@ def encode(requests: list[Any]) -> dict[str, int]:
 
 @app.task(name=TASK_REFRESH_SKU, base=SkuTask, bind=False)
 def refresh_sku(payload: SkuRefreshPayload) -> str:
-    return pipeline.refresh_sku(runtime(), payload.sku)
+    results = pipeline.refresh_skus(runtime(), payload.all_skus)
+    return ",".join(sorted(set(results.values())))
 
 
 def apply_batching(cfg: BatchConfig) -> None:

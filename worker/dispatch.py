@@ -11,7 +11,7 @@ from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Dispatcher", "TASK_PREPROCESS", "TASK_ENCODE", "TASK_REFRESH_SKU", "SKU_REFRESH_DELAY"]
+__all__ = ["Dispatcher", "TASK_PREPROCESS", "TASK_ENCODE", "TASK_REFRESH_SKU", "SKU_REFRESH_DELAY", "SKU_REFRESH_CHUNK"]
 
 TASK_PREPROCESS = "imgsync.preprocess"
 TASK_ENCODE = "imgsync.encode"
@@ -19,6 +19,8 @@ TASK_REFRESH_SKU = "imgsync.refresh_sku"
 
 #: Seconds a SKU refresh waits, so that the changes of one burst coalesce into few refreshes.
 SKU_REFRESH_DELAY = 0.5
+#: SKUs refreshed by one message at most
+SKU_REFRESH_CHUNK = 256
 
 
 class Dispatcher:
@@ -48,6 +50,15 @@ class Dispatcher:
     def refresh_sku(self, sku: str, countdown: float | None = SKU_REFRESH_DELAY, attempt: int = 0) -> None:
         payload = SkuRefreshPayload(sku=sku, attempt=attempt)
         self._send(TASK_REFRESH_SKU, payload.model_dump(mode="json"), self.queues.sku, countdown)
+
+    def refresh_skus(
+        self, skus: list[str], countdown: float | None = SKU_REFRESH_DELAY, attempt: int = 0
+    ) -> None:
+        """Refresh many SKUs together: one message per ``SKU_REFRESH_CHUNK`` of them."""
+        for i in range(0, len(skus), SKU_REFRESH_CHUNK):
+            chunk = skus[i : i + SKU_REFRESH_CHUNK]
+            payload = SkuRefreshPayload(skus=chunk, attempt=attempt)
+            self._send(TASK_REFRESH_SKU, payload.model_dump(mode="json"), self.queues.sku, countdown)
 
     def _send(self, name: str, body: dict, queue: str, countdown: float | None) -> None:
         self.app.send_task(name, args=[body], queue=queue, countdown=countdown or None)

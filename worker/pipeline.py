@@ -35,6 +35,7 @@ __all__ = [
     "preprocess",
     "encode_batch",
     "refresh_sku",
+    "refresh_skus",
     "prepare_pixels",
     "record_failure",
     "republish_encode",
@@ -331,8 +332,8 @@ def _encode_group(
         rt.pixels.delete(p.pixel_key)
         if p.event.image_id in done:
             m.lag_seconds.labels(model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
-    for sku in sorted(dirty):
-        dispatch.refresh_sku(sku)
+    if dirty:
+        dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
     return EncodeResult(len(recorded), len(overtaken), retried, failed)
 
 
@@ -355,46 +356,69 @@ def record_gpu_memory(m: Metrics) -> None:
 
 
 def refresh_sku(rt: Runtime, sku: str) -> str:
-    """Recompute a SKU vector as the normalized mean of its current image vectors (fetched by
-    primary key). Repeats while the SKU changes under it, so the last write reads the newest
-    membership. Returns ``clean``, ``written`` or ``deleted``."""
+    """Recompute one SKU vector (see :func:`refresh_skus`). Returns ``clean``, ``written`` or ``deleted``."""
+    return refresh_skus(rt, [sku])[sku]
+
+
+def refresh_skus(rt: Runtime, sku_ids: Sequence[str]) -> dict[str, str]:
+    """Recompute SKU vectors as the normalized mean of their current image vectors (fetched by primary
+    key), for many SKUs at once: one membership query, one vector fetch and one upsert per version for
+    all of them. Repeats for the SKUs that changed under it, so the last write reads the newest
+    membership. Returns ``sku -> clean|written|deleted``."""
     with metrics().stage_seconds.labels("sku_refresh").time():
-        result = _refresh_sku(rt, sku)
-    metrics().images.labels("sku", result).inc()
-    return result
+        results = _refresh_skus(rt, sorted(set(sku_ids)))
+    for result in results.values():
+        metrics().images.labels("sku", result).inc()
+    return results
 
 
-def _refresh_sku(rt: Runtime, sku: str) -> str:
-    result = "clean"
+def _refresh_skus(rt: Runtime, sku_ids: list[str]) -> dict[str, str]:
+    results = dict.fromkeys(sku_ids, "clean")
+    gens = rt.ledger.sku_generations(sku_ids)
+    todo = [s for s in sku_ids if gens[s][0] > gens[s][1]]  # the others are clean already
     for _ in range(SKU_REFRESH_ROUNDS):
-        dirty_gen, clean_gen = rt.ledger.sku_generation(sku)
-        if dirty_gen <= clean_gen and result == "clean":
-            return result
+        if not todo:
+            return results
         versions = rt.active_versions()
-        counts = {}
+        counts: dict[str, dict[str, int]] = {}
         for version in versions:  # every active version keeps its SKU vectors true
-            result, counts[version.model_id] = _refresh_sku_in(rt, version, sku)
+            outcome, counts[version.model_id] = _refresh_skus_in(rt, version, todo)
+            results.update(outcome)
         serving = versions[0]
-        if not rt.ledger.finish_sku(sku, dirty_gen, counts[serving.model_id], serving.model_id):
-            return result
-    raise TransientError(Reason.index_unavailable, f"sku {sku} kept changing during {SKU_REFRESH_ROUNDS} refreshes")
-
-
-def _refresh_sku_in(rt: Runtime, version: VersionRow, sku: str) -> tuple[str, int]:
-    """Write (or delete) one version's vector of ``sku``; returns what happened and the image count."""
-    names = rt.names_for(version)
-    members = rt.ledger.sku_members(sku, version.model_id)
-    vectors = rt.store.image_vectors(names.images, members) if members else {}
-    if len(vectors) < len(members):
-        log.warning(
-            "sku %s: %d of %d member vectors missing in %s", sku, len(members) - len(vectors), len(members), names.images
+        todo = rt.ledger.finish_skus(
+            [(s, gens[s][0], counts[serving.model_id][s]) for s in todo], serving.model_id
         )
-    if vectors:
-        mean = l2_normalize(np.mean(np.stack([vectors[i] for i in sorted(vectors)]), axis=0))
-        rt.store.upsert_sku(names, sku, mean, len(vectors))
-        return "written", len(vectors)
-    rt.store.delete_sku(names, sku)
-    return "deleted", 0
+        if todo:
+            gens.update(rt.ledger.sku_generations(todo))
+    raise TransientError(
+        Reason.index_unavailable, f"sku(s) {', '.join(todo[:5])} kept changing during {SKU_REFRESH_ROUNDS} refreshes"
+    )
+
+
+def _refresh_skus_in(rt: Runtime, version: VersionRow, sku_ids: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """Write (or delete) one version's vectors of ``sku_ids``; returns what happened and image counts."""
+    names = rt.names_for(version)
+    members = rt.ledger.sku_members_many(sku_ids, version.model_id)
+    wanted = [i for ids in members.values() for i in ids]
+    vectors = rt.store.image_vectors(names.images, wanted) if wanted else {}
+    outcome: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    rows: list[tuple[str, np.ndarray, int]] = []
+    for sku in sku_ids:
+        held = [vectors[i] for i in members[sku] if i in vectors]  # members are sorted by image id
+        if len(held) < len(members[sku]):
+            log.warning(
+                "sku %s: %d of %d member vectors missing in %s",
+                sku, len(members[sku]) - len(held), len(members[sku]), names.images,
+            )  # fmt: skip
+        counts[sku] = len(held)
+        outcome[sku] = "written" if held else "deleted"
+        if held:
+            rows.append((sku, l2_normalize(np.mean(np.stack(held), axis=0)), len(held)))
+    if rows:
+        rt.store.upsert_skus(names, rows)
+    rt.store.delete_skus(names, [s for s in sku_ids if outcome[s] == "deleted"])
+    return outcome, counts
 
 
 def record_failure(

@@ -88,8 +88,8 @@ class Redrive:
         if payloads:
             self.dispatcher.preprocess_many(payloads)
             metrics().redriven.labels("image").inc(len(payloads))
-        for sku in sku_ids:
-            self.dispatcher.refresh_sku(sku, countdown=None)
+        if sku_ids:
+            self.dispatcher.refresh_skus(sku_ids, countdown=None)
         if sku_ids:
             metrics().redriven.labels("sku").inc(len(sku_ids))
         if payloads or sku_ids:

@@ -14,7 +14,7 @@ import pytest
 
 from config.settings import Settings
 from schemas.events import Action, ImageEvent
-from schemas.tasks import EncodePayload, PreprocessPayload
+from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
 from tests.helpers import photo
 from worker import pipeline
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU, Dispatcher
@@ -64,7 +64,7 @@ def run_until_idle(rt: Runtime, d: RecordingDispatcher) -> None:
         if enc:
             pipeline.encode_batch(rt, d, enc)
         for body, _ in d.take(TASK_REFRESH_SKU):
-            pipeline.refresh_sku(rt, body["sku"])
+            pipeline.refresh_skus(rt, SkuRefreshPayload.model_validate(body).all_skus)
         if not d.sent:
             return
 
@@ -232,3 +232,88 @@ def test_unchanged_local_images_are_settled_without_a_message(env, tmp_path: Pat
     assert d.sent == []
     older = ImageEvent(uri=str(files[0]), sku=sku, version=1)  # an old event replayed: stale, nothing to do
     assert pipeline.settle_unchanged(rt, [older], "r3") == [older]  # the worker short-circuits it as stale
+
+
+def test_one_encode_batch_refreshes_its_skus_with_one_message(env, tmp_path: Path) -> None:
+    """An encode batch over several SKUs sends one refresh message naming them all; that refresh writes
+    each SKU's own mean with one membership query, one vector fetch and one upsert for all of them."""
+    settings, rt, d = env
+    skus = [f"S-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    events = [
+        ImageEvent(uri=str(write_image(tmp_path / sku / f"{i}.jpg", 100 * n + i)), sku=sku)
+        for n, sku in enumerate(skus)
+        for i in range(n + 1)
+    ]
+    for e in events:
+        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    enc = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+    assert pipeline.encode_batch(rt, d, enc).indexed == len(events)
+    ((body, countdown),) = d.take(TASK_REFRESH_SKU)
+    payload = SkuRefreshPayload.model_validate(body)
+    assert payload.all_skus == sorted(skus) and countdown == pytest.approx(0.5)
+    calls: list[str] = []
+    for name in ("sku_members_many", "sku_members"):
+        original = getattr(rt.ledger, name)
+        setattr(rt.ledger, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    for name in ("image_vectors", "upsert_skus", "upsert_sku"):
+        original = getattr(rt.store, name)
+        setattr(rt.store, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
+    assert pipeline.refresh_skus(rt, payload.all_skus) == dict.fromkeys(skus, "written")
+    assert sorted(calls) == ["image_vectors", "sku_members_many", "upsert_skus"]
+    names = rt.names()
+    vecs = rt.store.image_vectors(names.images, [e.image_id for e in events])
+    for sku in skus:
+        members = [vecs[e.image_id] for e in events if e.sku == sku]
+        (row,) = rt.store.get_skus(names.skus, [sku])
+        mean = np.mean(members, axis=0)
+        np.testing.assert_allclose(row["vector"], mean / np.linalg.norm(mean), atol=1e-5)
+        assert row["image_count"] == len(members)
+    assert rt.ledger.sku_counts()[1] == 0
+    # again: every SKU is clean, nothing is read or written
+    calls.clear()
+    assert pipeline.refresh_skus(rt, skus) == dict.fromkeys(skus, "clean")
+    assert calls == []
+
+
+def test_a_batch_refresh_writes_some_skus_and_deletes_emptied_ones(env, tmp_path: Path) -> None:
+    settings, rt, d = env
+    keep, empty = f"S-{uuid.uuid4().hex[:6]}", f"S-{uuid.uuid4().hex[:6]}"
+    a = ImageEvent(uri=str(write_image(tmp_path / keep / "a.jpg", 1)), sku=keep)
+    b = ImageEvent(uri=str(write_image(tmp_path / empty / "b.jpg", 2)), sku=empty)
+    for e in (a, b):
+        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    run_until_idle(rt, d)
+    names = rt.names()
+    assert len(rt.store.get_skus(names.skus, [keep, empty])) == 2
+    assert pipeline.preprocess(rt, d, PreprocessPayload(event=ImageEvent(uri=b.uri, sku=empty, action=Action.delete))) == "deleted"
+    d.take(TASK_REFRESH_SKU)
+    rt.ledger.mark_dirty([keep])  # both dirty, refreshed together
+    assert pipeline.refresh_skus(rt, [keep, empty]) == {keep: "written", empty: "deleted"}
+    assert [r["sku"] for r in rt.store.get_skus(names.skus, [keep, empty])] == [keep]
+    assert rt.ledger.sku_counts()[1] == 0
+
+
+def test_a_sku_changing_during_a_batch_refresh_is_computed_again(env, tmp_path: Path) -> None:
+    """The generation check per SKU: one that changed after its generation was read is recomputed in
+    the next round, with the newest membership; the others are not."""
+    settings, rt, d = env
+    one, two = f"S-{uuid.uuid4().hex[:6]}", f"S-{uuid.uuid4().hex[:6]}"
+    a = ImageEvent(uri=str(write_image(tmp_path / one / "a.jpg", 3)), sku=one)
+    b = ImageEvent(uri=str(write_image(tmp_path / two / "b.jpg", 4)), sku=two)
+    for e in (a, b):
+        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    pipeline.encode_batch(rt, d, [EncodePayload.model_validate(x) for x, _ in d.take(TASK_ENCODE)])
+    d.take(TASK_REFRESH_SKU)
+    rounds: list[list[str]] = []
+    original = rt.ledger.sku_members_many
+
+    def members(sku_ids, model_id):  # type: ignore[no-untyped-def]
+        rounds.append(list(sku_ids))
+        if len(rounds) == 1:
+            rt.ledger.mark_dirty([two])  # a change lands while the first round computes
+        return original(sku_ids, model_id)
+
+    rt.ledger.sku_members_many = members  # type: ignore[method-assign]
+    assert pipeline.refresh_skus(rt, [one, two]) == {one: "written", two: "written"}
+    assert rounds == [sorted([one, two]), [two]]
+    assert rt.ledger.sku_counts()[1] == 0

@@ -89,7 +89,7 @@ def test_stalled_images_and_skus_are_sent_again_once(setup) -> None:
     assert images_sent[lost.uri]["event"]["version"] == lost.version  # its own version: a replay
     assert images_sent[newer.uri]["event"]["version"] == newer.version and images_sent[newer.uri]["request_id"] == "req-2"
     assert images_sent[lost.uri]["event"]["source"] == "redrive"
-    assert [(name, p["sku"]) for name, p in sent[settings.queues.sku]] == [(TASK_REFRESH_SKU, "SKU-2")]
+    assert [(name, p["skus"]) for name, p in sent[settings.queues.sku]] == [(TASK_REFRESH_SKU, ["SKU-2"])]
     assert metrics().redriven.labels("image")._value.get() == before + 2
     # the idle clock restarted: the next look sends nothing
     assert Redrive(settings, ledger, dispatcher()).run_once() == type(report)()

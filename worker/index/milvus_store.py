@@ -248,18 +248,30 @@ class MilvusStore:
     # --- SKUs ----------------------------------------------------------------------------------
 
     def upsert_sku(self, names: VersionNames, sku: str, vector: np.ndarray, image_count: int) -> None:
-        row = {
-            "sku": sku[:SKU_MAX],
-            "vector": np.asarray(vector, dtype=np.float32).tolist(),
-            "image_count": int(image_count),
-            "model_id": names.model_id,
-        }
+        self.upsert_skus(names, [(sku, vector, image_count)])
+
+    def upsert_skus(self, names: VersionNames, rows: Sequence[tuple[str, np.ndarray, int]]) -> None:
+        """Write many SKU vectors in one call per 500: ``(sku, vector, image_count)``."""
+        entities = [
+            {
+                "sku": sku[:SKU_MAX],
+                "vector": np.asarray(vector, dtype=np.float32).tolist(),
+                "image_count": int(image_count),
+                "model_id": names.model_id,
+            }
+            for sku, vector, image_count in rows
+        ]
         with _wrap("upsert sku"):
-            self.client.upsert(names.skus, [row])
+            for i in range(0, len(entities), 500):
+                self.client.upsert(names.skus, entities[i : i + 500])
 
     def delete_sku(self, names: VersionNames, sku: str) -> None:
-        with _wrap("delete sku"):
-            self.client.delete(names.skus, ids=[sku])
+        self.delete_skus(names, [sku])
+
+    def delete_skus(self, names: VersionNames, sku_ids: Sequence[str]) -> None:
+        if sku_ids:
+            with _wrap("delete sku"):
+                self.client.delete(names.skus, ids=[s[:SKU_MAX] for s in sku_ids])
 
     def get_skus(self, collection: str, sku_ids: Sequence[str]) -> list[dict]:
         with _wrap("get skus"):

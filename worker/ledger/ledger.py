@@ -346,6 +346,17 @@ class Ledger(HousekeepingMixin):
             r = conn.execute(sa.select(skus.c.dirty_gen, skus.c.clean_gen).where(skus.c.sku == sku)).first()
         return (int(r.dirty_gen), int(r.clean_gen)) if r else (0, 0)
 
+    def sku_generations(self, sku_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``sku -> (dirty_gen, clean_gen)``; (0, 0) for unknown SKUs."""
+        out = {s: (0, 0) for s in sku_ids}
+        with self._reader.connect() as conn:
+            for chunk in _chunks(list(sku_ids), 500):
+                for r in conn.execute(
+                    sa.select(skus.c.sku, skus.c.dirty_gen, skus.c.clean_gen).where(skus.c.sku.in_(chunk))
+                ):
+                    out[r.sku] = (int(r.dirty_gen), int(r.clean_gen))
+        return out
+
     def dirty_skus(self) -> list[str]:
         """SKUs awaiting a refresh."""
         with self._reader.connect() as conn:
@@ -353,10 +364,15 @@ class Ledger(HousekeepingMixin):
 
     def sku_members(self, sku: str, model_id: str) -> list[str]:
         """Image ids currently indexed under ``sku`` whose vector ``model_id``'s version holds."""
+        return self.sku_members_many([sku], model_id)[sku]
+
+    def sku_members_many(self, sku_ids: Sequence[str], model_id: str) -> dict[str, list[str]]:
+        """:meth:`sku_members` of many SKUs in one query per 500: ``sku -> sorted image ids``."""
+        out: dict[str, list[str]] = {s: [] for s in sku_ids}
         with self._reader.connect() as conn:
-            return list(
-                conn.execute(
-                    sa.select(images.c.image_id)
+            for chunk in _chunks(list(sku_ids), 500):
+                rows = conn.execute(
+                    sa.select(images.c.sku, images.c.image_id)
                     .join(
                         image_vectors,
                         sa.and_(
@@ -365,32 +381,44 @@ class Ledger(HousekeepingMixin):
                             image_vectors.c.sku == images.c.sku,
                         ),
                     )
-                    .where(images.c.sku == sku, images.c.state == ImageState.indexed)
-                    .order_by(images.c.image_id)
-                ).scalars()
-            )
+                    .where(images.c.sku.in_(chunk), images.c.state == ImageState.indexed)
+                    .order_by(images.c.sku, images.c.image_id)
+                )
+                for r in rows:
+                    out[r.sku].append(r.image_id)
+        return out
 
     def finish_sku(self, sku: str, generation: int, image_count: int, model_id: str) -> bool:
         """Record a SKU refresh computed after reading ``generation``.
 
         Returns True when the SKU changed again meanwhile (the caller must recompute).
         """
+        return bool(self.finish_skus([(sku, generation, image_count)], model_id))
+
+    def finish_skus(self, done: Sequence[tuple[str, int, int]], model_id: str) -> list[str]:
+        """:meth:`finish_sku` for many ``(sku, generation, image_count)`` in one transaction; returns the
+        SKUs that changed again meanwhile."""
+        now = _now()
+        top = sa.func.max if self.engine.dialect.name == "sqlite" else sa.func.greatest
+        changed: list[str] = []
         with self.engine.begin() as conn:
-            r = conn.execute(sa.select(skus.c.dirty_gen).where(skus.c.sku == sku)).first()
-            dirty_gen = int(r.dirty_gen) if r else 0
+            current: dict[str, int] = {}
+            for chunk in _chunks(sorted({d[0] for d in done}), 500):
+                for r in conn.execute(sa.select(skus.c.sku, skus.c.dirty_gen).where(skus.c.sku.in_(chunk))):
+                    current[r.sku] = int(r.dirty_gen)
             conn.execute(
                 skus.update()
-                .where(skus.c.sku == sku)
+                .where(skus.c.sku == sa.bindparam("b_sku"))
                 .values(
-                    clean_gen=sa.func.max(skus.c.clean_gen, generation)
-                    if self.engine.dialect.name == "sqlite"
-                    else sa.func.greatest(skus.c.clean_gen, generation),
-                    image_count=image_count,
+                    clean_gen=top(skus.c.clean_gen, sa.bindparam("b_gen")),
+                    image_count=sa.bindparam("b_count"),
                     model_id=model_id,
-                    updated_at=_now(),
-                )
+                    updated_at=now,
+                ),
+                [{"b_sku": sku, "b_gen": gen, "b_count": count} for sku, gen, count in done],
             )
-        return dirty_gen != generation
+            changed = [sku for sku, gen, _ in done if current.get(sku, 0) != gen]
+        return changed
 
     # --- index versions ----------------------------------------------------------------------
 

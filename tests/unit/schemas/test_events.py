@@ -68,3 +68,15 @@ def test_payload_json_round_trip() -> None:
     """Task payloads survive JSON (the only message format) unchanged."""
     p = PreprocessPayload(event=ImageEvent(uri="s3://b/k.jpg", sku="S", crop=CropBox(x=0, y=0, w=1, h=1)), request_id="r")
     assert PreprocessPayload.model_validate_json(p.model_dump_json()) == p
+
+
+def test_sku_refresh_payload_takes_one_sku_or_many() -> None:
+    from pydantic import ValidationError
+
+    from schemas.tasks import SkuRefreshPayload
+
+    assert SkuRefreshPayload.model_validate({"sku": "A"}).all_skus == ["A"]  # a message from before batching
+    assert SkuRefreshPayload.model_validate({"skus": ["B", "A", "B"], "sku": "C"}).all_skus == ["A", "B", "C"]
+    for bad in ({}, {"sku": ""}, {"skus": []}, {"skus": [""]}, {"sku": "A", "extra": 1}):
+        with pytest.raises(ValidationError):
+            SkuRefreshPayload.model_validate(bad)
