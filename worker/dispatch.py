@@ -35,6 +35,8 @@ class Dispatcher:
 
     def preprocess_many(self, payloads: list[PreprocessPayload]) -> None:
         """Publish many payloads over one broker connection."""
+        if not payloads:
+            return
         with self.app.producer_or_acquire() as producer:
             for p in payloads:
                 self.app.send_task(

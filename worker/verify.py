@@ -123,14 +123,12 @@ def repair(report: VerifyReport, ledger: Ledger, store: MilvusStore, dispatch: D
     redo = report.missing + report.stale
     rows = ledger.rows(redo)
     events = [r.event("repair") for r in rows.values()]
-    for ev in events:
-        dispatch.preprocess(PreprocessPayload(event=ev, force=True))
+    dispatch.preprocess_many([PreprocessPayload(event=ev, force=True) for ev in events])
     if report.orphans:
         collection = store.serving_collection()
         if collection:
             store.delete_images(collection, report.orphans)
     if report.sku_mismatch:
         ledger.mark_dirty(report.sku_mismatch)
-        for sku in report.sku_mismatch:
-            dispatch.refresh_sku(sku, countdown=None)
+        dispatch.refresh_skus(sorted(report.sku_mismatch), countdown=None)
     return {"reencode": len(events), "orphans_deleted": len(report.orphans), "skus_refreshed": len(report.sku_mismatch)}
