@@ -69,6 +69,13 @@ class StatusOutput(BaseModel):
     dirty_skus: int
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
     dead_letters: int = Field(0, description="malformed messages set aside (not retried)")
+    waiting_oldest_seconds: float | None = Field(
+        None, description="seconds since the oldest image still waiting to be processed was last touched"
+    )
+    stalled: int = Field(
+        0,
+        description="images waiting longer than IMGSYNC_REDRIVE_AFTER_SECONDS (sent again once the queues are empty)",
+    )
     workers: list[WorkerInfo] = Field(default_factory=list, description="worker nodes seen in the last minute")
     indexed_last_5m: int = 0
     indexed_per_second_5m: float = 0.0

@@ -43,6 +43,8 @@ def collect_status(settings: Settings) -> StatusOutput:
     live: list[dict] = []
     dead = 0
     recent = 0
+    oldest: float | None = None
+    stalled = 0
     aliases: dict[str, str] = {}
     skus = dirty = 0
     versions: list[VersionInfo] = []
@@ -56,6 +58,7 @@ def collect_status(settings: Settings) -> StatusOutput:
         live = ledger.live_workers(STALE_AFTER_SECONDS)
         recent = ledger.indexed_since(datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_SECONDS))
         versions = version_infos(ledger)
+        oldest, stalled = ledger.waiting(datetime.now(UTC) - timedelta(seconds=settings.effective_redrive_after))
         db_ok = True
     except Exception as exc:  # noqa: BLE001
         errors.append(f"database (IMGSYNC_DATABASE_URL): {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
@@ -95,6 +98,8 @@ def collect_status(settings: Settings) -> StatusOutput:
         dirty_skus=dirty,
         failures_by_reason=failures,
         dead_letters=dead,
+        waiting_oldest_seconds=None if oldest is None else round(oldest, 1),
+        stalled=stalled,
         workers=[WorkerInfo(**w) for w in live],
         indexed_last_5m=recent,
         indexed_per_second_5m=round(recent / RATE_WINDOW_SECONDS, 3),

@@ -155,3 +155,37 @@ def test_redrive_after_defaults_to_visibility_timeout_plus_longest_backoff(make_
     assert make_settings().effective_redrive_after == 900 + 300
     assert make_settings(broker_visibility_timeout=60, retry_backoff_max=20).effective_redrive_after == 80
     assert make_settings(redrive_after_seconds=30).effective_redrive_after == 30
+
+
+def test_waiting_work_is_reported_by_the_ledger(setup) -> None:
+    _settings, ledger = setup
+    idle_since = datetime.now(UTC) - timedelta(minutes=1)
+    assert ledger.waiting(idle_since) == (None, 0)
+    old, new, done = ev("old"), ev("new"), ev("done")
+    for e in (old, new, done):
+        ledger.accept(e)
+    ledger.mark_indexed([IndexedImage(done.image_id, done.version, "h", "model-a", "")])
+    backdate(ledger, [old.image_id, done.image_id])
+    oldest, stalled = ledger.waiting(idle_since)
+    assert 3590 < oldest < 3700 and stalled == 1  # "new" waits too, but not for long; "done" is done
+
+
+def test_status_and_the_scrape_gauge_show_the_oldest_waiting_image(make_settings) -> None:
+    """`imgsync status --json` fields and imgsync_oldest_waiting_seconds, from the embedded ledger."""
+    from worker.metrics.collectors import StateCollector
+    from worker.status import collect_status
+
+    settings = make_settings(redrive_after_seconds=600)
+    upgrade(settings.effective_database_url)
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    doc = collect_status(settings)
+    assert doc.waiting_oldest_seconds is None and doc.stalled == 0
+    lost = ev("lost")
+    ledger.accept(lost)
+    backdate(ledger, [lost.image_id])
+    doc = collect_status(settings)
+    assert doc.stalled == 1 and 3590 < doc.waiting_oldest_seconds < 3700
+    gauges = {s.name: s.value for fam in StateCollector(settings).collect() for s in fam.samples}
+    assert 3590 < gauges["imgsync_oldest_waiting_seconds"] < 3700
+    ledger.engine.dispose()

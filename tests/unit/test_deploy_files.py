@@ -54,7 +54,7 @@ def test_alert_rules_pass_promtool() -> None:
     assert promtool, "promtool missing: .ci/services installs Debian's prometheus package"
     out = subprocess.run([promtool, "check", "rules", str(ROOT / "config/prometheus/alerts.yml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "6 rules found" in out.stdout
+    assert "7 rules found" in out.stdout
 
 
 def test_grafana_dashboard_provisioned() -> None:

@@ -415,6 +415,9 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         table.add_row("queues", ", ".join(f"{k}={'?' if v is None else v}" for k, v in doc.queues.items()))
         table.add_row("images", ", ".join(f"{k}={v}" for k, v in doc.ledger.items()))
         table.add_row("skus", f"{doc.skus} ({doc.dirty_skus} awaiting refresh)")
+        if doc.waiting_oldest_seconds is not None:
+            stalled = f"; [yellow]{doc.stalled} stalled[/] (sent again once the queues are empty)" if doc.stalled else ""
+            table.add_row("oldest waiting", f"{doc.waiting_oldest_seconds:.0f} s{stalled}")
         table.add_row("workers", plain(", ".join(f"{w.name} [{w.queues}]" for w in doc.workers) or "none seen"))
         table.add_row("indexed, last 5 min", f"{doc.indexed_last_5m} ({doc.indexed_per_second_5m:.2f}/s)")
         table.add_row("failures", ", ".join(f"{k}={v}" for k, v in sorted(doc.failures_by_reason.items())) or "none")

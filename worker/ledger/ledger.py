@@ -703,6 +703,20 @@ class Ledger(HousekeepingMixin):
         with self._reader.connect() as conn:
             return [r for r in (_row(x) for x in conn.execute(q)) if r is not None]
 
+    def waiting(self, idle_since: datetime) -> tuple[float | None, int]:
+        """``(seconds since the oldest waiting image's last step, images idle since before idle_since)``
+        over images whose newest event is not processed yet; ``(None, 0)`` when none waits."""
+        with self._reader.connect() as conn:
+            oldest = conn.execute(sa.select(sa.func.min(images.c.updated_at)).where(self._stalled())).scalar()
+            idle = conn.execute(
+                sa.select(sa.func.count()).select_from(images).where(self._stalled(), images.c.updated_at < idle_since)
+            ).scalar_one()
+        if oldest is None:
+            return None, 0
+        if oldest.tzinfo is None:  # SQLite gives naive datetimes (stored in UTC)
+            oldest = oldest.replace(tzinfo=UTC)
+        return max(0.0, (_now() - oldest).total_seconds()), int(idle)
+
     def stalled_skus(self, idle_since: datetime, limit: int = 10_000) -> list[str]:
         """SKUs marked dirty before ``idle_since`` and not refreshed since."""
         q = (

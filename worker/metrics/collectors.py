@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 from config.settings import Settings
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class StateCollector:
-    """``imgsync_ledger_images{state}``, ``imgsync_skus_awaiting_refresh``, ``imgsync_queue_depth{queue}``."""
+    """``imgsync_ledger_images{state}``, ``imgsync_skus_awaiting_refresh``, ``imgsync_oldest_waiting_seconds``,
+    ``imgsync_queue_depth{queue}``."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -26,6 +28,9 @@ class StateCollector:
 
         images = GaugeMetricFamily("imgsync_ledger_images", "Images in the ledger by state", labels=["state"])
         dirty = GaugeMetricFamily("imgsync_skus_awaiting_refresh", "SKUs whose aggregate vector is stale")
+        waiting = GaugeMetricFamily(
+            "imgsync_oldest_waiting_seconds", "Seconds the oldest image waiting to be processed has waited (0: none)"
+        )
         try:
             if self._ledger is None:
                 from worker.ledger import Ledger, make_engine
@@ -34,8 +39,10 @@ class StateCollector:
             for state, n in self._ledger.counts().items():
                 images.add_metric([state], n)
             dirty.add_metric([], self._ledger.sku_counts()[1])
+            waiting.add_metric([], self._ledger.waiting(datetime.now(UTC))[0] or 0.0)
             yield images
             yield dirty
+            yield waiting
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB hiccups
             log.warning("ledger gauges unavailable", exc_info=True)
         finally:
