@@ -52,7 +52,9 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         IMGSYNC_BATCH_WAIT_MS="100",
     )
     log = (tmp_path / "up.log").open("wb")
-    up = subprocess.Popen([sys.executable, "-m", "worker.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -115,7 +117,39 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         try:
             code = up.wait(90)
         except subprocess.TimeoutExpired:
-            up.kill()
+            os.killpg(up.pid, signal.SIGKILL)  # with its workers: none may load the tests after this one
             raise
         log.close()
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+
+
+def test_up_stops_on_sigint_also_when_started_as_a_background_job(tmp_path: Path) -> None:
+    """`imgsync up &` from a script inherits SIGINT as ignored (and Python then installs no Ctrl-C
+    handler): `kill -INT` must still stop it cleanly, workers included."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
+    env.update(IMGSYNC_HOME=str(tmp_path / "home"), IMGSYNC_MODEL="tiny", IMGSYNC_METRICS_PORT=str(port))
+    log = (tmp_path / "up.log").open("wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                scrape(port)
+                break
+            except OSError:
+                assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "exporter never answered"
+                time.sleep(0.5)
+        up.send_signal(signal.SIGINT)
+        assert up.wait(90) == 0, (tmp_path / "up.log").read_text()[-3000:]
+        assert "stopping" in (tmp_path / "up.log").read_text()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        log.close()
+    workers = subprocess.run(["pgrep", "-f", str(tmp_path / "home")], capture_output=True, text=True).stdout.split()
+    assert workers == [], "stack processes outlived `up`"

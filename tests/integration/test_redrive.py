@@ -20,9 +20,6 @@ from worker.metrics import metrics
 from worker.redrive import Redrive, is_leader
 from worker.status import queue_depths
 
-HOUR_AGO = datetime.now(UTC) - timedelta(hours=1)
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def setup(request: pytest.FixtureRequest, make_settings, tmp_path: Path):
     settings = make_settings(redrive_after_seconds=60)
@@ -43,9 +40,11 @@ def ev(name: str, sku: str = "SKU-1", version: int = 10, action: Action = Action
 
 
 def backdate(ledger: Ledger, image_ids: list[str] = (), sku_ids: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Set the rows' last step an hour back from now."""
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
     with ledger.engine.begin() as conn:
-        conn.execute(images.update().where(images.c.image_id.in_(list(image_ids))).values(updated_at=HOUR_AGO))
-        conn.execute(skus.update().where(skus.c.sku.in_(list(sku_ids))).values(updated_at=HOUR_AGO))
+        conn.execute(images.update().where(images.c.image_id.in_(list(image_ids))).values(updated_at=hour_ago))
+        conn.execute(skus.update().where(skus.c.sku.in_(list(sku_ids))).values(updated_at=hour_ago))
 
 
 def drain(settings) -> dict[str, list]:  # type: ignore[no-untyped-def]

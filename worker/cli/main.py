@@ -241,7 +241,10 @@ def up(ctx: typer.Context) -> None:
         nonlocal stopping
         stopping = True
 
+    # Ctrl-C and SIGTERM both stop it, also where SIGINT was inherited as ignored (a background job
+    # of a script: Python installs no KeyboardInterrupt handler then)
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     uri = stack.start()
     if settings.metrics_port:  # one exporter for every stack process's samples
         from worker.metrics import enable_multiprocess, start_exporter
