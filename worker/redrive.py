@@ -57,6 +57,10 @@ class Redrive:
 
         self.settings, self.ledger, self.dispatcher = settings, ledger, dispatcher
         self._depths = depths or (lambda: queue_depths(settings))
+        from worker.metrics import metrics
+
+        for kind in ("image", "sku"):  # exported at 0 from the start, so rate() and dashboards see a series
+            metrics().redriven.labels(kind)
 
     def run_once(self, now: datetime | None = None) -> RedriveReport:
         from worker.metrics import metrics
