@@ -49,6 +49,7 @@ from typing import Any
 from kombu.transport import TRANSPORT_ALIASES, virtual
 
 from worker.ledger.db import SQLITE_BUSY_TIMEOUT_MS, begin_immediate, sqlite_pragmas
+from worker.procs import pid_alive, start_time
 
 __all__ = ["SCHEME", "Transport", "broker_url"]
 
@@ -96,26 +97,12 @@ _HOST = socket.gethostname()
 _owner_cache: tuple[int, str] | None = None
 
 
-def _start_time(pid: int) -> str | None:
-    """Process ``pid``'s start time (clock ticks after boot, from /proc), or None when it is gone or a
-    zombie. A pid the kernel gave to a new process has another start time."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if not fields or fields[0] in (b"Z", b"X"):
-        return None
-    return fields[19].decode()
-
-
 def owner() -> str:
     """This process as a message owner: ``host|pid|start time`` (the start time is empty without /proc)."""
     global _owner_cache
     pid = os.getpid()
     if _owner_cache is None or _owner_cache[0] != pid:  # forked: the child is another owner
-        _owner_cache = (pid, f"{_HOST}|{pid}|{_start_time(pid) or ''}")
+        _owner_cache = (pid, f"{_HOST}|{pid}|{start_time(pid) or ''}")
     return _owner_cache[1]
 
 
@@ -129,15 +116,7 @@ def owner_alive(name: str) -> bool:
         return False  # not written by this transport: nobody will ever acknowledge it
     if host != _HOST:
         return True
-    if start:
-        return _start_time(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return start_time(pid) == start if start else pid_alive(pid)
 
 
 def reclaim(conn: sqlite3.Connection) -> int:

@@ -17,6 +17,7 @@ from kombu import Connection
 from worker.celery_app import configure
 from worker import embedded_broker
 from worker.embedded_broker import broker_url
+from worker.procs import start_time
 
 
 def _rows(path: Path) -> dict[int, int]:
@@ -273,7 +274,7 @@ def test_owner_identity_tells_a_reused_pid_or_a_zombie_from_a_live_owner() -> No
     assert embedded_broker.owner_alive(me)
     assert not embedded_broker.owner_alive(f"{host}|{pid}|{int(start) + 1}")  # same pid, another process
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
-    name = f"{host}|{child.pid}|{embedded_broker._start_time(child.pid)}"
+    name = f"{host}|{child.pid}|{start_time(child.pid)}"
     assert embedded_broker.owner_alive(name)
     assert child.stdin is not None
     child.stdin.close()  # it exits; not reaped yet, it is a zombie (its pid still answers signals)

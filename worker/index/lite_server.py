@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 from worker.errors import ServiceUnavailable
+from worker.procs import pid_alive
 
 __all__ = ["LiteServer", "running_server_uri", "free_port"]
 
@@ -36,23 +36,13 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_server_uri(data_dir: Path) -> str | None:
     """The URI of the embedded server serving ``data_dir``, if one is running."""
     try:
         state = json.loads((data_dir / STATE_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    if _pid_alive(int(state.get("pid", -1))) and _port_open(int(state["port"])):
+    if pid_alive(int(state.get("pid", -1))) and _port_open(int(state["port"])):
         return str(state["uri"])
     return None
 
