@@ -58,7 +58,8 @@ def collect_status(settings: Settings) -> StatusOutput:
         live = ledger.live_workers(STALE_AFTER_SECONDS)
         recent = ledger.indexed_since(datetime.now(UTC) - timedelta(seconds=RATE_WINDOW_SECONDS))
         versions = version_infos(ledger)
-        oldest, stalled = ledger.waiting(datetime.now(UTC) - timedelta(seconds=settings.effective_redrive_after))
+        oldest = ledger.oldest_waiting_seconds()
+        stalled = ledger.stalled_count(datetime.now(UTC) - timedelta(seconds=settings.effective_redrive_after))
         db_ok = True
     except Exception as exc:  # noqa: BLE001
         errors.append(f"database (IMGSYNC_DATABASE_URL): {exc.__class__.__name__}: {str(exc).splitlines()[0]}")

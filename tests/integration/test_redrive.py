@@ -159,13 +159,13 @@ def test_redrive_after_defaults_to_visibility_timeout_plus_longest_backoff(make_
 def test_waiting_work_is_reported_by_the_ledger(setup) -> None:
     _settings, ledger = setup
     idle_since = datetime.now(UTC) - timedelta(minutes=1)
-    assert ledger.waiting(idle_since) == (None, 0)
+    assert (ledger.oldest_waiting_seconds(), ledger.stalled_count(idle_since)) == (None, 0)
     old, new, done = ev("old"), ev("new"), ev("done")
     for e in (old, new, done):
         ledger.accept(e)
     ledger.mark_indexed([IndexedImage(done.image_id, done.version, "h", "model-a", "")])
     backdate(ledger, [old.image_id, done.image_id])
-    oldest, stalled = ledger.waiting(idle_since)
+    oldest, stalled = ledger.oldest_waiting_seconds(), ledger.stalled_count(idle_since)
     assert 3590 < oldest < 3700 and stalled == 1  # "new" waits too, but not for long; "done" is done
 
 

@@ -400,7 +400,6 @@ class Ledger(HousekeepingMixin):
         SKUs that changed again meanwhile."""
         now = _now()
         top = sa.func.max if self.engine.dialect.name == "sqlite" else sa.func.greatest
-        changed: list[str] = []
         with self.engine.begin() as conn:
             current: dict[str, int] = {}
             for chunk in _chunks(sorted({d[0] for d in done}), 500):
@@ -417,8 +416,7 @@ class Ledger(HousekeepingMixin):
                 ),
                 [{"b_sku": sku, "b_gen": gen, "b_count": count} for sku, gen, count in done],
             )
-            changed = [sku for sku, gen, _ in done if current.get(sku, 0) != gen]
-        return changed
+        return [sku for sku, gen, _ in done if current.get(sku, 0) != gen]
 
     # --- index versions ----------------------------------------------------------------------
 
@@ -703,19 +701,27 @@ class Ledger(HousekeepingMixin):
         with self._reader.connect() as conn:
             return [r for r in (_row(x) for x in conn.execute(q)) if r is not None]
 
-    def waiting(self, idle_since: datetime) -> tuple[float | None, int]:
-        """``(seconds since the oldest waiting image's last step, images idle since before idle_since)``
-        over images whose newest event is not processed yet; ``(None, 0)`` when none waits."""
+    def oldest_waiting_seconds(self) -> float | None:
+        """Seconds since the last step of the oldest image whose newest event is not processed yet;
+        None when none waits."""
         with self._reader.connect() as conn:
             oldest = conn.execute(sa.select(sa.func.min(images.c.updated_at)).where(self._stalled())).scalar()
-            idle = conn.execute(
-                sa.select(sa.func.count()).select_from(images).where(self._stalled(), images.c.updated_at < idle_since)
-            ).scalar_one()
         if oldest is None:
-            return None, 0
+            return None
         if oldest.tzinfo is None:  # SQLite gives naive datetimes (stored in UTC)
             oldest = oldest.replace(tzinfo=UTC)
-        return max(0.0, (_now() - oldest).total_seconds()), int(idle)
+        return max(0.0, (_now() - oldest).total_seconds())
+
+    def stalled_count(self, idle_since: datetime) -> int:
+        """Images whose newest event has waited since before ``idle_since`` with no step recorded."""
+        with self._reader.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(images)
+                    .where(self._stalled(), images.c.updated_at < idle_since)
+                ).scalar_one()
+            )
 
     def stalled_skus(self, idle_since: datetime, limit: int = 10_000) -> list[str]:
         """SKUs marked dirty before ``idle_since`` and not refreshed since."""

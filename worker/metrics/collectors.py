@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from config.settings import Settings
@@ -39,7 +38,7 @@ class StateCollector:
             for state, n in self._ledger.counts().items():
                 images.add_metric([state], n)
             dirty.add_metric([], self._ledger.sku_counts()[1])
-            waiting.add_metric([], self._ledger.waiting(datetime.now(UTC))[0] or 0.0)
+            waiting.add_metric([], self._ledger.oldest_waiting_seconds() or 0.0)
             yield images
             yield dirty
             yield waiting
