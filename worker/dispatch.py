@@ -50,8 +50,7 @@ class Dispatcher:
         self._send(TASK_ENCODE, payload.model_dump(mode="json"), self.queues.encode, countdown)
 
     def refresh_sku(self, sku: str, countdown: float | None = SKU_REFRESH_DELAY, attempt: int = 0) -> None:
-        payload = SkuRefreshPayload(sku=sku, attempt=attempt)
-        self._send(TASK_REFRESH_SKU, payload.model_dump(mode="json"), self.queues.sku, countdown)
+        self.refresh_skus([sku], countdown, attempt)
 
     def refresh_skus(
         self, skus: list[str], countdown: float | None = SKU_REFRESH_DELAY, attempt: int = 0

@@ -34,7 +34,6 @@ from worker.runtime import Runtime
 __all__ = [
     "preprocess",
     "encode_batch",
-    "refresh_sku",
     "refresh_skus",
     "prepare_pixels",
     "record_failure",
@@ -353,11 +352,6 @@ def record_gpu_memory(m: Metrics) -> None:
         for device, reading in nvml_snapshot().items():
             m.gpu_utilization.labels(device).set(reading["utilization"])
             m.gpu_temperature.labels(device).set(reading["temperature"])
-
-
-def refresh_sku(rt: Runtime, sku: str) -> str:
-    """Recompute one SKU vector (see :func:`refresh_skus`). Returns ``clean``, ``written`` or ``deleted``."""
-    return refresh_skus(rt, [sku])[sku]
 
 
 def refresh_skus(rt: Runtime, sku_ids: Sequence[str]) -> dict[str, str]:

@@ -26,6 +26,7 @@ from config.settings import Settings
 from schemas.tasks import PreprocessPayload
 from worker.dispatch import Dispatcher
 from worker.ledger import Ledger
+from worker.metrics import metrics
 
 __all__ = ["Redrive", "RedriveReport", "RedriveThread", "BATCH"]
 
@@ -57,14 +58,10 @@ class Redrive:
 
         self.settings, self.ledger, self.dispatcher = settings, ledger, dispatcher
         self._depths = depths or (lambda: queue_depths(settings))
-        from worker.metrics import metrics
-
         for kind in ("image", "sku"):  # exported at 0 from the start, so rate() and dashboards see a series
             metrics().redriven.labels(kind)
 
     def run_once(self, now: datetime | None = None) -> RedriveReport:
-        from worker.metrics import metrics
-
         idle_since = (now or datetime.now(UTC)) - timedelta(seconds=self.settings.effective_redrive_after)
         image_rows = self.ledger.stalled_images(idle_since, BATCH)
         sku_ids = self.ledger.stalled_skus(idle_since, BATCH)
