@@ -35,6 +35,19 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
 
 
+def wait_for_exporter(up: subprocess.Popen, port: int, log: Path, timeout: float = 90) -> None:
+    """Block until `imgsync up`'s exporter answers on ``port``; fail with up's log if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            scrape(port)
+            return
+        except OSError:
+            assert up.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "exporter never answered"
+            time.sleep(0.5)
+
+
 def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
     """After indexing 12 good and 2 bad images through `imgsync up`: indexed, failures by reason,
     batch sizes, lag observations, events and ledger gauges all agree with what happened."""
@@ -56,15 +69,7 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         [sys.executable, "-m", "worker.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                scrape(port)
-                break
-            except OSError:
-                assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "exporter never answered"
-                time.sleep(0.5)
+        wait_for_exporter(up, port, tmp_path / "up.log")
         proc = subprocess.run(
             [sys.executable, "-m", "worker.cli", "index", str(root), "--wait", "--json", "--timeout", "180"],
             env=env, capture_output=True, text=True, timeout=240,
@@ -135,15 +140,7 @@ def test_up_stops_on_sigint_also_when_started_as_a_background_job(tmp_path: Path
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                scrape(port)
-                break
-            except OSError:
-                assert up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "exporter never answered"
-                time.sleep(0.5)
+        wait_for_exporter(up, port, tmp_path / "up.log")
         up.send_signal(signal.SIGINT)
         assert up.wait(90) == 0, (tmp_path / "up.log").read_text()[-3000:]
         assert "stopping" in (tmp_path / "up.log").read_text()

@@ -275,14 +275,24 @@ def test_one_encode_batch_refreshes_its_skus_with_one_message(env, tmp_path: Pat
     assert calls == []
 
 
+def _two_skus_indexed(
+    rt: Runtime, d: RecordingDispatcher, root: Path, seeds: tuple[int, int]
+) -> list[tuple[str, ImageEvent]]:
+    """Two new SKUs of one image each, preprocessed and encoded; their refresh message is left queued."""
+    out = []
+    for name, seed in zip("ab", seeds, strict=True):
+        sku = f"S-{uuid.uuid4().hex[:6]}"
+        e = ImageEvent(uri=str(write_image(root / sku / f"{name}.jpg", seed)), sku=sku)
+        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+        out.append((sku, e))
+    pipeline.encode_batch(rt, d, [EncodePayload.model_validate(x) for x, _ in d.take(TASK_ENCODE)])
+    return out
+
+
 def test_a_batch_refresh_writes_some_skus_and_deletes_emptied_ones(env, tmp_path: Path) -> None:
     settings, rt, d = env
-    keep, empty = f"S-{uuid.uuid4().hex[:6]}", f"S-{uuid.uuid4().hex[:6]}"
-    a = ImageEvent(uri=str(write_image(tmp_path / keep / "a.jpg", 1)), sku=keep)
-    b = ImageEvent(uri=str(write_image(tmp_path / empty / "b.jpg", 2)), sku=empty)
-    for e in (a, b):
-        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
-    run_until_idle(rt, d)
+    (keep, _a), (empty, b) = _two_skus_indexed(rt, d, tmp_path, seeds=(1, 2))
+    run_until_idle(rt, d)  # their SKU vectors written
     names = rt.names()
     assert len(rt.store.get_skus(names.skus, [keep, empty])) == 2
     assert pipeline.preprocess(rt, d, PreprocessPayload(event=ImageEvent(uri=b.uri, sku=empty, action=Action.delete))) == "deleted"
@@ -297,12 +307,7 @@ def test_a_sku_changing_during_a_batch_refresh_is_computed_again(env, tmp_path: 
     """The generation check per SKU: one that changed after its generation was read is recomputed in
     the next round, with the newest membership; the others are not."""
     settings, rt, d = env
-    one, two = f"S-{uuid.uuid4().hex[:6]}", f"S-{uuid.uuid4().hex[:6]}"
-    a = ImageEvent(uri=str(write_image(tmp_path / one / "a.jpg", 3)), sku=one)
-    b = ImageEvent(uri=str(write_image(tmp_path / two / "b.jpg", 4)), sku=two)
-    for e in (a, b):
-        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
-    pipeline.encode_batch(rt, d, [EncodePayload.model_validate(x) for x, _ in d.take(TASK_ENCODE)])
+    (one, _a), (two, _b) = _two_skus_indexed(rt, d, tmp_path, seeds=(3, 4))
     d.take(TASK_REFRESH_SKU)
     rounds: list[list[str]] = []
     original = rt.ledger.sku_members_many
