@@ -49,3 +49,19 @@ def reference_open_clip(name: str, pretrained: str | None = None, seed: int = 0)
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
     return encode
+
+
+def empty_ledger(url: str):  # type: ignore[no-untyped-def]
+    """A ledger at ``url``, migrated and emptied (the PostgreSQL test database is shared by the
+    session), with one serving model version ``model-a``."""
+    import sqlalchemy as sa
+
+    from worker.ledger import Ledger, make_engine, upgrade
+
+    upgrade(url)
+    led = Ledger(make_engine(url))
+    if led.engine.dialect.name == "postgresql":
+        with led.engine.begin() as conn:
+            conn.execute(sa.text("TRUNCATE images, image_vectors, skus, index_versions, workers, dead_letters"))
+    led.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    return led

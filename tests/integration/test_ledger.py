@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from schemas.events import Action, ImageEvent
 from schemas.reasons import Reason
+from tests.helpers import empty_ledger
 from worker.ledger import Coverage, IndexedImage, Ledger, VersionStatus, make_engine, upgrade
 from worker.ledger.db import current_revision
 
@@ -21,12 +22,7 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Ledger:
         url = f"sqlite:///{tmp_path / 'state.db'}"
     else:
         url = request.getfixturevalue("pg_url")
-    upgrade(url)
-    led = Ledger(make_engine(url))
-    if request.param == "postgresql":  # the session database is shared: start empty
-        with led.engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE images, image_vectors, skus, index_versions, workers, dead_letters"))
-    led.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    led = empty_ledger(url)
     yield led
     led.engine.dispose()
 

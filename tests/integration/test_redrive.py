@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from kombu import Connection
 
 from schemas.events import Action, ImageEvent
 from schemas.reasons import Reason
+from tests.helpers import empty_ledger
 from worker.celery_app import configure, dispatcher
 from worker.dispatch import TASK_PREPROCESS, TASK_REFRESH_SKU
 from worker.ledger import IndexedImage, Ledger, make_engine, upgrade
@@ -20,16 +20,12 @@ from worker.metrics import metrics
 from worker.redrive import Redrive, is_leader
 from worker.status import queue_depths
 
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def setup(request: pytest.FixtureRequest, make_settings, tmp_path: Path):
     settings = make_settings(redrive_after_seconds=60)
     url = settings.effective_database_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
-    upgrade(url)
-    ledger = Ledger(make_engine(url))
-    if request.param == "postgresql":  # the session database is shared: start empty
-        with ledger.engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE images, image_vectors, skus, index_versions, workers, dead_letters"))
-    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    ledger = empty_ledger(url)
     configure(settings)
     yield settings, ledger
     ledger.engine.dispose()
