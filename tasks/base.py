@@ -81,8 +81,8 @@ class SkuTask(Task):
             return self.run(payload)
         except ImgsyncError as exc:
             settings = celery_app.settings()
-            names = ", ".join(payload.all_skus[:5]) + (" …" if len(payload.all_skus) > 5 else "")
             if payload.attempt >= settings.max_retries:
+                names = ", ".join(payload.all_skus[:5]) + (" …" if len(payload.all_skus) > 5 else "")
                 # the SKUs stay dirty in the ledger: the redrive sends them again once things settle
                 log.error("sku %s: refresh gave up after %d attempts: %s", names, payload.attempt + 1, exc)
                 return "failed"
