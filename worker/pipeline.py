@@ -123,7 +123,12 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
         metrics().events.labels(event.source, str(event.action)).inc()
     if build:
         prev = rt.ledger.get(event.image_id)
-        if prev is None or prev.version != event.version or prev.state in (ImageState.deleted, ImageState.failed):
+        if (
+            prev is None
+            or prev.version != event.version
+            or prev.state in (ImageState.deleted, ImageState.failed)
+            or event.action is Action.delete  # its own delete, on its way: nothing to build
+        ):
             return "stale"
     else:
         acceptance = rt.ledger.accept(event, payload.request_id)

@@ -263,10 +263,10 @@ def test_migration_up_down_up(tmp_path: Path) -> None:
     from worker.ledger.db import _alembic_config
 
     url = f"sqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}"
-    assert upgrade(url) == "0005"
+    assert upgrade(url) == "0006"
     command.downgrade(_alembic_config(url), "base")
     assert current_revision(url) is None
-    assert upgrade(url) == "0005"
+    assert upgrade(url) == "0006"
 
 
 def test_migration_0004_keeps_what_was_indexed(tmp_path: Path) -> None:
@@ -287,7 +287,7 @@ def test_migration_0004_keeps_what_was_indexed(tmp_path: Path) -> None:
             "'2026-02-02', '2026-02-02', NULL)"
         ))
     engine.dispose()
-    assert upgrade(url) == "0005"
+    assert upgrade(url) == "0006"
     led = Ledger(make_engine(url))
     assert led.serving_version().model_id == "new"
     assert [v.model_id for v in led.versions()] == ["new"]  # older versions were not kept in sync

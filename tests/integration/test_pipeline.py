@@ -160,6 +160,27 @@ def test_delete_removes_vector_and_sku(env, tmp_path: Path) -> None:
     assert rt.store.get_skus(names.skus, [sku]) == []
 
 
+def test_a_delete_sent_again_from_the_ledger_deletes(env, tmp_path: Path) -> None:
+    """A delete whose worker died after recording it: the ledger's replay of the image (redrive,
+    failures replay, reindex) is that delete, never an upsert of the file still in storage; and a
+    background build of another model skips it."""
+    settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    e = ImageEvent(uri=str(write_image(tmp_path / sku / "z.jpg", 12)), sku=sku)
+    pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    run_until_idle(rt, d)
+    names = rt.names()
+    assert rt.ledger.accept(ImageEvent(uri=e.uri, sku=sku, action=Action.delete), "req-del").current  # then died
+    replay = rt.ledger.get(e.image_id).event("redrive")
+    build = PreprocessPayload(event=replay, models=[rt.serving().model_id])
+    assert pipeline.preprocess(rt, d, build) == "stale"
+    assert pipeline.preprocess(rt, d, PreprocessPayload(event=replay, request_id="req-del")) == "deleted"
+    run_until_idle(rt, d)
+    assert rt.ledger.get(e.image_id).state == "deleted"
+    assert rt.store.image_vectors(names.images, [e.image_id]) == {}
+    assert rt.store.get_skus(names.skus, [sku]) == []
+
+
 def test_encode_after_delete_does_not_resurrect(env, tmp_path: Path) -> None:
     """An encode of an older version that finishes after a delete never writes the vector back."""
     settings, rt, d = env

@@ -184,3 +184,28 @@ def test_status_and_the_scrape_gauge_show_the_oldest_waiting_image(make_settings
     gauges = {s.name: s.value for fam in StateCollector(settings).collect() for s in fam.samples}
     assert 3590 < gauges["imgsync_oldest_waiting_seconds"] < 3700
     ledger.engine.dispose()
+
+
+@pytest.mark.parametrize("was", ["indexed", "pending"])
+def test_a_lost_delete_is_sent_again_as_a_delete(setup, was: str) -> None:
+    """A delete accepted by a worker that then died: sending it again as an upsert would index the
+    image anew when its object still exists (a catalog row deleted, the file left in storage)."""
+    settings, ledger = setup
+    first = ev("gone")
+    ledger.accept(first, request_id="req-1")
+    if was == "indexed":
+        ledger.mark_indexed([IndexedImage(first.image_id, first.version, "h", "model-a", "req-1")])
+    delete = ev("gone", version=11, action=Action.delete)
+    assert ledger.accept(delete, request_id="req-2").current
+    backdate(ledger, [delete.image_id])
+
+    report = Redrive(settings, ledger, dispatcher()).run_once()
+
+    assert report.images == 1
+    [(name, payload)] = drain(settings)[settings.queues.preprocess]
+    assert payload["event"]["action"] == "delete"
+    assert payload["event"]["version"] == delete.version and payload["request_id"] == "req-2"
+    assert ledger.get(delete.image_id).event().action is Action.delete
+    # a newer upsert makes the row's event an upsert again
+    ledger.accept(ev("gone", version=12), request_id="req-3")
+    assert ledger.get(delete.image_id).event().action is Action.upsert

@@ -42,15 +42,19 @@ class ImageRow:
     attempts: int
     updated_at: datetime | None = None
     crop: str | None = None  # CropBox JSON
+    action: str | None = None  # of the newest accepted event (None: upsert)
 
     def event(self, source: str = "reindex", *, keep_version: bool = True) -> ImageEvent:
-        """An upsert event that re-indexes this image as the ledger knows it (crop box included).
+        """The image's newest accepted event again, as the ledger knows it (crop box included): an
+        upsert that re-indexes it, or a delete when the newest event was one (never an upsert that
+        would bring a deleted image back).
 
         It keeps the image's version: a re-run is not a newer change, and a fresh clock value would
         outrank the source's own versions (S3 sequencers) and make its later events look stale."""
         extra = {"version": self.version} if keep_version else {}
         crop = CropBox.model_validate_json(self.crop) if self.crop else None
-        return ImageEvent(uri=self.uri, sku=self.sku, crop=crop, source=source, **extra)
+        action = Action.delete if self.action == Action.delete else Action.upsert
+        return ImageEvent(uri=self.uri, sku=self.sku, crop=crop, source=source, action=action, **extra)
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,7 @@ class Ledger(HousekeepingMixin):
                 "request_id": request_id or None,
                 "outcome": None,
                 "updated_at": now,
+                "action": str(event.action),
             }
             if prev is None:
                 state = ImageState.pending if event.action is Action.upsert else ImageState.deleted

@@ -62,6 +62,7 @@ images = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("indexed_at", sa.DateTime(timezone=True)),
     sa.Column("crop", sa.Text()),
+    sa.Column("action", sa.String(8)),  # of the newest accepted event; NULL (older rows): upsert
 )
 
 skus = sa.Table(
