@@ -26,12 +26,13 @@ from worker.health import TRIPPING_REASONS, gate
 from worker.imaging.decode import apply_crop, decode_image
 from worker.imaging.trim import trim_border
 from worker.index import ImageEntity
-from worker.ledger import ImageRow, ImageState, IndexedImage, VersionRow
+from worker.ledger import ImageRow, ImageState, IndexedImage, Ledger, VersionRow
 from worker.metrics import Metrics, metrics
 from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
 from worker.runtime import Runtime
 
 __all__ = [
+    "submit",
     "preprocess",
     "encode_batch",
     "refresh_skus",
@@ -105,6 +106,24 @@ def prepare_pixels(rt: Runtime, event: ImageEvent, encoder: Encoder | None = Non
     """Fetch and prepare one image for a model: ``(content_hash, model-input pixels)``."""
     data = fetch(rt, event.uri)
     return content_hash(data, event.crop), model_pixels(rt, data, event.crop, encoder)
+
+
+def submit(
+    ledger: Ledger, dispatch: Dispatcher, events: Sequence[ImageEvent], request_id: str, *, force: bool = False
+) -> list[ImageEvent]:
+    """Record events in the ledger, then publish the ones still current to the preprocess queue.
+
+    Recording first means that an event whose message a broker loses (kombu's Redis transport pops
+    a message before it records it as taken) is waiting in the ledger, where the redrive finds it.
+    Stale events are answered ``unchanged`` at once and not published. Returns the published events.
+    """
+    accepted = ledger.accept_many(events, request_id)
+    dispatch.preprocess_many(
+        [PreprocessPayload(event=ev, request_id=request_id, force=force) for ev in accepted.current]
+    )
+    if accepted.left_skus:
+        dispatch.refresh_skus(accepted.left_skus)
+    return accepted.current
 
 
 def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) -> str:

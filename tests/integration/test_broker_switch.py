@@ -9,6 +9,7 @@ import redis
 
 from schemas.events import ImageEvent
 from tests.conftest import REDIS_URL
+from worker.ledger import upgrade
 from worker.sources.common import publish_events
 
 
@@ -17,6 +18,8 @@ def test_switching_brokers_back_and_forth_keeps_publishing(make_settings, tmp_pa
     on_redis = make_settings(broker_url=REDIS_URL, queue_preprocess=queue)
     embedded = make_settings(home=tmp_path / "other")
     events = [ImageEvent(uri=str(tmp_path / "S" / "1.jpg"), sku="S")]
+    for settings in (on_redis, embedded):
+        upgrade(settings.effective_database_url)  # sources record events in the ledger before publishing
     for settings in (on_redis, embedded, on_redis, embedded, on_redis):
         publish_events(settings, events)  # raised "Acquire on closed pool" on the way back
     client = redis.Redis.from_url(REDIS_URL)

@@ -47,6 +47,39 @@ def test_accept_orders_by_version(ledger: Ledger) -> None:
     assert row.request_id == "r-old" and row.outcome == "unchanged"
 
 
+def test_accept_many_records_what_accept_would_in_one_call(ledger: Ledger) -> None:
+    """A publisher's batch: new images pending, a stale event answered and left out, a delete, an
+    image moving SKU (its old SKU dirty and returned), one image twice (the newer event wins);
+    the worker accepting the same event again afterwards is still current."""
+    moving = ev("s3://b/SKU-1/m.jpg", version=10)
+    ledger.accept(moving, "r0")
+    ledger.mark_indexed([indexed(moving)])
+    newer = ev("s3://b/SKU-1/n.jpg", version=30)
+    ledger.accept(newer, "r0")
+    fresh = ev("s3://b/SKU-1/f.jpg", version=10)
+    gone = ev("s3://b/SKU-1/g.jpg", version=10, action=Action.delete)
+    stale = ev("s3://b/SKU-1/n.jpg", version=20)
+    moved = ImageEvent(uri=moving.uri, sku="SKU-2", version=11)
+    twice_old, twice_new = ev("s3://b/SKU-1/t.jpg", version=10), ev("s3://b/SKU-1/t.jpg", version=12)
+
+    got = ledger.accept_many([fresh, gone, stale, moved, twice_new, twice_old], "r1")
+
+    assert [e.uri for e in got.current] == [fresh.uri, gone.uri, moved.uri, twice_new.uri]
+    assert got.left_skus == ["SKU-1"]
+    rows = ledger.rows([fresh.image_id, gone.image_id, newer.image_id, moving.image_id, twice_new.image_id])
+    assert (rows[fresh.image_id].state, rows[fresh.image_id].outcome, rows[fresh.image_id].request_id) == ("pending", None, "r1")
+    assert rows[gone.image_id].state == "deleted" and rows[gone.image_id].event().action is Action.delete
+    assert (rows[newer.image_id].version, rows[newer.image_id].outcome) == (newer.version, "unchanged")
+    assert (rows[moving.image_id].sku, rows[moving.image_id].state) == ("SKU-2", "pending")
+    assert rows[twice_new.image_id].version == twice_new.version
+    gen, clean = ledger.sku_generation("SKU-1")
+    assert gen > clean  # the SKU the image left waits for its refresh
+    # the worker's own accept of the same event: current, and nothing to refresh again
+    again = ledger.accept(moved, "r1")
+    assert again.current and again.left_sku is None
+    assert ledger.accept_many([], "r2").current == []
+
+
 def test_indexed_marks_sku_dirty_and_refresh_cleans(ledger: Ledger) -> None:
     """mark_indexed records the vector and dirties the SKU; finish_sku at that generation cleans it."""
     e = ev()

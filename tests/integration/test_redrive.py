@@ -209,3 +209,28 @@ def test_a_lost_delete_is_sent_again_as_a_delete(setup, was: str) -> None:
     # a newer upsert makes the row's event an upsert again
     ledger.accept(ev("gone", version=12), request_id="req-3")
     assert ledger.get(delete.image_id).event().action is Action.upsert
+
+
+def test_an_event_lost_on_its_way_to_the_first_worker_is_sent_again(setup, monkeypatch) -> None:
+    """Sources record an event in the ledger before they publish it: a preprocess message the broker
+    loses before any worker saw it (kombu's Redis transport pops before it records the message as
+    taken) leaves the image waiting in the ledger, and the redrive sends it again."""
+    from worker.sources import common
+
+    settings, ledger = setup
+    monkeypatch.setattr(common, "_ledger", lambda url: ledger)  # this test's ledger (SQLite or PostgreSQL)
+    lost, stale = ev("lost-on-the-way"), ev("old", version=5)
+    ledger.accept(ev("old", version=9), request_id="req-0")
+    request_id = common.publish_events(settings, [lost, stale])
+    sent = drain(settings)[settings.queues.preprocess]  # the broker loses the message: nobody takes it
+    assert [p["event"]["uri"] for _, p in sent] == [lost.uri]  # the stale one was answered, not sent
+    row = ledger.get(lost.image_id)
+    assert (row.state, row.outcome, row.request_id) == ("pending", None, request_id)
+    assert ledger.get(stale.image_id).outcome == "unchanged"
+
+    backdate(ledger, [lost.image_id])
+    report = Redrive(settings, ledger, dispatcher()).run_once()
+
+    assert report.images == 1
+    [(_, payload)] = drain(settings)[settings.queues.preprocess]
+    assert payload["event"]["uri"] == lost.uri and payload["request_id"] == request_id

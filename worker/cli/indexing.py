@@ -15,7 +15,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from config.settings import Settings
 from schemas.events import ImageEvent
 from schemas.outputs import IndexResult
-from schemas.tasks import PreprocessPayload
 from worker.errors import ConfigError
 from worker.ledger import Ledger, make_engine
 
@@ -85,12 +84,13 @@ def publish(settings: Settings, events: Sequence[ImageEvent], *, force: bool = F
     from worker.celery_app import configure, dispatcher
 
     from worker.celery_app import runtime
-    from worker.pipeline import settle_unchanged
+    from worker.pipeline import settle_unchanged, submit
 
     configure(settings)
+    rt = runtime()
     request_id = uuid.uuid4().hex
-    todo = list(events) if force else settle_unchanged(runtime(), events, request_id)
-    dispatcher().preprocess_many([PreprocessPayload(event=ev, request_id=request_id, force=force) for ev in todo])
+    todo = list(events) if force else settle_unchanged(rt, events, request_id)
+    submit(rt.ledger, dispatcher(), todo, request_id, force=force)
     return request_id
 
 

@@ -19,7 +19,7 @@ from worker.ledger.db import reader
 from worker.ledger.housekeeping import HousekeepingMixin
 from worker.ledger.tables import ImageState, VersionStatus, image_vectors, images, index_versions, skus
 
-__all__ = ["Ledger", "Acceptance", "ImageRow", "IndexedImage", "VersionRow", "Coverage"]
+__all__ = ["Ledger", "Acceptance", "Accepted", "ImageRow", "IndexedImage", "VersionRow", "Coverage"]
 
 
 def _now() -> datetime:
@@ -65,6 +65,15 @@ class Acceptance:
     previous: ImageRow | None
     #: the SKU the image just left (marked dirty; its refresh must be scheduled)
     left_sku: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What the ledger made of many events: those still current, and the SKUs images left (marked
+    dirty; their refresh must be scheduled)."""
+
+    current: list[ImageEvent]
+    left_skus: list[str]
 
 
 @dataclass(frozen=True)
@@ -131,47 +140,103 @@ class Ledger(HousekeepingMixin):
 
         A stale event changes nothing but the request's outcome (``unchanged``). A newer upsert
         makes the image ``pending`` unless it is already indexed (it stays searchable meanwhile);
-        a SKU change marks the old SKU dirty at once.
+        a SKU change marks the old SKU dirty at once. Accepting the same event again (the worker
+        after its publisher, a replay) changes nothing but the clock and the request.
         """
         now = _now()
         with self.engine.begin() as conn:
             prev = self._get(conn, event.image_id, lock=True)
-            if prev is not None and prev.version > event.version:
-                if request_id:
-                    conn.execute(
-                        images.update()
-                        .where(images.c.image_id == event.image_id)
-                        .values(request_id=request_id, outcome="unchanged", updated_at=now)
-                    )
-                return Acceptance(current=False, previous=prev)
-            values = {
-                "uri": event.uri,
-                "sku": event.sku,
-                "crop": event.crop.model_dump_json() if event.crop is not None else None,
-                "version": event.version,
-                "event_time": event.event_time,
-                "request_id": request_id or None,
-                "outcome": None,
-                "updated_at": now,
-                "action": str(event.action),
-            }
-            if prev is None:
-                state = ImageState.pending if event.action is Action.upsert else ImageState.deleted
+            return self._accept(conn, event, request_id, prev, now, None)
+
+    def accept_many(self, events: Sequence[ImageEvent], request_id: str = "") -> Accepted:
+        """:meth:`accept` for many events in one transaction, as a publisher records them before it
+        publishes: an image whose message a broker then loses is waiting in the ledger, where the
+        redrive (``worker.redrive``) finds it. Returns the current events and the SKUs images left.
+        """
+        for attempt in range(3):
+            try:
+                return self._accept_many(events, request_id)
+            except sa.exc.IntegrityError:  # another writer inserted one of these images meanwhile
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _accept_many(self, events: Sequence[ImageEvent], request_id: str) -> Accepted:
+        now = _now()
+        current: list[ImageEvent] = []
+        left: set[str] = set()
+        with self.engine.begin() as conn:
+            todo = list(events)
+            while todo:  # an image twice in one call: its later events go in the next round
+                seen: set[str] = set()
+                now_round: list[ImageEvent] = []
+                later: list[ImageEvent] = []
+                for ev in todo:
+                    (later if ev.image_id in seen else now_round).append(ev)
+                    seen.add(ev.image_id)
+                prevs = self._get_many(conn, sorted(seen), lock=True)  # sorted: a stable lock order
+                inserts: list[dict] = []
+                for ev in now_round:
+                    got = self._accept(conn, ev, request_id, prevs.get(ev.image_id), now, inserts)
+                    if got.current:
+                        current.append(ev)
+                    if got.left_sku is not None:
+                        left.add(got.left_sku)
+                if inserts:
+                    conn.execute(images.insert(), inserts)
+                todo = later
+        return Accepted(current, sorted(left))
+
+    def _accept(
+        self,
+        conn: Connection,
+        event: ImageEvent,
+        request_id: str,
+        prev: ImageRow | None,
+        now: datetime,
+        inserts: list[dict] | None,
+    ) -> Acceptance:
+        """One event against its row ``prev`` (read under lock); new rows go to ``inserts`` when
+        given (one statement for many), else are inserted here."""
+        if prev is not None and prev.version > event.version:
+            if request_id:
                 conn.execute(
-                    images.insert().values(image_id=event.image_id, state=state, created_at=now, **values)
+                    images.update()
+                    .where(images.c.image_id == event.image_id)
+                    .values(request_id=request_id, outcome="unchanged", updated_at=now)
                 )
+            return Acceptance(current=False, previous=prev)
+        values = {
+            "uri": event.uri,
+            "sku": event.sku,
+            "crop": event.crop.model_dump_json() if event.crop is not None else None,
+            "version": event.version,
+            "event_time": event.event_time,
+            "request_id": request_id or None,
+            "outcome": None,
+            "updated_at": now,
+            "action": str(event.action),
+        }
+        if prev is None:
+            state = ImageState.pending if event.action is Action.upsert else ImageState.deleted
+            row = {"image_id": event.image_id, "state": state, "created_at": now, "reason": None, "detail": None,
+                   "attempts": 0, **values}  # fmt: skip
+            if inserts is None:
+                conn.execute(images.insert().values(**row))
             else:
-                moved = prev.sku != event.sku and prev.state == ImageState.indexed
-                if event.action is Action.upsert and (prev.state != ImageState.indexed or moved):
-                    # an indexed image stays searchable until re-encoded, unless it left its SKU
-                    values.update(state=ImageState.pending, reason=None, detail=None)
-                if prev.version != event.version:
-                    values["attempts"] = 0
-                conn.execute(images.update().where(images.c.image_id == event.image_id).values(**values))
-                if moved:
-                    self._mark_dirty(conn, [prev.sku], now)
-                    return Acceptance(current=True, previous=prev, left_sku=prev.sku)
-            return Acceptance(current=True, previous=prev)
+                inserts.append(row)
+            return Acceptance(current=True, previous=None)
+        moved = prev.sku != event.sku and prev.state == ImageState.indexed
+        if event.action is Action.upsert and (prev.state != ImageState.indexed or moved):
+            # an indexed image stays searchable until re-encoded, unless it left its SKU
+            values.update(state=ImageState.pending, reason=None, detail=None)
+        if prev.version != event.version:
+            values["attempts"] = 0
+        conn.execute(images.update().where(images.c.image_id == event.image_id).values(**values))
+        if moved:
+            self._mark_dirty(conn, [prev.sku], now)
+            return Acceptance(current=True, previous=prev, left_sku=prev.sku)
+        return Acceptance(current=True, previous=prev)
 
     def is_current(self, image_id: str, version: str) -> bool:
         """True when ``version`` is still the newest event seen for the image and it is not deleted."""
@@ -765,6 +830,15 @@ class Ledger(HousekeepingMixin):
         return out_images, out_skus
 
     # --- helpers -------------------------------------------------------------------------------
+
+    def _get_many(self, conn: Connection, image_ids: list[str], *, lock: bool) -> dict[str, ImageRow]:
+        out: dict[str, ImageRow] = {}
+        for chunk in _chunks(image_ids, 500):
+            q = sa.select(images).where(images.c.image_id.in_(chunk)).order_by(images.c.image_id)
+            if lock and self._lock_rows:
+                q = q.with_for_update()
+            out.update((row.image_id, row) for row in (_row(r) for r in conn.execute(q)) if row is not None)
+        return out
 
     def _get(self, conn: Connection, image_id: str, *, lock: bool) -> ImageRow | None:
         q = sa.select(images).where(images.c.image_id == image_id)
