@@ -19,7 +19,13 @@ class IndexResult(BaseModel):
 
 
 class IndexOutput(BaseModel):
+    """``index --json``: with ``--wait`` one result per image; without it, the images already answered
+    (unchanged) while the rest (``queued``) goes to the workers."""
+
     results: list[IndexResult]
+    request_id: str | None = None
+    #: images handed to the workers (not answered at once as unchanged)
+    queued: int | None = None
 
 
 class SearchHit(BaseModel):

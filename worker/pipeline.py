@@ -23,8 +23,7 @@ from worker.encoders.base import Encoder, l2_normalize
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.fetch import fetch_bytes
 from worker.health import TRIPPING_REASONS, gate
-from worker.imaging.decode import apply_crop, decode_image
-from worker.imaging.trim import trim_border
+from worker.imaging.decode import decode_and_crop
 from worker.index import ImageEntity
 from worker.ledger import ImageRow, ImageState, IndexedImage, Ledger, VersionRow
 from worker.metrics import Metrics, metrics
@@ -67,12 +66,8 @@ def decode_for(rt: Runtime, data: bytes, crop: CropBox | None, encoders: Sequenc
     """Decode, then crop (the catalog's box, else auto-trim of a uniform border), at a scale that
     leaves every one of ``encoders`` full detail."""
     with metrics().stage_seconds.labels("decode").time():
-        img = decode_image(data, rt.settings.imaging, min_side=max(decode_min_side(e, crop) for e in encoders))
-        if crop is not None:
-            img = apply_crop(img, crop)
-        elif rt.settings.imaging.auto_trim:
-            img = trim_border(img)
-        return img
+        min_side = max(decode_min_side(e, crop) for e in encoders)
+        return decode_and_crop(data, rt.settings.imaging, crop, min_side=min_side)
 
 
 def model_pixels(rt: Runtime, data: bytes, crop: CropBox | None, encoder: Encoder | None = None) -> np.ndarray:

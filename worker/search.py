@@ -9,7 +9,7 @@ from config.settings import Settings
 from schemas.outputs import SearchHit
 from worker.encoders import Encoder, create_encoder
 from worker.errors import ConfigError, PermanentError
-from worker.imaging.decode import decode_image
+from worker.imaging.decode import decode_and_crop
 from worker.index import MilvusStore
 from worker.index.milvus_store import store_for, version_names
 from worker.ledger import Ledger, make_engine
@@ -79,7 +79,10 @@ def run_search(
             except OSError as exc:
                 raise ConfigError(f"--image {image}: {exc.strerror or exc}") from exc
             try:
-                pic = decode_image(data, settings.imaging)
+                # as the image was indexed: the same reduced-scale decode and border trim
+                from worker.pipeline import decode_min_side
+
+                pic = decode_and_crop(data, settings.imaging, None, min_side=decode_min_side(encoder, None))
             except PermanentError as exc:
                 raise ConfigError(f"--image {image}: {exc.reason}: {exc}") from exc
             vector = encoder.encode(encoder.preprocess([pic]))[0]

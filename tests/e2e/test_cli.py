@@ -57,6 +57,15 @@ def test_bad_model_spec_is_exit_2(home: Path, monkeypatch: pytest.MonkeyPatch) -
     assert "IMGSYNC_MODEL" in result.output and "open_clip" in result.output
 
 
+@pytest.mark.parametrize("command", [["status", "--json"], ["reindex", "--all", "--dry-run", "--json"], ["failures", "list"]])
+def test_a_malformed_model_spec_is_exit_2_for_every_command(home: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    """Not only the commands that load the model: a spec that cannot be parsed is a usage error."""
+    monkeypatch.setenv("IMGSYNC_MODEL", "bogus:foo")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert "IMGSYNC_MODEL" in result.output and "open_clip" in result.output and "Traceback" not in result.output
+
+
 def test_unknown_queue_is_exit_2(home: Path) -> None:
     """`worker --queues` refuses names it does not know, listing the valid ones."""
     result = runner.invoke(app, ["worker", "--queues", "encode,bogus"])
@@ -75,6 +84,28 @@ def test_unreachable_milvus_is_exit_3(home: Path, tmp_path: Path, monkeypatch: p
     assert result.exit_code == 3, result.output
     assert "IMGSYNC_MILVUS_URI" in result.output and uri in result.output
     assert "Traceback" not in result.output
+
+
+def test_index_json_without_wait_and_an_unreachable_broker(home: Path, tmp_path: Path) -> None:
+    """`index --json` without --wait reports the request and what it queued; with a broker that does
+    not answer it exits 3 naming IMGSYNC_BROKER_URL (password masked), no traceback, nothing on stdout."""
+    from tests.helpers import photo
+
+    (tmp_path / "cat" / "S1").mkdir(parents=True)
+    photo(64, 64, seed=5).save(tmp_path / "cat" / "S1" / "a.jpg")
+    result = runner.invoke(app, ["index", str(tmp_path / "cat"), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["queued"] == 1 and doc["results"] == [] and doc["request_id"]
+
+    env = {**os.environ, "IMGSYNC_BROKER_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "index", str(tmp_path / "cat"), "--json"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "IMGSYNC_BROKER_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert "hunter2" not in proc.stderr and proc.stdout == ""
 
 
 def test_search_needs_exactly_one_query(home: Path) -> None:

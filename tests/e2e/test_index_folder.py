@@ -142,6 +142,13 @@ def test_folder_indexes_end_to_end(stack: dict, catalog) -> None:
     after = {r["image_id"]: r["indexed_at"] for r in store.get_images(IMAGES_ALIAS, ids)}
     assert after == before
     assert {i: r.state for i, r in ledger.rows(ids).items()} == {i: "indexed" for i in ids}
+    # without --wait too: every image answered at once, nothing queued
+    proc = run_cli(stack, "index", str(root), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    quick = IndexOutput.model_validate_json(proc.stdout)
+    assert quick.queued == 0 and quick.request_id
+    assert sorted(r.image_id for r in quick.results) == sorted(ids)
+    assert {r.outcome for r in quick.results} == {"unchanged"}
     store.close()
 
 

@@ -194,6 +194,27 @@ def test_encode_after_delete_does_not_resurrect(env, tmp_path: Path) -> None:
     assert rt.store.image_vectors(rt.names().images, [e.image_id]) == {}
 
 
+def test_an_image_query_is_prepared_as_the_image_was_indexed(env, milvus_uri: str, tmp_path: Path) -> None:
+    """Searching with an indexed file finds it with cosine 1: the query gets the same border trim
+    (and reduced-scale decode) as indexing (it scored 0.998 against itself when it did not)."""
+    from PIL import Image
+
+    from worker.search import run_search
+
+    settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    framed = Image.new("RGB", (400, 300), (255, 255, 255))
+    framed.paste(photo(200, 150, seed=21), (90, 70))  # a product on a white studio backdrop
+    path = tmp_path / sku / "framed.jpg"
+    path.parent.mkdir(parents=True)
+    framed.save(path, quality=95)
+    pipeline.preprocess(rt, d, PreprocessPayload(event=ImageEvent(uri=str(path), sku=sku)))
+    run_until_idle(rt, d)
+    hits = run_search(settings, milvus_uri, image=path, text=None, skus=False, limit=1, encoder=rt.encoder)
+    assert hits[0].uri == ImageEvent(uri=str(path), sku=sku).uri
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
 def test_auto_trim_setting(env, make_settings, milvus_uri: str, tmp_path: Path) -> None:
     """A product on a white backdrop is trimmed before the model sees it, unless IMGSYNC_AUTO_TRIM is off."""
     from PIL import Image

@@ -56,9 +56,13 @@ def settings_from(ctx: typer.Context) -> Settings:
     state: State = ctx.obj
     if state.settings is None:
         try:
-            state.settings = Settings()
+            settings = Settings()
         except ValidationError as exc:
             raise ConfigError(_settings_error(exc)) from exc
+        from worker.encoders.spec import parse_spec
+
+        parse_spec(settings.model)  # a malformed IMGSYNC_MODEL is a usage error for every command
+        state.settings = settings
     return state.settings
 
 
@@ -83,11 +87,29 @@ def handle_errors(fn: F) -> F:
             _fail(exc, EXIT_USAGE, debug)
         except (ServiceUnavailable, TransientError) as exc:
             _fail(exc, EXIT_UNREACHABLE, debug)
+        except Exception as exc:  # noqa: BLE001 - only the broker's connection errors are expected here
+            unreachable = _broker_unreachable(exc)
+            if unreachable is None:
+                raise
+            _fail(unreachable, EXIT_UNREACHABLE, debug)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _broker_unreachable(exc: Exception) -> ServiceUnavailable | None:
+    """A publish that failed because the broker cannot be reached (kombu raises OperationalError once
+    its connection retries are spent), as ServiceUnavailable naming IMGSYNC_BROKER_URL; else None."""
+    from kombu.exceptions import OperationalError as BrokerError
+
+    if not isinstance(exc, BrokerError):
+        return None
+    from worker.celery_app import app
+    from worker.ledger.db import safe_url
+
+    return ServiceUnavailable("broker", "IMGSYNC_BROKER_URL", safe_url(str(app.conf.broker_url or "")), str(exc))
 
 
 def _fail(exc: Exception, code: int, debug: bool) -> None:

@@ -178,6 +178,21 @@ def wait_for(
     return results
 
 
+def _settled(settings: Settings, events: Sequence[ImageEvent], request_id: str) -> list[IndexResult]:
+    """Results of the events that got their outcome while being published (unchanged local files,
+    events older than what the ledger holds), in the order of ``events``."""
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    try:
+        finished = {r.image_id: r for r in ledger.finished_rows(request_id)}
+    finally:
+        ledger.engine.dispose()
+    return [
+        IndexResult(uri=ev.uri, image_id=ev.image_id, sku=ev.sku, outcome="unchanged")
+        for ev in events
+        if ev.image_id in finished and finished[ev.image_id].outcome == "unchanged"
+    ]
+
+
 def print_results(results: Sequence[IndexResult]) -> None:
     """A table of what did not get indexed, then counts per outcome."""
     from rich.table import Table
@@ -214,15 +229,19 @@ def submit_and_report(
     from worker.cli.common import console, emit_json
 
     request_id = publish(settings, events, force=force)
+    settled = _settled(settings, events, request_id)  # unchanged or stale: answered without a worker
+    queued = len(events) - len(settled)
     if not wait:
         if json_out:
-            emit_json({"request_id": request_id, "queued": len(events)})
+            emit_json(IndexOutput(results=settled, request_id=request_id, queued=queued))
         else:
-            console.print(f"{label}: queued {len(events)} image(s) (request {request_id})")
+            console.print(
+                f"{label}: queued {queued} image(s), {len(settled)} unchanged (request {request_id})"
+            )
         return True
     results = wait_for(settings, events, request_id, timeout=timeout, show_progress=not json_out, label=label)
     if json_out:
-        emit_json(IndexOutput(results=results))
+        emit_json(IndexOutput(results=results, request_id=request_id, queued=queued))
     else:
         print_results(results)
     return not any(r.outcome in ("failed", "pending") for r in results)

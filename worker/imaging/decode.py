@@ -21,7 +21,7 @@ from schemas.events import CropBox
 from schemas.reasons import Reason
 from worker.errors import PermanentError
 
-__all__ = ["decode_image", "ALLOWED_FORMATS", "accepted_formats", "apply_crop"]
+__all__ = ["decode_image", "decode_and_crop", "ALLOWED_FORMATS", "accepted_formats", "apply_crop"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,19 @@ def apply_crop(img: Image.Image, crop: CropBox | None) -> Image.Image:
     left, top = round(crop.x * w), round(crop.y * h)
     right, bottom = max(left + 1, round((crop.x + crop.w) * w)), max(top + 1, round((crop.y + crop.h) * h))
     return img.crop((left, top, min(right, w), min(bottom, h)))
+
+
+def decode_and_crop(data: bytes, limits: ImagingConfig, crop: CropBox | None, *, min_side: int | None = None) -> Image.Image:
+    """:func:`decode_image`, then the catalog's crop box, else (``IMGSYNC_AUTO_TRIM``) the uniform
+    border trimmed: what the model sees of an image, for indexing and for an image query alike."""
+    from worker.imaging.trim import trim_border
+
+    img = decode_image(data, limits, min_side=min_side)
+    if crop is not None:
+        return apply_crop(img, crop)
+    if limits.auto_trim:
+        return trim_border(img)
+    return img
 
 
 # --- modes and colour -------------------------------------------------------------------------------
