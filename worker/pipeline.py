@@ -469,6 +469,7 @@ def record_failure(
         _drop_pixels(rt, payload)
         return "failed"
     delay = backoff_seconds(payload.attempt, rt.settings.retry_backoff_max)
+    metrics().retries.labels(str(reason)).inc()
     log.info("retrying %s in %.1fs (attempt %d, ledger attempts %d): %s", event.uri, delay, payload.attempt + 1, attempts, exc)
     nxt = payload.model_copy(update={"attempt": payload.attempt + 1})
     if isinstance(nxt, EncodePayload) and keep_pixels:

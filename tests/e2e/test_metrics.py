@@ -144,6 +144,7 @@ def test_up_stops_on_sigint_also_when_started_as_a_background_job(tmp_path: Path
         up.send_signal(signal.SIGINT)
         assert up.wait(90) == 0, (tmp_path / "up.log").read_text()[-3000:]
         assert "stopping" in (tmp_path / "up.log").read_text()
+        assert "RANDOM WEIGHTS" in (tmp_path / "up.log").read_text()  # the tiny model says so on the console
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)

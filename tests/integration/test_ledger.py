@@ -80,6 +80,27 @@ def test_accept_many_records_what_accept_would_in_one_call(ledger: Ledger) -> No
     assert ledger.accept_many([], "r2").current == []
 
 
+def test_indexing_rate_is_measured_over_the_time_indexing_ran(ledger: Ledger) -> None:
+    """Three images indexed over 20 s, 40 minutes ago: 0.15 images/s (not 3 per hour)."""
+    from datetime import UTC, datetime, timedelta
+
+    from worker.ledger.tables import images
+
+    now = datetime.now(UTC)
+    assert ledger.indexing_rate(now - timedelta(hours=1)) is None
+    events = [ev(f"s3://b/SKU-1/{i}.jpg") for i in range(3)]
+    for e in events:
+        ledger.accept(e, "r")
+    ledger.mark_indexed([indexed(e) for e in events])
+    start = now - timedelta(minutes=40)
+    with ledger.engine.begin() as conn:
+        for i, e in enumerate(events):
+            conn.execute(images.update().where(images.c.image_id == e.image_id).values(indexed_at=start + timedelta(seconds=10 * i)))
+    assert ledger.indexing_rate(now - timedelta(hours=1)) == pytest.approx(3 / 20)
+    assert ledger.indexing_rate(start + timedelta(seconds=15)) == pytest.approx(1.0)  # one image: a second's worth
+    assert ledger.indexing_rate(now - timedelta(minutes=5)) is None
+
+
 def test_indexed_marks_sku_dirty_and_refresh_cleans(ledger: Ledger) -> None:
     """mark_indexed records the vector and dirties the SKU; finish_sku at that generation cleans it."""
     e = ev()

@@ -130,6 +130,10 @@ def test_milvus_down_retries_with_backoff_then_gives_up(env, tmp_path: Path, mak
     pipeline.preprocess(dead, d, PreprocessPayload(event=e))
     (body, _), = d.take(TASK_ENCODE)
     payload = EncodePayload.model_validate(body)
+    from worker.metrics import metrics
+
+    retries = metrics().retries.labels("index_unavailable")
+    before = retries._value.get()
     for attempt in range(2):
         result = pipeline.encode_batch(dead, d, [payload])
         assert result.retried == 1
@@ -142,6 +146,7 @@ def test_milvus_down_retries_with_backoff_then_gives_up(env, tmp_path: Path, mak
     row = dead.ledger.get(e.image_id)
     assert row is not None and (row.state, row.reason) == ("failed", "retries_exhausted")
     assert "index_unavailable" in (row.detail or "")
+    assert retries._value.get() == before + 2  # each retry counted by its reason (the give-up is a failure)
 
 
 def test_delete_removes_vector_and_sku(env, tmp_path: Path) -> None:

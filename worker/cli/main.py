@@ -34,6 +34,7 @@ from worker.cli.common import (
     settings_from,
 )
 from worker.encoders.hub import check_weights_available
+from worker.encoders.spec import parse_spec
 from worker.errors import ConfigError
 
 __all__ = ["app", "main"]
@@ -262,14 +263,20 @@ def up(ctx: typer.Context) -> None:
         target=FolderSource(settings).run, args=(folder_stop,), name="imgsync-folder", daemon=True
     )
     folder.start()
+    if parse_spec(settings.model).backend in ("tiny", "random"):  # said where the operator looks, not only in a log
+        err_console.print(
+            f"[bold yellow]model {settings.model} has RANDOM WEIGHTS: vectors are for tests, search results "
+            "are not meaningful[/] (set IMGSYNC_MODEL to a pretrained model, e.g. open_clip:ViT-B-32@openai)"
+        )
     console.print(
         f"[bold green]imgsync up[/]: Milvus {uri}, model {settings.model}, data {settings.home}, "
         f"watching {settings.effective_watch_folder}, metrics {metrics_at}, logs {stack.log_dir}. Ctrl-C stops."
     )
     try:
         while not stopping:
-            if not stack.alive():
-                err_console.print(f"[bold red]a stack process exited; see {stack.log_dir}[/]")
+            gone = stack.exited()
+            if gone:
+                err_console.print(f"[bold red]a stack process ended: {'; '.join(gone)}[/]", highlight=False)
                 raise typer.Exit(EXIT_FAILURES)
             if not folder.is_alive():
                 err_console.print("[bold red]the folder source stopped (see the log above)[/]")

@@ -17,7 +17,7 @@ from worker.ledger import ImageState, Ledger, make_engine
 
 __all__ = ["reindex"]
 
-#: window over which the indexing rate for the dry run's estimate is measured
+#: how far back the indexing rate for the dry run's estimate is measured
 RATE_WINDOW = timedelta(hours=1)
 
 
@@ -52,8 +52,7 @@ def reindex(
         uri_prefix = prefix if "://" in prefix else normalize_uri(prefix) + ("/" if Path(prefix).is_dir() else "")
     states = (ImageState.failed,) if failed else (ImageState.pending, ImageState.indexed, ImageState.failed)
     rows = ledger.select(sku=sku, uri_prefix=uri_prefix, states=states)
-    recent = ledger.indexed_since(datetime.now(UTC) - RATE_WINDOW)
-    rate = recent / RATE_WINDOW.total_seconds() if recent else None
+    rate = ledger.indexing_rate(datetime.now(UTC) - RATE_WINDOW)
     if model is not None and not (serving is not None and model.strip() in (serving.spec, serving.model_id)):
         from worker.cli.versions import build_version
 

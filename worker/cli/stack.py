@@ -81,9 +81,20 @@ class EmbeddedStack:
             self.workers.append(proc)
         return uri
 
-    def alive(self) -> bool:
-        server_ok = self.server is None or (self.server.proc is not None and self.server.proc.poll() is None)
-        return server_ok and all(p.poll() is None for p in self.workers)
+    def exited(self) -> list[str]:
+        """The stack processes that ended, each as ``name (pid P) exit status S, log FILE``."""
+        gone: list[str] = []
+        logs = self.log_dir or self.settings.home / "logs"
+        if self.server is not None:
+            code = None if self.server.proc is None else self.server.proc.poll()
+            if self.server.proc is None or code is not None:
+                pid = self.server.proc.pid if self.server.proc is not None else "-"
+                gone.append(f"Milvus Lite server (pid {pid}) {_status(code)}, log {logs / 'milvus.log'}")
+        for name, p in zip(("cpu", "encode"), self.workers, strict=False):
+            code = p.poll()
+            if code is not None:
+                gone.append(f"{name} worker (pid {p.pid}) {_status(code)}, log {logs / f'worker-{name}.log'}")
+        return gone
 
     def stop(self) -> None:
         """Warm-stop the workers (they finish or return their batch), flush Milvus, stop the server."""
@@ -116,3 +127,14 @@ class EmbeddedStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _status(code: int | None) -> str:
+    if code is None:
+        return "not started"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"

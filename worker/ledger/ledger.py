@@ -661,6 +661,20 @@ class Ledger(HousekeepingMixin):
                 ).scalar_one()
             )
 
+    def indexing_rate(self, since: datetime) -> float | None:
+        """Images per second while indexing ran since ``since``: the images indexed, over the span
+        from the first to the last of them (at least a second), not over the whole window (a burst
+        of a minute an hour ago is no rate of one image in 4 minutes); None when none was indexed."""
+        with self._reader.connect() as conn:
+            n, first, last = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(images.c.indexed_at), sa.func.max(images.c.indexed_at)).where(
+                    images.c.indexed_at >= since
+                )
+            ).one()
+        if not n:
+            return None
+        return n / max(1.0, (last - first).total_seconds())
+
     # --- reads for the CLI ---------------------------------------------------------------------
 
     def get(self, image_id: str) -> ImageRow | None:

@@ -43,6 +43,7 @@ class Metrics:
     events: Any  #: Counter imgsync_events_total{source, action}
     images: Any  #: Counter imgsync_images_total{stage, outcome}
     failures: Any  #: Counter imgsync_failures_total{reason}
+    retries: Any  #: Counter imgsync_retries_total{reason}
     dead_letters: Any  #: Counter imgsync_dead_letters_total{task}
     redriven: Any  #: Counter imgsync_redriven_total{kind} (image, sku): stalled work sent again
     stage_seconds: Any  #: Histogram imgsync_stage_seconds{stage}
@@ -67,6 +68,9 @@ def metrics() -> Metrics:
                     events=Counter("imgsync_events", "Image events received", ["source", "action"]),
                     images=Counter("imgsync_images", "Images through a stage, by outcome", ["stage", "outcome"]),
                     failures=Counter("imgsync_failures", "Images failed, by reason code", ["reason"]),
+                    retries=Counter(
+                        "imgsync_retries", "Transient faults retried with backoff, by reason code", ["reason"]
+                    ),
                     dead_letters=Counter("imgsync_dead_letters", "Malformed messages set aside", ["task"]),
                     redriven=Counter(
                         "imgsync_redriven", "Stalled work sent again (its broker message was lost)", ["kind"]
