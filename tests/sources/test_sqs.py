@@ -372,6 +372,24 @@ def test_unreachable_sqs_is_exit_3(aws, tmp_path: Path, moto_endpoint: str) -> N
         assert "Traceback" not in result.output
 
 
+def test_a_queue_url_outside_aws_is_its_own_endpoint(aws, moto_endpoint: str, make_settings) -> None:
+    """No IMGSYNC_S3_ENDPOINT_URL: a queue on ElasticMQ/LocalStack/moto is reached at its own URL (boto3
+    alone would send to sqs.<region>.amazonaws.com); an AWS queue URL keeps boto3's endpoint."""
+    import boto3
+
+    from worker.sources.sqs import SqsSource, sqs_client
+
+    name = f"own-endpoint-{uuid.uuid4().hex[:6]}"
+    url = boto3.client("sqs", endpoint_url=moto_endpoint, region_name=REGION).create_queue(QueueName=name)["QueueUrl"]
+    assert url.startswith(moto_endpoint)
+    settings = make_settings(s3_endpoint_url="", s3_region=REGION)
+    source = SqsSource(settings, url)
+    assert source.client.meta.endpoint_url == moto_endpoint
+    source.check()  # reaches the queue
+    aws_client = sqs_client(settings, "https://sqs.eu-west-3.amazonaws.com/123456789012/catalog")
+    assert aws_client.meta.endpoint_url.endswith(".amazonaws.com")
+
+
 def test_region_comes_from_an_aws_queue_url(monkeypatch: pytest.MonkeyPatch, make_settings) -> None:
     """With no IMGSYNC_S3_REGION and no AWS region configured, an AWS queue URL's region is used."""
     from worker.sources.sqs import sqs_client

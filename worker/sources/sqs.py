@@ -8,13 +8,15 @@ ledger's dead letters with reason ``invalid_event`` and is then deleted, so it c
 invalid record is dead-lettered on its own while the valid records of its message are published.
 
 The SQS client uses ``IMGSYNC_S3_ENDPOINT_URL`` and ``IMGSYNC_S3_REGION`` (moto and LocalStack serve
-S3 and SQS on one endpoint); with no region set, the region of an AWS queue URL is used.
+S3 and SQS on one endpoint); with no endpoint set, a queue URL outside AWS (ElasticMQ, LocalStack) is
+its own endpoint, and with no region set, the region of an AWS queue URL is used.
 SIGTERM/SIGINT stop the loop after the batch in hand (a long poll with nothing in hand is cut short).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import time
@@ -278,7 +280,9 @@ class SqsSource:
             time.sleep(min(0.2, deadline - time.monotonic()))
 
     def _unavailable(self, exc: BaseException) -> ServiceUnavailable:
-        return ServiceUnavailable("SQS", "IMGSYNC_SQS_QUEUE_URL", self.queue_url, str(exc) or type(exc).__name__)
+        endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", "")
+        target = self.queue_url if not endpoint or self.queue_url.startswith(endpoint) else f"{self.queue_url} via {endpoint}"
+        return ServiceUnavailable("SQS", "IMGSYNC_SQS_QUEUE_URL", target, str(exc) or type(exc).__name__)
 
 
 def sqs_client(settings: Settings, queue_url: str) -> Any:
@@ -299,7 +303,8 @@ def sqs_client(settings: Settings, queue_url: str) -> Any:
         retries={"max_attempts": 2, "mode": "standard"},
     )
     try:
-        return boto3.client("sqs", endpoint_url=settings.s3_endpoint_url or None, region_name=region, config=cfg)
+        endpoint = settings.s3_endpoint_url or _endpoint_of(queue_url) or None
+        return boto3.client("sqs", endpoint_url=endpoint, region_name=region, config=cfg)
     except NoRegionError as exc:
         raise ConfigError(
             f"no AWS region for the SQS client: set IMGSYNC_S3_REGION (queue {queue_url})"
@@ -309,6 +314,20 @@ def sqs_client(settings: Settings, queue_url: str) -> Any:
 def _say(line: str) -> None:
     """One progress line on stderr, verbatim (keys and URLs are not markup) and unwrapped."""
     err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _endpoint_of(queue_url: str) -> str:
+    """``scheme://host[:port]`` of a queue URL outside AWS (ElasticMQ, LocalStack, moto): the client
+    then talks to the server that owns the queue; "" for AWS, whose endpoint boto3 knows."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("AWS_ENDPOINT_URL_SQS") or os.environ.get("AWS_ENDPOINT_URL"):
+        return ""  # boto3 takes the endpoint the environment names
+    parsed = urlparse(queue_url)
+    host = (parsed.hostname or "").lower()
+    if not host or not parsed.scheme or host.endswith((".amazonaws.com", ".amazonaws.com.cn")):
+        return ""
+    return f"{parsed.scheme}://{parsed.netloc.rpartition('@')[2]}"
 
 
 def _region_of(queue_url: str) -> str:
