@@ -306,8 +306,13 @@ def test_sigterm_hands_the_buffered_batch_back(tmp_path: Path, pg_database) -> N
         broker = redis.Redis.from_url(st.settings.broker_url)
         queue = st.settings.queues.encode
         assert st.cli("index", str(tmp_path / "catalog")).returncode == 0
-        # every encode message taken by the worker and buffered: none left in the queue, none done
-        wait_for(lambda: ledger.counts()["pending"] == len(files) and broker.llen(queue) == 0, "a buffered batch")
+        # every image preprocessed (its encode message sent) and every encode message taken by the worker
+        # and buffered: none left in the queue, none done (images are pending from the publish on)
+        def preprocessed() -> int:
+            lines = (st.logs / "cpu.log").read_text(errors="replace").splitlines()
+            return sum("imgsync.preprocess" in line and line.endswith(": 'queued'") for line in lines)
+
+        wait_for(lambda: preprocessed() == len(files) and broker.llen(queue) == 0, "a buffered batch")
         time.sleep(1.0)
         assert broker.llen(queue) == 0 and ledger.counts()["indexed"] == 0
         encode = st.procs[1]
