@@ -7,7 +7,8 @@ For each size, a fresh embedded stack (SQLite broker and ledger, Milvus Lite ser
 and the encode worker of `imgsync up`) indexes N photos (320×240 JPEGs over N/10 SKUs), timed from
 enqueue to the last image recorded; then the same images are submitted again (what `imgsync reindex`
 and a replayed event stream do) and timed until every one is reported `unchanged`. Forward passes
-are read from the encode worker's batch-size histogram (its `_sum` is the images encoded).
+are read from the encode worker's batch-size histogram (its `_sum` is the images encoded); CPU
+per image of each stack process (and of the publishing/polling CLI side) from /proc.
 
 The default model is `tiny` on purpose: it makes the pipeline's own per-image costs (broker, ledger,
 Milvus, SKU refresh) dominate, which is what grows with the catalog; a big model only adds a
@@ -49,6 +50,41 @@ def encoded_images(metrics_dir: Path) -> float:
     )
 
 
+def _tree_cpu_seconds(root_pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live descendants, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    total, todo = 0.0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo.extend(child for child, ppid in parent.items() if ppid == pid)
+    return total
+
+
+def cpu_by_role(stack) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """CPU seconds so far of each part of the embedded stack, and of this process (publisher and
+    ``--wait`` poller)."""
+    roles = {"cpu_worker": stack.workers[0].pid, "encode_worker": stack.workers[1].pid}
+    if stack.server is not None and stack.server.proc is not None:
+        roles["milvus_lite"] = stack.server.proc.pid
+    out = {name: _tree_cpu_seconds(pid) for name, pid in roles.items()}
+    me = os.times()
+    out["publisher_and_poller"] = me.user + me.system
+    return out
+
+
 def run(model: str, root: Path, home: Path) -> dict:
     from config.settings import Settings
     from worker.cli.indexing import collect_events, publish, wait_for
@@ -68,14 +104,19 @@ def run(model: str, root: Path, home: Path) -> dict:
         for phase in ("first", "unchanged"):
             events = collect_events([str(root)], None)
             before = encoded_images(stack.metrics_dir)
+            cpu_before = cpu_by_role(stack)
             started = time.perf_counter()
             results = wait_for(settings, events, publish(settings, events), timeout=7200, show_progress=False)
             elapsed = time.perf_counter() - started
             outcomes: dict[str, int] = {}
             for r in results:
                 outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+            cpu_after = cpu_by_role(stack)
             time.sleep(1.0)  # let the last batch's samples reach the files
             out[phase] = {
+                "cpu_ms_per_image": {
+                    k: round(1000 * (cpu_after[k] - cpu_before.get(k, 0.0)) / len(events), 3) for k in cpu_after
+                },
                 "seconds": round(elapsed, 2),
                 "images_per_s": round(len(events) / elapsed, 1),
                 "outcomes": outcomes,

@@ -101,6 +101,24 @@ def test_indexing_rate_is_measured_over_the_time_indexing_ran(ledger: Ledger) ->
     assert ledger.indexing_rate(now - timedelta(minutes=5)) is None
 
 
+def test_the_workers_accept_of_a_recorded_event_writes_nothing(ledger: Ledger) -> None:
+    """After the publisher's accept_many, the worker's accept of the same event is current and
+    leaves the row as it is (no write, no write lock); another request, or an event already
+    finished, is accepted as before."""
+    e = ev("s3://b/SKU-1/w.jpg")
+    ledger.accept_many([e], "r1")
+    before = ledger.get(e.image_id)
+    got = ledger.accept(e, "r1")
+    assert got.current and got.previous == before and ledger.get(e.image_id) == before
+    again = ledger.accept(e, "r2")  # the same image in another request: that request is recorded
+    assert again.current and ledger.get(e.image_id).request_id == "r2"
+    ledger.mark_indexed([indexed(e)])
+    ledger.mark_unchanged(e.image_id, e.version, "r2")
+    finished = ledger.get(e.image_id)
+    assert ledger.accept(e, "r2").current  # a duplicate of a finished event: waits again, as before
+    assert ledger.get(e.image_id).outcome is None and finished.outcome == "unchanged"
+
+
 def test_indexed_marks_sku_dirty_and_refresh_cleans(ledger: Ledger) -> None:
     """mark_indexed records the vector and dirties the SKU; finish_sku at that generation cleans it."""
     e = ev()

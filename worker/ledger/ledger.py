@@ -140,9 +140,14 @@ class Ledger(HousekeepingMixin):
 
         A stale event changes nothing but the request's outcome (``unchanged``). A newer upsert
         makes the image ``pending`` unless it is already indexed (it stays searchable meanwhile);
-        a SKU change marks the old SKU dirty at once. Accepting the same event again (the worker
-        after its publisher, a replay) changes nothing but the clock and the request.
+        a SKU change marks the old SKU dirty at once. The worker's accept of an event its publisher
+        recorded (``accept_many``) and nobody processed yet is a read: nothing to write.
         """
+        with self._reader.connect() as conn:
+            seen = self._get(conn, event.image_id, lock=False)
+        if seen is not None and _records(seen, event, request_id):
+            # its publisher recorded it already (pipeline.submit): nothing to write, no write lock taken
+            return Acceptance(current=True, previous=seen)
         now = _now()
         with self.engine.begin() as conn:
             prev = self._get(conn, event.image_id, lock=True)
@@ -864,6 +869,19 @@ class Ledger(HousekeepingMixin):
         rows = [{"sku": sku} for sku in sorted(set(sku_ids))]  # sorted: a stable lock order between writers
         if rows:
             conn.execute(_sku_upsert(conn, now), rows)
+
+
+def _records(row: ImageRow, event: ImageEvent, request_id: str) -> bool:
+    """True when ``row`` holds ``event`` of request ``request_id`` as accepted and not yet processed:
+    accepting it again would change nothing but the clock."""
+    crop = event.crop.model_dump_json() if event.crop is not None else None
+    return (
+        event.action is Action.upsert
+        and row.state in (ImageState.pending, ImageState.indexed)
+        and row.outcome is None
+        and (row.version, row.request_id, row.uri, row.sku, row.crop, row.action)
+        == (event.version, request_id or None, event.uri, event.sku, crop, str(event.action))
+    )
 
 
 def _version(r: sa.Row) -> VersionRow:
