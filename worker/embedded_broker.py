@@ -292,6 +292,11 @@ class Channel(virtual.Channel):
         if exists is None:  # the file was made again meanwhile: the message goes in as new
             super()._restore(message)
 
+    def held_messages(self) -> list[dict]:
+        """Every message delivered to a consumer and not acknowledged yet (prefetched, in a batch
+        buffer, or waiting for its countdown), as kombu message dicts."""
+        return [json.loads(p) for (p,) in self._db.execute("SELECT payload FROM kombu_message WHERE visible = 0")]
+
     def _size(self, queue: str) -> int:
         return int(
             self._db.execute(

@@ -11,11 +11,15 @@ from the heartbeats) looks every ``IMGSYNC_REDRIVE_INTERVAL_SECONDS``. Work idle
 ``Settings.effective_redrive_after`` (by then a message held unacknowledged by a dead worker was
 delivered again, and any retry was due), while the queues it goes through are empty, is sent again
 with its own version, crop box and request id: a replay, which converges like any duplicate. The
-empty-queue condition keeps a deep backlog, whose images merely wait their turn, from being doubled.
+empty-queue condition keeps a deep backlog, whose images merely wait their turn, from being doubled;
+images whose message a worker holds unacknowledged (prefetched at the tail of a backlog, in an encode
+batch buffer, waiting for a retry's countdown) are not sent either (:func:`in_flight_images`).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -23,12 +27,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from config.settings import Settings
+from schemas.events import image_id_for
 from schemas.tasks import PreprocessPayload
 from worker.dispatch import Dispatcher
 from worker.ledger import Ledger
 from worker.metrics import metrics
 
-__all__ = ["Redrive", "RedriveReport", "RedriveThread", "BATCH"]
+__all__ = ["Redrive", "RedriveReport", "RedriveThread", "BATCH", "in_flight_images"]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +58,13 @@ class Redrive:
         ledger: Ledger,
         dispatcher: Dispatcher,
         depths: Callable[[], dict[str, int | None]] | None = None,
+        held: Callable[[], set[str] | None] | None = None,
     ) -> None:
         from worker.status import queue_depths
 
         self.settings, self.ledger, self.dispatcher = settings, ledger, dispatcher
         self._depths = depths or (lambda: queue_depths(settings))
+        self._held = held or (lambda: in_flight_images(settings))
         for kind in ("image", "sku"):  # exported at 0 from the start, so rate() and dashboards see a series
             metrics().redriven.labels(kind)
 
@@ -77,6 +84,14 @@ class Redrive:
             image_rows = []  # they may be waiting their turn in a backlog
         if depths.get(q.sku) != 0:
             sku_ids = []
+        if image_rows:
+            try:
+                held = self._held()
+            except Exception as exc:  # noqa: BLE001 - the broker went away meanwhile
+                log.warning("redrive: cannot read the messages in flight (%s); looking again later", exc)
+                return RedriveReport(skipped="broker")
+            if held:
+                image_rows = [r for r in image_rows if r.image_id not in held]  # in a worker's hands: not lost
         if not image_rows and not sku_ids:
             return RedriveReport(skipped="busy")
         image_ids, sku_ids = self.ledger.touch_stalled([r.image_id for r in image_rows], sku_ids, idle_since)
@@ -100,6 +115,42 @@ class Redrive:
                 len(payloads), len(sku_ids), self.settings.effective_redrive_after,
             )  # fmt: skip
         return RedriveReport(images=len(payloads), skus=len(sku_ids))
+
+
+def in_flight_images(settings: Settings) -> set[str] | None:
+    """Image ids of the pipeline messages a worker holds, delivered and not acknowledged yet:
+    prefetched, in an encode batch buffer, or waiting for a retry's countdown. Such an image is not
+    lost even when its queue is empty and its ledger row idle (the tail of a long backlog). Read from
+    the embedded broker's file or Redis' ``unacked`` hash; None for a broker that cannot tell."""
+    from kombu import Connection
+
+    with Connection(settings.effective_broker_url, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=1, timeout=5)
+        channel = conn.default_channel
+        if hasattr(channel, "held_messages"):  # worker.embedded_broker
+            messages = channel.held_messages()
+        elif hasattr(channel, "unacked_key") and hasattr(channel, "client"):  # kombu's Redis transport
+            messages = [json.loads(v)[0] for v in channel.client.hvals(channel.unacked_key)]
+        else:
+            return None
+    out: set[str] = set()
+    for message in messages:
+        uri = _event_uri(message)
+        if uri:
+            out.add(image_id_for(uri))
+    return out
+
+
+def _event_uri(message: dict) -> str | None:
+    """The image uri a Celery task message (protocol 2, JSON) carries, if any."""
+    try:
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]["event"]["uri"])
+    except Exception:  # noqa: BLE001 - not a pipeline task message (a SKU refresh, a foreign message)
+        return None
 
 
 def is_leader(ledger: Ledger, name: str, preprocess_queue: str, max_age_seconds: float) -> bool:

@@ -234,3 +234,40 @@ def test_an_event_lost_on_its_way_to_the_first_worker_is_sent_again(setup, monke
     assert report.images == 1
     [(_, payload)] = drain(settings)[settings.queues.preprocess]
     assert payload["event"]["uri"] == lost.uri and payload["request_id"] == request_id
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_an_image_a_worker_holds_is_not_sent_again(make_settings, broker: str) -> None:
+    """The tail of a long backlog: the queue is empty, the ledger row idle, but a worker holds the
+    message (prefetched, buffered, or waiting for a retry's countdown). Only the lost image goes."""
+    import uuid
+
+    from schemas.tasks import PreprocessPayload
+    from tests.conftest import REDIS_URL
+    from worker.redrive import in_flight_images
+
+    tag = uuid.uuid4().hex[:8]
+    extra = {} if broker == "embedded" else {
+        "broker_url": REDIS_URL, "queue_preprocess": f"pre-{tag}", "queue_encode": f"enc-{tag}", "queue_sku": f"sku-{tag}",
+    }  # fmt: skip
+    settings = make_settings(redrive_after_seconds=60, **extra)
+    ledger = empty_ledger(settings.effective_database_url)
+    configure(settings)
+    held, lost = ev(f"held-{tag}"), ev(f"lost-{tag}")
+    ledger.accept_many([held, lost], "req")
+    dispatcher().preprocess(PreprocessPayload(event=held, request_id="req"))
+    with Connection(settings.effective_broker_url) as conn:
+        channel = conn.channel()
+        taken = channel.basic_get(settings.queues.preprocess)  # delivered to "a worker", not acknowledged
+        assert taken is not None
+        backdate(ledger, [held.image_id, lost.image_id])
+        assert held.image_id in in_flight_images(settings)
+        assert lost.image_id not in in_flight_images(settings)
+
+        report = Redrive(settings, ledger, dispatcher()).run_once()
+
+        assert report.images == 1
+        [(_, payload)] = drain(settings)[settings.queues.preprocess]
+        assert payload["event"]["uri"] == lost.uri
+        taken.ack()
+    ledger.engine.dispose()
