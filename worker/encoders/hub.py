@@ -26,27 +26,45 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 def weights_cached(spec_text: str) -> bool:
-    """Whether the weights a spec names are on this machine (local file, or in the hub cache).
-    Specs without downloadable weights (random init, ``tiny``) count as available."""
+    """Whether the weights a spec names are on this machine (local file or folder, or in the hub
+    cache). Specs without downloadable weights (random init, ``tiny``), and weights whose hub home
+    cannot be told, count as available: the backend then reports what is missing itself."""
     spec = parse_spec(spec_text)
-    if spec.backend not in ("open_clip",) or not spec.weights:
+    if spec.backend == "hf":
+        source = spec.weights or spec.name
+        if Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
+            return True  # a local folder (a missing one is the backend's own clear error)
+        return _in_hub_cache(source, ("config.json",))
+    if spec.backend not in ("open_clip", "timm") or not spec.weights:
         return True
     if Path(spec.weights).expanduser().exists():
         return True
     try:
-        import open_clip
-        from huggingface_hub import try_to_load_from_cache
+        if spec.backend == "timm":
+            from timm.models import get_pretrained_cfg
 
-        cfg = open_clip.get_pretrained_cfg(spec.name, spec.weights)
-        hub = (cfg.get("hf_hub") or "").rstrip("/")
-        if not hub:
-            return False
-        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            if isinstance(try_to_load_from_cache(hub, filename), str):
-                return True
+            cfg = get_pretrained_cfg(f"{spec.name.split('.')[0]}.{spec.weights}")
+            hub = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+            files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+        else:
+            import open_clip
+
+            hub = open_clip.get_pretrained_cfg(spec.name, spec.weights).get("hf_hub")
+            files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
     except Exception:  # noqa: BLE001 - any doubt means "not cached"
         return False
-    return False
+    hub = (hub or "").rstrip("/")
+    return _in_hub_cache(hub, files) if hub else False
+
+
+def _in_hub_cache(repo: str, filenames: tuple[str, ...]) -> bool:
+    """Whether one of ``filenames`` of hub repository ``repo`` is in the local hub cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
+    except Exception:  # noqa: BLE001 - a malformed repo id is not cached
+        return False
 
 
 def check_weights_available(spec_text: str) -> None:
