@@ -14,7 +14,9 @@ batched GPU JPEG decoding, the naive loop and imgsync end to end, with GPU utili
    CPU path's;
 5. naive loop on the GPU: PIL open + convert, the model's transform, encode one image, insert one row;
 6. imgsync end to end (embedded stack: SQLite broker and ledger, Milvus Lite, one prefork CPU worker
-   with a process per spare core, one encode worker on the GPU), GPU utilisation sampled by NVML.
+   with a process per spare core, one encode worker on the GPU), GPU utilisation sampled by NVML;
+   a run named with ``_nvjpeg`` sets ``IMGSYNC_JPEG_DECODE=encoder`` (preprocess hands JPEG bytes
+   over, the encode worker decodes each batch with nvJPEG).
 
 Writes ``DIR/gpu_bench.json`` after every section (a later failure keeps what was measured) and
 prints a table at the end. Runs on a CPU too (``--smoke``, for checking the script, not for figures).
@@ -315,8 +317,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=1.5, help="time per model-bound measurement")
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out")
     ap.add_argument(
-        "--runs", default="e2e_big,e2e_small",
-        help="end-to-end runs: e2e_<big|small>[_redis][_c<CPU worker processes>], comma-separated",
+        "--runs", default="e2e_big,e2e_small,e2e_big_nvjpeg,e2e_small_nvjpeg",
+        help="end-to-end runs: e2e_<big|small>[_redis][_nvjpeg][_c<CPU worker processes>], comma-separated",
     )  # fmt: skip
     ap.add_argument(
         "--redis-server", default="", help="a redis-server binary: also run end to end on a Redis broker (+ pixel store)"
@@ -360,16 +362,20 @@ def main() -> None:
             r["images_per_s"] = round(naive(args.model, big[: args.naive_images], server.uri, "cuda" if cuda else "cpu"), 2)
     runs = []
     redis = None
-    for i, name in enumerate(args.runs.split(",")):  # e2e_<big|small>[_redis][_c<CPU worker processes>]
+    for i, name in enumerate(args.runs.split(",")):  # e2e_<big|small>[_redis][_nvjpeg][_c<CPU worker processes>]
         parts = name.split("_")
         extra: dict[str, object] = {"worker_concurrency": spare}
         for part in parts[2:]:
-            if part == "redis":
+            if part == "nvjpeg":
+                extra["jpeg_decode"] = "encoder"
+            elif part == "redis":
                 if not args.redis_server:
                     raise SystemExit(f"{name}: needs --redis-server")
                 extra["broker_url"] = f"redis://127.0.0.1:6399/{i}"
             elif part.startswith("c") and part[1:].isdigit():
                 extra["worker_concurrency"] = int(part[1:])
+            else:
+                raise SystemExit(f"{name}: unknown part {part!r} (redis, nvjpeg, c<N>)")
         runs.append((name, work / parts[1], extra))
     if args.redis_server:
         redis = subprocess.Popen(

@@ -70,6 +70,12 @@ class ImagingConfig:
     max_pixels: int
     min_side: int
     auto_trim: bool = True
+    #: who decodes JPEGs: ``preprocess`` (CPU workers, Pillow) or ``encoder`` (the encode worker, on its device)
+    jpeg_decode: str = "preprocess"
+    #: JPEG files larger than this are decoded by preprocess even with ``jpeg_decode=encoder``
+    handoff_max_bytes: int = 16 * 2**20
+    #: decoded pixels per device decode call (bounds the device memory a batch's decode takes)
+    device_chunk_pixels: int = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -179,6 +185,18 @@ class Settings(BaseSettings):
         description="Hosts or CIDRs that may be fetched although private/loopback (comma-separated).",
     )
     auto_trim: bool = Field(True, description="Trim a uniform (white or transparent) border when no crop is given.")
+    jpeg_decode: Literal["preprocess", "encoder"] = Field(
+        "preprocess",
+        description="Who decodes JPEGs. preprocess: the CPU workers (Pillow, at a reduced DCT scale). encoder: the encode "
+        "worker, a batch at once on its device (nvJPEG on CUDA), for GPU workers whose CPUs cannot decode as fast as the "
+        "model encodes; preprocess then only checks the header and hands the bytes over. Only pays off on CUDA.",
+    )
+    jpeg_handoff_max_bytes: int = Field(
+        16 * 2**20, ge=1, description="With IMGSYNC_JPEG_DECODE=encoder: larger JPEG files are decoded by preprocess (they travel through the pixel store)."
+    )
+    device_decode_chunk_pixels: int = Field(
+        256 * 2**20, ge=1, description="With IMGSYNC_JPEG_DECODE=encoder: decoded pixels per device decode call (bounds its device memory)."
+    )
     queue_preprocess: str = Field("preprocess", description="Queue name of the preprocess stage.")
     queue_encode: str = Field("encode", description="Queue name of the encode stage.")
     queue_sku: str = Field("sku", description="Queue name of the SKU refresh stage.")
@@ -397,7 +415,14 @@ class Settings(BaseSettings):
 
     @property
     def imaging(self) -> ImagingConfig:
-        return ImagingConfig(max_pixels=self.max_image_pixels, min_side=self.min_image_side, auto_trim=self.auto_trim)
+        return ImagingConfig(
+            max_pixels=self.max_image_pixels,
+            min_side=self.min_image_side,
+            auto_trim=self.auto_trim,
+            jpeg_decode=self.jpeg_decode,
+            handoff_max_bytes=self.jpeg_handoff_max_bytes,
+            device_chunk_pixels=self.device_decode_chunk_pixels,
+        )
 
     @property
     def queues(self) -> QueueNames:

@@ -10,6 +10,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -24,11 +25,15 @@ from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.fetch import fetch_bytes
 from worker.health import TRIPPING_REASONS, gate
 from worker.imaging.decode import decode_and_crop
+from worker.imaging.device_decode import JpegHandoff, decode_batch, plan_handoff
 from worker.index import ImageEntity
 from worker.ledger import ImageRow, ImageState, IndexedImage, Ledger, VersionRow
 from worker.metrics import Metrics, metrics
 from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
 from worker.runtime import Runtime
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "submit",
@@ -89,6 +94,15 @@ def decode_min_side(encoder: Encoder, crop: CropBox | None) -> int:
     if crop is not None:
         need = int(need / max(1e-3, min(crop.w, crop.h))) + 1
     return need
+
+
+def jpeg_handoff(rt: Runtime, data: bytes, encoder: Encoder) -> JpegHandoff | None:
+    """With ``IMGSYNC_JPEG_DECODE=encoder``: the JPEG to hand to the encode stage undecoded, when its
+    header shows the device path renders it as the CPU path would; else None (decode here)."""
+    limits = rt.settings.imaging
+    if limits.jpeg_decode != "encoder":
+        return None
+    return plan_handoff(data, limits, encoder.preprocess_cfg, max_bytes=limits.handoff_max_bytes)
 
 
 def fetch(rt: Runtime, uri: str) -> bytes:
@@ -169,9 +183,13 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
     if not need:
         return "unchanged"
     encoders = [rt.encoder_for(v.model_id) for v in need]
-    img = decode_for(rt, data, event.crop, encoders)
+    img: Image.Image | None = None
     for v, enc in zip(need, encoders, strict=True):
-        key = rt.pixels.put(enc.preprocess([img])[0])
+        entry: np.ndarray | JpegHandoff | None = jpeg_handoff(rt, data, enc)
+        if entry is None:
+            img = img or decode_for(rt, data, event.crop, encoders)
+            entry = enc.preprocess([img])[0]
+        key = rt.pixels.put(entry)
         dispatch.encode(
             EncodePayload(
                 event=event, request_id=payload.request_id, content_hash=digest, pixel_key=key, model_id=v.model_id
@@ -257,7 +275,7 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     is failed or re-published on its own, and a failure of a whole group (Milvus down, device error)
     re-publishes each of its items with backoff."""
     versions = rt.ledger.current_versions([p.event.image_id for p in payloads])
-    groups: dict[str, list[tuple[EncodePayload, np.ndarray]]] = {}
+    groups: dict[str, list[tuple[EncodePayload, np.ndarray | JpegHandoff]]] = {}
     skipped = failed = retried = 0
     for p in payloads:
         current = versions.get(p.event.image_id)
@@ -292,17 +310,21 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
 
 
 def _encode_group(
-    rt: Runtime, dispatch: Dispatcher, model_id: str, items: list[tuple[EncodePayload, np.ndarray]]
+    rt: Runtime, dispatch: Dispatcher, model_id: str, entries: list[tuple[EncodePayload, np.ndarray | JpegHandoff]]
 ) -> EncodeResult:
-    """Encode one model version's items, upsert their vectors, record them."""
-    live = [p for p, _ in items]
+    """Decode the group's handed-over JPEGs, encode its items, upsert their vectors, record them."""
     m = metrics()
     failed = retried = 0
+    live = [p for p, _ in entries]  # the items whose outcome is still open
     try:
         version = rt.version_for(model_id)
         if version is None:
             raise TransientError(Reason.index_unavailable, f"model version {model_id} is no longer active")
         encoder = rt.encoder_for(model_id)
+        items, failed, retried = _decode_handoffs(rt, dispatch, encoder, entries)
+        live = [p for p, _ in items]
+        if not items:
+            return EncodeResult(0, 0, retried, failed)
         with m.stage_seconds.labels("encode").time():
             vectors = encoder.encode([px for _, px in items])
         names = rt.names_for(version)
@@ -353,6 +375,47 @@ def _encode_group(
     if dirty:
         dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
     return EncodeResult(len(recorded), len(overtaken), retried, failed)
+
+
+def _decode_handoffs(
+    rt: Runtime, dispatch: Dispatcher, encoder: Encoder, entries: list[tuple[EncodePayload, np.ndarray | JpegHandoff]]
+) -> tuple[list[tuple[EncodePayload, np.ndarray | torch.Tensor]], int, int]:
+    """The group's model inputs: handed-over JPEGs decoded in one batch on the encoder's device; a
+    picture the device refuses is decoded from the same bytes on the CPU, and a file that fails
+    there too is recorded with its reason. Returns ``(items, failed, retried)``."""
+    jpegs = [(i, e) for i, (_, e) in enumerate(entries) if isinstance(e, JpegHandoff)]
+    if not jpegs:
+        return list(entries), 0, 0  # type: ignore[arg-type]
+    limits = rt.settings.imaging
+    with metrics().stage_seconds.labels("device_decode").time():
+        decoded = decode_batch(
+            [(e, entries[i][0].event.crop) for i, e in jpegs],
+            encoder.preprocess_cfg,
+            encoder.load().device,
+            auto_trim=limits.auto_trim,
+            max_chunk_pixels=limits.device_chunk_pixels,
+        )
+    items: list[tuple[EncodePayload, np.ndarray | torch.Tensor] | None] = list(entries)  # type: ignore[arg-type]
+    failed = retried = fallbacks = 0
+    for (i, handoff), px in zip(jpegs, decoded, strict=True):
+        p = entries[i][0]
+        if isinstance(px, Exception):
+            fallbacks += 1
+            log.info("device decode of %s failed (%s: %s): decoding it on the CPU", p.event.uri, type(px).__name__, px)
+            try:
+                px = model_pixels(rt, handoff.data, p.event.crop, encoder)
+            except ImgsyncError as exc:
+                outcome = record_failure(rt, dispatch, p, exc)
+                failed += outcome == "failed"
+                retried += outcome == "retried"
+                items[i] = None
+                continue
+        items[i] = (p, px)
+    counter = metrics().images
+    counter.labels("device_decode", "decoded").inc(len(jpegs) - fallbacks)
+    if fallbacks:
+        counter.labels("device_decode", "fallback").inc(fallbacks)
+    return [it for it in items if it is not None], failed, retried
 
 
 def _count_encode(**outcomes: int) -> None:

@@ -1,6 +1,8 @@
 """The pixel store: model-input pixels handed from preprocess to encode by key, not by value.
 
-Entries are raw uint8 H×W×3 arrays (lossless) with a small header. In production the store is Redis
+Entries are raw uint8 H×W×3 arrays (lossless) with a small header, or, with
+``IMGSYNC_JPEG_DECODE=encoder``, a JPEG's own bytes and orientation for the encode stage to decode on
+its device (:class:`~worker.imaging.device_decode.JpegHandoff`). In production the store is Redis
 (every entry with a TTL; a Redis with an eviction policy of its own may also drop entries under memory
 pressure); the embedded store is a directory. A missing entry (expired, evicted, another machine)
 makes the encode stage re-run preprocessing for that image: losing an entry costs time, never an
@@ -20,24 +22,29 @@ import numpy as np
 
 from schemas.reasons import Reason
 from worker.errors import TransientError
+from worker.imaging.device_decode import JpegHandoff
 from worker.ledger.db import safe_url
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DirectoryPixelStore", "PixelStore", "RedisPixelStore", "open_pixel_store"]
 
-_HEADER = struct.Struct("<4sHHH")  # magic, height, width, channels
+_HEADER = struct.Struct("<4sHHH")  # magic, height, width, channels (a JPEG: its EXIF orientation)
 _MAGIC = b"IMGP"
+_JPEG_MAGIC = b"IMGJ"
+
+#: what an entry holds: model-input pixels, or a JPEG for the encode stage to decode
+Entry = np.ndarray | JpegHandoff
 
 
 class PixelStore:
     """Interface of pixel stores. ``put`` raises TransientError when the store cannot be written;
     ``get`` answers None for a missing entry; ``delete`` of a missing entry is a no-op."""
 
-    def put(self, pixels: np.ndarray) -> str:
+    def put(self, pixels: Entry) -> str:
         raise NotImplementedError
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str) -> Entry | None:
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
@@ -48,18 +55,22 @@ class PixelStore:
         return 0
 
 
-def _pack(pixels: np.ndarray) -> bytes:
+def _pack(pixels: Entry) -> bytes:
+    if isinstance(pixels, JpegHandoff):
+        return _HEADER.pack(_JPEG_MAGIC, pixels.height, pixels.width, pixels.orientation) + pixels.data
     if pixels.dtype != np.uint8 or pixels.ndim != 3:
         raise ValueError(f"pixels must be uint8 H×W×C, got {pixels.dtype} {pixels.shape}")
     h, w, c = pixels.shape
     return _HEADER.pack(_MAGIC, h, w, c) + np.ascontiguousarray(pixels).tobytes()
 
 
-def _unpack(blob: bytes) -> np.ndarray | None:
+def _unpack(blob: bytes) -> Entry | None:
     if len(blob) < _HEADER.size:
         return None
     magic, h, w, c = _HEADER.unpack_from(blob)
     body = blob[_HEADER.size :]
+    if magic == _JPEG_MAGIC:
+        return JpegHandoff(data=body, orientation=c, width=w, height=h) if body else None
     if magic != _MAGIC or len(body) != h * w * c:
         return None
     return np.frombuffer(body, dtype=np.uint8).reshape(h, w, c)
@@ -74,14 +85,14 @@ class DirectoryPixelStore(PixelStore):
         self.ttl_seconds = ttl_seconds
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def put(self, pixels: np.ndarray) -> str:
+    def put(self, pixels: Entry) -> str:
         key = uuid.uuid4().hex
         tmp = self.root / f".{key}.tmp"
         tmp.write_bytes(_pack(pixels))
         os.replace(tmp, self.root / key)  # atomic: a reader never sees half an entry
         return key
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str) -> Entry | None:
         if not key.isalnum():
             return None
         try:
@@ -120,7 +131,7 @@ class RedisPixelStore(PixelStore):
         # short timeouts: a dead Redis must turn into a retry, not a worker stuck on a socket
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
 
-    def put(self, pixels: np.ndarray) -> str:
+    def put(self, pixels: Entry) -> str:
         key = uuid.uuid4().hex
         blob = _pack(pixels)
         try:
@@ -129,7 +140,7 @@ class RedisPixelStore(PixelStore):
             raise TransientError(Reason.internal_error, f"pixel store {safe_url(self.url)}: {exc}") from exc
         return key
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: str) -> Entry | None:
         if not key.isalnum():
             return None
         try:

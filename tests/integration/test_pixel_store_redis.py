@@ -47,6 +47,18 @@ def test_round_trip_is_lossless_and_every_entry_expires() -> None:
     store.close()
 
 
+def test_jpeg_handoff_round_trip_expires_too() -> None:
+    """A JPEG handed to the encode stage through Redis: same bytes and orientation, and a TTL."""
+    from worker.imaging.device_decode import JpegHandoff
+
+    store = RedisPixelStore(REDIS_URL, ttl_seconds=120)
+    handoff = JpegHandoff(data=b"\xff\xd8\xff" + bytes(range(256)) * 64 + b"\xff\xd9", orientation=6, width=1200, height=900)
+    key = store.put(handoff)
+    assert store.get(key) == handoff
+    assert 0 < store.client.ttl(store.prefix + key) <= 120
+    store.delete(key)
+
+
 def test_expired_entry_reads_as_missing() -> None:
     store = RedisPixelStore(REDIS_URL, ttl_seconds=120)
     key = store.put(_pixels(2))

@@ -208,6 +208,9 @@ def test_random_control_is_deterministic_and_blind() -> None:
     assert v.shape == (3, 32) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-6)
     assert np.array_equal(v[0], v[2]) and abs(float(v[0] @ v[1])) < 0.9
     assert np.array_equal(create_encoder("random:32").encode([a])[0], v[0])  # another instance, same vector
+    import torch  # pixels decoded on the device arrive as 3×H×W tensors: the same pixels, the same vector
+
+    assert np.array_equal(enc.encode([torch.from_numpy(b).permute(2, 0, 1)])[0], v[1])
     assert enc.model_id.startswith("random:32@pixels-sha256#")
     for bad in ("random:x", "random:1", "random:16@w"):
         with pytest.raises(ConfigError, match="IMGSYNC_MODEL"):

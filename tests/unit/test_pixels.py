@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from worker.imaging.device_decode import JpegHandoff
 from worker.pixels import DirectoryPixelStore
 
 
@@ -134,3 +135,19 @@ def test_sweep_with_default_ttl(tmp_path: Path) -> None:
     assert store.sweep() == 1
     assert store.get(fresh) is not None
     assert store.get(stale) is None
+
+
+def test_jpeg_handoff_round_trip(tmp_path: Path) -> None:
+    """A JPEG handed to the encode stage comes back as its exact bytes, size and orientation."""
+    store = DirectoryPixelStore(tmp_path / "px")
+    handoff = JpegHandoff(data=b"\xff\xd8\xff" + bytes(range(256)) * 40 + b"\xff\xd9", orientation=8, width=4000, height=65535)
+    assert store.get(store.put(handoff)) == handoff
+
+
+def test_jpeg_entry_without_bytes_reads_as_missing(tmp_path: Path) -> None:
+    """A JPEG entry cut down to its header (a damaged file) is missing, not an empty JPEG."""
+    store = DirectoryPixelStore(tmp_path / "px")
+    key = store.put(JpegHandoff(data=b"\xff\xd8\xff\xd9", orientation=1, width=10, height=10))
+    path = store.root / key
+    path.write_bytes(path.read_bytes()[:10])
+    assert store.get(key) is None

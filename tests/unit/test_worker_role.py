@@ -33,3 +33,16 @@ def test_mixed_worker_on_a_gpu_is_refused(make_settings, monkeypatch: pytest.Mon
     with pytest.raises(ConfigError, match="worker of its own"):
         role_settings(s, s.queues.all())
     assert role_settings(s, [s.queues.encode]).device == "auto"
+
+
+def test_device_jpeg_decode_on_a_cpu_encoder_is_allowed_with_a_warning(make_settings, caplog) -> None:
+    """IMGSYNC_JPEG_DECODE=encoder with a CPU encode worker works (tests use it) but says it only
+    pays off on CUDA; on a CPU-queue worker it says nothing (that worker only hands bytes over)."""
+    import logging
+
+    s = make_settings(device="cpu", jpeg_decode="encoder")
+    with caplog.at_level(logging.WARNING, logger="imgsync"):
+        role_settings(s, [s.queues.preprocess, s.queues.sku])
+        assert not caplog.records
+        assert role_settings(s, [s.queues.encode]).jpeg_decode == "encoder"
+    assert "pays off on CUDA only" in caplog.text

@@ -112,10 +112,17 @@ def role_settings(settings: Settings, queues: list[str]) -> Settings:
     """
     if settings.queues.encode not in queues:
         return settings.model_copy(update={"device": "cpu"})
-    if queues != [settings.queues.encode]:
+    if settings.jpeg_decode == "encoder" or queues != [settings.queues.encode]:
         from worker.encoders.device import resolve_device
 
-        if resolve_device(settings.device).type == "cuda":
+        device = resolve_device(settings.device)
+        if settings.jpeg_decode == "encoder" and device.type != "cuda":
+            logging.getLogger("imgsync").warning(
+                "IMGSYNC_JPEG_DECODE=encoder on a %s encode worker: JPEGs are decoded at full size in this one "
+                "process, slower than the preprocess workers do it; it pays off on CUDA only",
+                device,
+            )
+        if queues != [settings.queues.encode] and device.type == "cuda":
             raise ConfigError(
                 f"IMGSYNC_DEVICE={settings.device} is a GPU: run the encode queue in a worker of its own "
                 f"(imgsync worker --queues {settings.queues.encode}) and the CPU queues in another "

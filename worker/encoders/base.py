@@ -171,8 +171,9 @@ class Encoder(ABC):
     def _geometry(self, images: list[Image.Image]) -> list[np.ndarray]:
         return [apply_geometry(img, self.preprocess_cfg) for img in images]
 
-    def encode(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        """L2-normalized float32 vectors, one row per model-input image.
+    def encode(self, pixels: Sequence[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """L2-normalized float32 vectors, one row per model-input image: uint8 H×W×3 arrays, or
+        uint8 3×H×W tensors already on the device (pictures decoded there).
 
         A CUDA out-of-memory error splits the batch in halves down to single images; a single
         image that still does not fit raises :class:`TransientError` (``device_error``).
@@ -201,7 +202,7 @@ class Encoder(ABC):
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _encode_split(self, pixels: list[np.ndarray]) -> np.ndarray:
+    def _encode_split(self, pixels: list[np.ndarray | torch.Tensor]) -> np.ndarray:
         import torch
 
         try:
@@ -214,13 +215,10 @@ class Encoder(ABC):
             log.warning("CUDA OOM on a batch of %d: splitting into %d + %d", len(pixels), half, len(pixels) - half)
             return np.concatenate([self._encode_split(pixels[:half]), self._encode_split(pixels[half:])])
 
-    def _encode_now(self, pixels: list[np.ndarray]) -> np.ndarray:
+    def _encode_now(self, pixels: list[np.ndarray | torch.Tensor]) -> np.ndarray:
         import torch
 
-        batch = torch.from_numpy(np.stack(pixels))  # N,H,W,3 uint8
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        x = self._batch(pixels).float().div_(255.0)
         mean = torch.tensor(self.preprocess_cfg.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.preprocess_cfg.std, device=x.device).view(1, 3, 1, 1)
         x = (x - mean) / std
@@ -229,6 +227,24 @@ class Encoder(ABC):
         with torch.inference_mode(), self._autocast():
             out = self._forward_images(x)
         return l2_normalize(out.float().cpu().numpy())
+
+    def _batch(self, pixels: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """N×3×H×W uint8 on the device: host H×W×3 arrays are copied in one transfer (pinned on
+        CUDA); 3×H×W tensors (decoded on the device) are taken where they are."""
+        import torch
+
+        host = [i for i, p in enumerate(pixels) if isinstance(p, np.ndarray)]
+        moved = None
+        if host:
+            moved = torch.from_numpy(np.stack([pixels[i] for i in host]))  # n,H,W,3 uint8
+            if self.device.type == "cuda":
+                moved = moved.pin_memory().to(self.device, non_blocking=True)
+            moved = moved.permute(0, 3, 1, 2)
+            if len(host) == len(pixels):
+                return moved
+        slots: list[torch.Tensor] = [p.to(self.device) for p in pixels if not isinstance(p, np.ndarray)][::-1]
+        from_host = iter(moved) if moved is not None else iter(())
+        return torch.stack([next(from_host) if isinstance(p, np.ndarray) else slots.pop() for p in pixels])
 
     def _autocast(self):  # type: ignore[no-untyped-def]
         import contextlib

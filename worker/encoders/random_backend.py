@@ -51,8 +51,9 @@ class RandomEncoder(Encoder):
             size=(_SIDE, _SIDE), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear", resize_mode="squash"
         )
 
-    def _encode_now(self, pixels: list[np.ndarray]) -> np.ndarray:
-        return l2_normalize(np.stack([self._vector(p) for p in pixels]))
+    def _encode_now(self, pixels: list[np.ndarray | torch.Tensor]) -> np.ndarray:
+        host = [p if isinstance(p, np.ndarray) else p.permute(1, 2, 0).cpu().numpy() for p in pixels]
+        return l2_normalize(np.stack([self._vector(p) for p in host]))
 
     def _vector(self, pixels: np.ndarray) -> np.ndarray:
         digest = hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).digest()

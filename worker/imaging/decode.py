@@ -21,7 +21,7 @@ from schemas.events import CropBox
 from schemas.reasons import Reason
 from worker.errors import PermanentError
 
-__all__ = ["decode_image", "decode_and_crop", "ALLOWED_FORMATS", "accepted_formats", "apply_crop"]
+__all__ = ["decode_image", "decode_and_crop", "ALLOWED_FORMATS", "accepted_formats", "apply_crop", "srgb_profile"]
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,14 @@ def _to_srgb(img: Image.Image, icc: bytes) -> Image.Image | None:
     except Exception as exc:  # noqa: BLE001 - a broken profile must not lose the picture
         log.debug("embedded ICC profile ignored (%s: %s); converting without it", type(exc).__name__, exc)
         return None
+
+
+def srgb_profile(icc: bytes) -> bool:
+    """True when ``icc`` is an sRGB profile, i.e. RGB pixels carrying it are used as they are."""
+    try:
+        return _transform(icc, "RGB") is None
+    except Exception:  # noqa: BLE001 - an unparsable profile is not sRGB
+        return False
 
 
 @functools.lru_cache(maxsize=16)

@@ -11,7 +11,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from worker.encoders.base import PreprocessCfg
 
-__all__ = ["apply_geometry", "resample_filter"]
+__all__ = ["apply_geometry", "resample_filter", "short_side_size", "keep_ratio_size", "pad_amounts", "crop_origin"]
 
 _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -60,43 +60,64 @@ def apply_geometry(img: Image.Image, cfg: PreprocessCfg) -> np.ndarray:
     return out
 
 
-def _resize_short_side(img: Image.Image, size: int, flt: Image.Resampling) -> Image.Image:
-    # torchvision.transforms.functional._compute_resized_output_size
-    w, h = img.size
+def short_side_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side resized to ``size`` (torchvision's
+    ``_compute_resized_output_size``)."""
     short, long = (w, h) if w <= h else (h, w)
-    if short == size:
-        return img
     new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    return img.resize((new_w, new_h), flt)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def keep_ratio_size(w: int, h: int, target: tuple[int, int], *, longest: float) -> tuple[int, int]:
+    """(width, height) of open_clip's ``ResizeKeepRatio`` (without its random parts) for ``target``
+    (height, width)."""
+    ratio_h, ratio_w = h / target[0], w / target[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    return round(w / ratio), round(h / ratio)
+
+
+def pad_amounts(w: int, h: int, target: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) padding of a centre crop-or-pad to ``target`` (height, width), or
+    None when no side is short (torchvision's center_crop, open_clip's center_crop_or_pad)."""
+    th, tw = target
+    if tw <= w and th <= h:
+        return None
+    left = (tw - w) // 2 if tw > w else 0
+    top = (th - h) // 2 if th > h else 0
+    right = (tw - w + 1) // 2 if tw > w else 0
+    bottom = (th - h + 1) // 2 if th > h else 0
+    return left, top, right, bottom
+
+
+def crop_origin(w: int, h: int, target: tuple[int, int]) -> tuple[int, int]:
+    """(left, top) of a centre crop to ``target`` (height, width)."""
+    return int(round((w - target[1]) / 2.0)), int(round((h - target[0]) / 2.0))
+
+
+def _resize_short_side(img: Image.Image, size: int, flt: Image.Resampling) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    return img.resize(short_side_size(w, h, size), flt)
 
 
 def _resize_keep_ratio(
     img: Image.Image, target: tuple[int, int], *, longest: float, flt: Image.Resampling
 ) -> Image.Image:
-    # open_clip.transform.ResizeKeepRatio.get_params without the random parts
-    w, h = img.size
-    ratio_h, ratio_w = h / target[0], w / target[1]
-    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
-    new_h, new_w = round(h / ratio), round(w / ratio)
-    return img.resize((new_w, new_h), flt)
+    return img.resize(keep_ratio_size(*img.size, target, longest=longest), flt)
 
 
 def _center_crop_or_pad(img: Image.Image, target: tuple[int, int], *, fill: int) -> Image.Image:
-    # torchvision center_crop (pads with 0) and open_clip center_crop_or_pad (pads with fill)
     th, tw = target
     w, h = img.size
-    if tw > w or th > h:
-        left = (tw - w) // 2 if tw > w else 0
-        top = (th - h) // 2 if th > h else 0
-        right = (tw - w + 1) // 2 if tw > w else 0
-        bottom = (th - h + 1) // 2 if th > h else 0
+    pad = pad_amounts(w, h, target)
+    if pad is not None:
+        left, top, right, bottom = pad
         canvas = Image.new("RGB", (w + left + right, h + top + bottom), (fill, fill, fill))
         canvas.paste(img, (left, top))
         img = canvas
         w, h = img.size
         if w == tw and h == th:
             return img
-    top = int(round((h - th) / 2.0))
-    left = int(round((w - tw) / 2.0))
+    left, top = crop_origin(w, h, target)
     return img.crop((left, top, left + tw, top + th))

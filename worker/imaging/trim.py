@@ -13,7 +13,7 @@ TOLERANCE = 12
 #: margin kept around the content, as a fraction of the trimmed box's longer side
 MARGIN = 0.02
 #: corner patches sampled for the backdrop colour: this fraction of the shorter side (at least 1 px)
-_PATCH = 0.02
+PATCH = 0.02
 
 
 def trim_border(img: Image.Image, *, tolerance: int = TOLERANCE, margin: float = MARGIN) -> Image.Image:
@@ -49,7 +49,7 @@ def trim_border(img: Image.Image, *, tolerance: int = TOLERANCE, margin: float =
 def _backdrop(rgb: Image.Image, tolerance: int) -> tuple[int, int, int] | None:
     """The colour the four corners agree on (within ``tolerance`` per channel), or None."""
     w, h = rgb.size
-    k = max(1, int(min(w, h) * _PATCH))
+    k = max(1, int(min(w, h) * PATCH))
     boxes = ((0, 0, k, k), (w - k, 0, w, k), (0, h - k, k, h), (w - k, h - k, w, h))
     corners = np.array(
         [np.median(np.asarray(rgb.crop(b), dtype=np.float64).reshape(-1, 3), axis=0) for b in boxes]

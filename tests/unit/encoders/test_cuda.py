@@ -77,3 +77,49 @@ def test_cuda_peak_memory_of_evaluate() -> None:
     peak, method = meter.end(weights_bytes=0)
     assert method == "cuda_max_allocated"
     assert peak is not None and peak > 100 * 2**20  # ViT-B-32's weights alone are ~350 MB in fp32
+
+
+def test_nvjpeg_batch_decode_gives_the_cpu_paths_vectors() -> None:
+    """IMGSYNC_JPEG_DECODE=encoder on CUDA: a batch of camera JPEGs (EXIF-rotated, cropped, one on a
+    white backdrop, one with a garbage scan) decoded by nvJPEG and fitted on the GPU gives the CPU
+    path's vectors (cos ≥ 0.999), and the broken file is answered by an exception in its slot."""
+    import io
+
+    from PIL import Image
+
+    from config.settings import ImagingConfig
+    from schemas.events import CropBox
+    from tests.helpers import photo
+    from worker.imaging.decode import decode_and_crop
+    from worker.imaging.device_decode import decode_batch, plan_handoff
+
+    limits = ImagingConfig(max_pixels=100_000_000, min_side=8)
+    enc = create_encoder(EncoderConfig(spec="open_clip:ViT-B-32", device="cuda", precision="fp32")).load()
+    cfg = enc.preprocess_cfg
+    datas, crops = [], []
+    for i, (w, h) in enumerate([(4000, 3000), (1200, 1600), (800, 800), (2048, 1536)]):
+        base = np.asarray(photo(w // 8, h // 8, seed=i).resize((w, h)), np.int16)
+        img = Image.fromarray(np.clip(base + np.random.default_rng(i).normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+        if i == 2:
+            canvas = Image.new("RGB", (1600, 1200), (255, 255, 255))
+            canvas.paste(img, (400, 200))
+            img = canvas
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i == 1 else 1
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+        datas.append(buf.getvalue())
+        crops.append(CropBox(x=0.1, y=0.1, w=0.5, h=0.7) if i == 3 else None)
+    sos = datas[0].find(b"\xff\xda")
+    broken = datas[0][: sos + 20] + np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes() + b"\xff\xd9"
+    handoffs = [plan_handoff(d, limits, cfg, max_bytes=2**26) for d in [*datas, broken]]
+    assert all(h is not None for h in handoffs)
+    out = decode_batch(list(zip(handoffs, [*crops, None])), cfg, enc.device, auto_trim=True, max_chunk_pixels=2**28)  # type: ignore[arg-type]
+    assert isinstance(out[-1], Exception)
+    assert all(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in out[:-1])
+    gpu = enc.encode(out[:-1])  # type: ignore[arg-type]
+    cpu = enc.encode(
+        [enc.preprocess([decode_and_crop(d, limits, c, min_side=2 * max(cfg.size))])[0] for d, c in zip(datas, crops, strict=True)]
+    )
+    cos = (gpu * cpu).sum(axis=1)
+    assert cos.min() >= 0.999, cos

@@ -97,6 +97,19 @@ def test_text_tower(tiny_encoder) -> None:
     assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_batch_mixing_host_pixels_and_device_tensors_keeps_its_order(tiny_encoder) -> None:
+    """Pictures decoded on the device (3×H×W tensors) and host pixels (H×W×3 arrays) in one batch
+    give each the vector it gets alone, in the batch's order."""
+    import torch
+
+    h, w = tiny_encoder.preprocess_cfg.size
+    px = [np.random.default_rng(s).integers(0, 256, (h, w, 3), dtype=np.uint8) for s in range(5)]
+    alone = tiny_encoder.encode(px)
+    mixed = [torch.from_numpy(p).permute(2, 0, 1) if i in (0, 2, 3) else p for i, p in enumerate(px)]
+    np.testing.assert_allclose(tiny_encoder.encode(mixed), alone, atol=1e-5)
+    np.testing.assert_allclose(tiny_encoder.encode([torch.from_numpy(p).permute(2, 0, 1) for p in px]), alone, atol=1e-5)
+
+
 def test_cuda_oom_splits_batch(tiny_encoder, monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA OOM (injected: no GPU here) splits the batch in halves; results equal the unsplit batch."""
     pixels = tiny_encoder.preprocess([photo(80, 60, seed=i) for i in range(7)])
