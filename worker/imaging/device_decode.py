@@ -122,14 +122,8 @@ def decode_batch(
     again one picture at a time, so one bad file costs only itself."""
     out: list[torch.Tensor | Exception] = []
     for chunk in _chunks(items, max_chunk_pixels):
-        for (handoff, crop), decoded in zip(chunk, _decode_chunk([h for h, _ in chunk], device), strict=True):
-            if isinstance(decoded, Exception):
-                out.append(decoded)
-                continue
-            try:
-                out.append(_finish(decoded, handoff, crop, cfg, auto_trim=auto_trim))
-            except Exception as exc:  # noqa: BLE001 - this picture falls back to the CPU path
-                out.append(exc)
+        decoded = _decode_chunk([h for h, _ in chunk], device)
+        out.extend(_finish(decoded, chunk, cfg, auto_trim=auto_trim))
     return out
 
 
@@ -174,15 +168,34 @@ def _checked(img: torch.Tensor, handoff: JpegHandoff) -> torch.Tensor | Exceptio
 
 
 def _finish(
-    img: torch.Tensor, handoff: JpegHandoff, crop: CropBox | None, cfg: PreprocessCfg, *, auto_trim: bool
-) -> torch.Tensor:
-    """Orientation, then the crop box or the trimmed border, then the model's geometry."""
-    img = orient_tensor(img, handoff.orientation)
-    if crop is not None:
-        img = crop_tensor(img, crop)
-    elif auto_trim:
-        img = trim_tensor(img)
-    return fit_tensor(img, cfg)
+    decoded: list[torch.Tensor | Exception],
+    chunk: list[tuple[JpegHandoff, CropBox | None]],
+    cfg: PreprocessCfg,
+    *,
+    auto_trim: bool,
+) -> list[torch.Tensor | Exception]:
+    """Orientation, then the crop box or the trimmed border, then the model's geometry, for a chunk.
+    The trim boxes of the whole chunk are read back from the device at once (one synchronisation per
+    chunk, not several per picture)."""
+    upright: list[torch.Tensor | Exception] = []
+    for img, (handoff, _) in zip(decoded, chunk, strict=True):
+        upright.append(img if isinstance(img, Exception) else orient_tensor(img, handoff.orientation))
+    to_trim = [i for i, (img, (_, crop)) in enumerate(zip(upright, chunk, strict=True)) if auto_trim and crop is None and not isinstance(img, Exception)]
+    boxes = dict(zip(to_trim, _trim_boxes([upright[i] for i in to_trim]), strict=True))  # type: ignore[misc]
+    out: list[torch.Tensor | Exception] = []
+    for i, (img, (_, crop)) in enumerate(zip(upright, chunk, strict=True)):
+        if isinstance(img, Exception):
+            out.append(img)
+            continue
+        try:
+            if crop is not None:
+                img = crop_tensor(img, crop)
+            elif (box := boxes.get(i)) is not None:
+                img = img[:, box[1] : box[3], box[0] : box[2]]
+            out.append(fit_tensor(img, cfg))
+        except Exception as exc:  # noqa: BLE001 - this picture falls back to the CPU path
+            out.append(exc)
+    return out
 
 
 # --- orientation, crop, trim ------------------------------------------------------------------------
@@ -227,30 +240,51 @@ def trim_tensor(
     img: torch.Tensor, *, tolerance: int = trim_mod.TOLERANCE, margin: float = trim_mod.MARGIN
 ) -> torch.Tensor:
     """A uint8 3×H×W picture without its uniform border (:func:`worker.imaging.trim.trim_border`)."""
+    (box,) = _trim_boxes([img], tolerance=tolerance, margin=margin)
+    return img if box is None else img[:, box[1] : box[3], box[0] : box[2]]
+
+
+def _trim_boxes(
+    images: list[torch.Tensor], *, tolerance: int = trim_mod.TOLERANCE, margin: float = trim_mod.MARGIN
+) -> list[tuple[int, int, int, int] | None]:
+    """The (left, top, right, bottom) box :func:`worker.imaging.trim.trim_border` cuts out of each
+    picture, or None where it leaves the picture whole; one read-back from the device for all."""
+    import torch
+
+    probed = [i for i, img in enumerate(images) if min(img.shape[-2:]) >= 2]
+    if not probed:
+        return [None] * len(images)
+    values = torch.stack([_trim_probe(images[i], tolerance) for i in probed]).tolist()
+    boxes: list[tuple[int, int, int, int] | None] = [None] * len(images)
+    for i, (agree, content, top, bottom, left, right) in zip(probed, values, strict=True):
+        if not (agree and content):
+            continue  # the corners disagree (no uniform backdrop), or a flat picture
+        _, h, w = images[i].shape
+        pad = int(round(margin * max(bottom - top, right - left)))
+        box = (max(0, left - pad), max(0, top - pad), min(w, right + pad), min(h, bottom + pad))
+        boxes[i] = None if box == (0, 0, w, h) else box
+    return boxes
+
+
+def _trim_probe(img: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """On the device, without waiting for it: [corners agree, any content, top, bottom, left,
+    right] of the content box (pixels with a channel more than ``tolerance`` off the backdrop)."""
     import torch
 
     _, h, w = img.shape
-    if w < 2 or h < 2:
-        return img
     k = max(1, int(min(w, h) * trim_mod.PATCH))
-    patches = (img[:, :k, :k], img[:, :k, w - k :], img[:, h - k :, :k], img[:, h - k :, w - k :])
-    corners = torch.stack([_median(p.reshape(3, -1).double(), 1) for p in patches])  # 4×3
+    patches = torch.stack((img[:, :k, :k], img[:, :k, w - k :], img[:, h - k :, :k], img[:, h - k :, w - k :]))
+    corners = _median(patches.reshape(4, 3, -1).double(), 2)  # 4×3: each corner's median colour
     colour = _median(corners, 0)
-    if float((corners - colour).abs().max()) > tolerance:
-        return img  # the corners disagree: no uniform backdrop
+    agree = (corners - colour).abs().max() <= tolerance
     tol = max(0, min(255, int(tolerance)))
     backdrop = colour.round().to(torch.int16).view(3, 1, 1)
     content = ((img.to(torch.int16) - backdrop).abs() > tol).any(0)  # H×W
-    rows, cols = content.any(1).nonzero(), content.any(0).nonzero()
-    if rows.numel() == 0:
-        return img  # a flat picture
-    top, bottom = int(rows[0]), int(rows[-1]) + 1
-    left, right = int(cols[0]), int(cols[-1]) + 1
-    pad = int(round(margin * max(bottom - top, right - left)))
-    box = (max(0, left - pad), max(0, top - pad), min(w, right + pad), min(h, bottom + pad))
-    if box == (0, 0, w, h):
-        return img
-    return img[:, box[1] : box[3], box[0] : box[2]]
+    rows, cols = content.any(1), content.any(0)
+    top, left = rows.to(torch.uint8).argmax(), cols.to(torch.uint8).argmax()
+    bottom = h - rows.flip(0).to(torch.uint8).argmax()
+    right = w - cols.flip(0).to(torch.uint8).argmax()
+    return torch.stack([agree.long(), rows.any().long(), top.long(), bottom.long(), left.long(), right.long()])
 
 
 # --- model geometry ---------------------------------------------------------------------------------
