@@ -23,7 +23,7 @@ from worker.dispatch import Dispatcher
 from worker.encoders.base import Encoder, l2_normalize
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.fetch import fetch_bytes
-from worker.health import TRIPPING_REASONS, gate
+from worker.health import TRIPPING_REASONS, gate, probe_device
 from worker.imaging.decode import decode_and_crop
 from worker.imaging.device_decode import JpegHandoff, decode_batch, plan_handoff
 from worker.index import ImageEntity
@@ -395,6 +395,10 @@ def _decode_handoffs(
             auto_trim=limits.auto_trim,
             max_chunk_pixels=limits.device_chunk_pixels,
         )
+    refused = [px for px in decoded if isinstance(px, Exception)]
+    if len(refused) == len(decoded) and (broken := probe_device(str(encoder.device))) is not None:
+        # not the files: the device itself (the whole group retries, and the worker pauses)
+        raise TransientError(Reason.device_error, f"JPEG decode on {broken}") from refused[0]
     items: list[tuple[EncodePayload, np.ndarray | torch.Tensor] | None] = list(entries)  # type: ignore[arg-type]
     failed = retried = fallbacks = 0
     for (i, handoff), px in zip(jpegs, decoded, strict=True):

@@ -173,3 +173,30 @@ def test_a_lost_handoff_entry_is_prepared_again(handoff_env, tmp_path: Path) -> 
     payload = EncodePayload.model_validate(body)
     rt.pixels.delete(payload.pixel_key)
     assert pipeline.encode_batch(rt, d, [payload]).indexed == 1
+
+
+def test_a_device_refusing_every_picture_is_a_device_fault(handoff_env, tmp_path: Path, monkeypatch) -> None:
+    """When the device refuses every JPEG of a batch and fails its health probe (faults injected: no
+    GPU here), the batch is retried as a device error and the worker pauses; nothing is decoded on
+    the CPU in the meantime and no image is failed."""
+    from worker import health
+    from worker.imaging import device_decode
+
+    settings, rt, d = handoff_env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    events = [ImageEvent(uri=str(_camera_jpeg(tmp_path / sku / f"{i}.jpg", (640, 480), 50 + i)), sku=sku) for i in range(3)]
+    for e in events:
+        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    sent = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+    monkeypatch.setattr(device_decode, "_decode_chunk", lambda handoffs, device: [RuntimeError("CUDA error: an illegal memory access")] * len(handoffs))
+    monkeypatch.setattr(pipeline, "probe_device", lambda device: f"device {device}: CUDA error: an illegal memory access")
+    monkeypatch.setattr(health, "_gate", health.Gate())  # this test's own gate
+    fallbacks_before = _count("fallback")
+    result = pipeline.encode_batch(rt, d, sent)
+    assert (result.indexed, result.retried, result.failed) == (0, 3, 0)
+    assert not health.gate().is_open()
+    assert _count("fallback") == fallbacks_before
+    retried = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+    assert sorted(p.pixel_key for p in retried) == sorted(p.pixel_key for p in sent)  # the JPEGs are kept
+    assert all(isinstance(rt.pixels.get(p.pixel_key), JpegHandoff) for p in retried)
+    assert all(rt.ledger.get(e.image_id).state == "pending" for e in events)  # type: ignore[union-attr]

@@ -1,0 +1,161 @@
+"""The preprocess stage's CPU work per image, with and without the JPEG handoff
+(``IMGSYNC_JPEG_DECODE=preprocess`` vs ``encoder``), in one run on the same files.
+
+    python benchmarks/bench_handoff.py [--images 60] [--small-images 120] [--model open_clip:ViT-B-32]
+
+For each image, both modes do what the preprocess task does besides its ledger and broker calls:
+content hash, then either decode + trim + model geometry + pixel-store write (``preprocess``) or a
+header check + pixel-store write of the JPEG's bytes (``encoder``), on imgsync's own functions, one
+process. The encode side's read of the entry is timed too. Reported as images/s per CPU core, so a
+GPU box's cores can be sized from it: a GPU worker fed by N cores gets at most N × that rate.
+
+Also prints the cosine between the vectors of the two paths (the device path run here on the CPU,
+where ``torchvision.io.decode_jpeg`` uses libjpeg-turbo; nvJPEG on a GPU is checked by
+``bench_gpu.py`` and tests/unit/encoders/test_cuda.py).
+
+Then the real pipeline's feed rate: the embedded stack with its encode worker stopped (SIGSTOP), the
+time from publishing the catalog until every image waits in the encode queue, in both modes. This is
+what the CPU side of a GPU box can feed a GPU with (per-image Celery, ledger, broker and pixel-store
+work included), measured without any GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_e2e import SIZES  # noqa: E402
+from benchmarks.bench_gpu import SMALL_SIZES, write_photos  # noqa: E402
+
+
+def _rate(fn: Callable[[bytes], object], blobs: list[bytes], rounds: int) -> float:
+    best = 0.0
+    for _ in range(rounds):
+        started = time.process_time()  # CPU time of this process: the machine may be shared
+        for blob in blobs:
+            fn(blob)
+        best = max(best, len(blobs) / (time.process_time() - started))
+    return best
+
+
+def measure(spec: str, blobs: list[bytes], rounds: int) -> dict:
+    from config.settings import Settings
+    from worker import pipeline
+    from worker.imaging.device_decode import decode_batch
+    from worker.runtime import Runtime
+
+    home = Path(tempfile.mkdtemp(prefix="imgsync-handoff-"))
+    cpu_rt = Runtime(Settings(_env_file=None, home=home / "a", model=spec, device="cpu"))  # type: ignore[call-arg]
+    dev_rt = Runtime(Settings(_env_file=None, home=home / "b", model=spec, device="cpu", jpeg_decode="encoder"))  # type: ignore[call-arg]
+    enc = cpu_rt.encoder
+    dev_rt.__dict__["encoder"] = enc
+    handed = [pipeline.jpeg_handoff(dev_rt, b, enc) for b in blobs]
+    if any(h is None for h in handed):
+        raise SystemExit("some benchmark photos were not handed over")
+
+    def decode_here(blob: bytes) -> str:
+        pipeline.content_hash(blob)
+        return cpu_rt.pixels.put(pipeline.model_pixels(cpu_rt, blob, None, enc))
+
+    def hand_over(blob: bytes) -> str:
+        pipeline.content_hash(blob)
+        return dev_rt.pixels.put(pipeline.jpeg_handoff(dev_rt, blob, enc))  # type: ignore[arg-type]
+
+    out = {
+        "preprocess_decodes_per_core": round(_rate(decode_here, blobs, rounds), 1),
+        "preprocess_hands_over_per_core": round(_rate(hand_over, blobs, rounds), 1),
+    }
+    out["ratio"] = round(out["preprocess_hands_over_per_core"] / out["preprocess_decodes_per_core"], 2)
+    keys = [hand_over(b) for b in blobs]
+    started = time.process_time()
+    for k in keys:
+        dev_rt.pixels.get(k)
+    out["encode_side_entry_reads_per_core"] = round(len(keys) / (time.process_time() - started), 1)
+    out["mean_bytes_per_entry"] = {
+        "pixels": int(np.prod(enc.preprocess_cfg.size) * 3),
+        "jpeg": int(np.mean([len(b) for b in blobs])),
+    }
+    sample = handed[:16]
+    device = decode_batch([(h, None) for h in sample], enc.preprocess_cfg, enc.device, auto_trim=True, max_chunk_pixels=2**28)  # type: ignore[misc]
+    a = enc.encode(device)  # type: ignore[arg-type]
+    b = enc.encode([pipeline.model_pixels(cpu_rt, blob, None, enc) for blob in blobs[:16]])
+    cos = (a * b).sum(axis=1)
+    out["cos_device_path_to_cpu_path_min"] = round(float(cos.min()), 6)
+    return out
+
+
+def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: int) -> float:
+    """Images/s from publishing every image under ``root`` until all wait in the encode queue."""
+    from config.settings import Settings
+    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.stack import EmbeddedStack
+    from worker.ledger import upgrade
+    from worker.status import queue_depths
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, home=home, model=spec, device="cpu", worker_concurrency=concurrency, metrics_port=0,
+        jpeg_decode=jpeg_decode, redrive_interval_seconds=0,
+    )  # fmt: skip
+    upgrade(settings.effective_database_url)
+    stack = EmbeddedStack(settings, stop_timeout=5)
+    stack.start()
+    try:
+        warm = write_photos(home / "warm", 2 * concurrency, [(640, 480)])  # every CPU child loads its model
+        warm_events = collect_events([str(home / "warm")], None)
+        wait_for(settings, warm_events, publish(settings, warm_events), timeout=600, show_progress=False)
+        del warm
+        os.kill(stack.workers[1].pid, signal.SIGSTOP)  # the encode worker takes nothing from now on
+        events = collect_events([str(root)], None)
+        started = time.perf_counter()
+        publish(settings, events)
+        while (queue_depths(settings)[settings.queues.encode] or 0) < len(events):
+            time.sleep(0.05)
+        return len(events) / (time.perf_counter() - started)
+    finally:
+        os.kill(stack.workers[1].pid, signal.SIGCONT)
+        stack.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--images", type=int, default=60, help="1–12 MP photos")
+    ap.add_argument("--small-images", type=int, default=120, help="0.5–1 MP catalog photos")
+    ap.add_argument("--model", default="open_clip:ViT-B-32")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 1, help="CPU worker processes of the feed runs")
+    ap.add_argument("--skip-feed", action="store_true", help="leave out the pipeline feed runs")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="imgsync-handoff-photos-"))
+    big = [p.read_bytes() for p in write_photos(work / "big", args.images, SIZES)]
+    small = [p.read_bytes() for p in write_photos(work / "small", args.small_images, SMALL_SIZES)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    result: dict = {
+        "date": f"{datetime.now(UTC):%Y-%m-%d}", "commit": commit, "model": args.model, "cpus": os.cpu_count(),
+        "photos_1_12_mp": measure(args.model, big, args.rounds),
+        "catalog_0_5_1_mp": measure(args.model, small, args.rounds),
+    }  # fmt: skip
+    if not args.skip_feed:
+        for name, folder in (("photos_1_12_mp", "big"), ("catalog_0_5_1_mp", "small")):
+            for mode in ("preprocess", "encoder"):  # alternate: both see the same machine load
+                rate = feed_rate(args.model, work / folder, work / f"home-{folder}-{mode}", mode, args.concurrency)
+                result[name][f"pipeline_feed_images_per_s_{mode}"] = round(rate, 1)
+            r = result[name]
+            r["pipeline_feed_ratio"] = round(r["pipeline_feed_images_per_s_encoder"] / r["pipeline_feed_images_per_s_preprocess"], 2)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
