@@ -53,6 +53,17 @@ def _vectors(rt: Runtime, events: list[ImageEvent]) -> dict[str, np.ndarray]:
     return rt.store.image_vectors(rt.names().images, [e.image_id for e in events])
 
 
+def _three_handed_over(
+    rt: Runtime, d: RecordingDispatcher, tmp_path: Path, seed: int
+) -> tuple[list[ImageEvent], list[EncodePayload]]:
+    """Three camera JPEGs of one new SKU through preprocess: their events and encode payloads."""
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    events = [ImageEvent(uri=str(_camera_jpeg(tmp_path / sku / f"{i}.jpg", (640, 480), seed + i)), sku=sku) for i in range(3)]
+    for e in events:
+        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
+    return events, [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+
+
 def test_jpegs_are_handed_over_and_indexed_like_the_cpu_path(handoff_env, tmp_path: Path) -> None:
     """JPEGs (one rotated by EXIF, one with a crop box) travel as bytes, a PNG as pixels; the batch
     is indexed, and each vector equals the CPU path's (cos ≥ 0.999)."""
@@ -97,11 +108,7 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(handoff_env, tmp_path: 
     from worker.imaging import device_decode
 
     settings, rt, d = handoff_env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    events = [ImageEvent(uri=str(_camera_jpeg(tmp_path / sku / f"{i}.jpg", (640, 480), 10 + i)), sku=sku) for i in range(3)]
-    for e in events:
-        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
-    sent = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+    events, sent = _three_handed_over(rt, d, tmp_path, seed=10)
     real = device_decode._decode_chunk
 
     def refuse_the_second(handoffs, device):
@@ -183,11 +190,7 @@ def test_a_device_refusing_every_picture_is_a_device_fault(handoff_env, tmp_path
     from worker.imaging import device_decode
 
     settings, rt, d = handoff_env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    events = [ImageEvent(uri=str(_camera_jpeg(tmp_path / sku / f"{i}.jpg", (640, 480), 50 + i)), sku=sku) for i in range(3)]
-    for e in events:
-        pipeline.preprocess(rt, d, PreprocessPayload(event=e))
-    sent = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
+    events, sent = _three_handed_over(rt, d, tmp_path, seed=50)
     monkeypatch.setattr(device_decode, "_decode_chunk", lambda handoffs, device: [RuntimeError("CUDA error: an illegal memory access")] * len(handoffs))
     monkeypatch.setattr(pipeline, "probe_device", lambda device: f"device {device}: CUDA error: an illegal memory access")
     monkeypatch.setattr(health, "_gate", health.Gate())  # this test's own gate
