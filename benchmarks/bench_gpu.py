@@ -9,9 +9,9 @@ batched GPU JPEG decoding, the naive loop and imgsync end to end, with GPU utili
    vectors back to the host), the encode worker's own call;
 3. CPU preprocessing: imgsync's decode + trim + resize on every core (one process per core), on
    1–12 MP camera JPEGs and on 0.5–1 MP catalog JPEGs;
-4. GPU decoding: ``torchvision.io.decode_jpeg(device="cuda")`` in batches + antialiased bicubic
-   resize + centre crop on the GPU, alone and followed by the model; cosine of its vectors to the
-   CPU path's;
+4. GPU decoding: imgsync's device decode (``IMGSYNC_JPEG_DECODE=encoder``: batched
+   ``torchvision.io.decode_jpeg(device="cuda")``, orientation, auto-trim, the model's geometry on the
+   GPU), alone and followed by the model; cosine of its vectors to the CPU path's;
 5. naive loop on the GPU: PIL open + convert, the model's transform, encode one image, insert one row;
 6. imgsync end to end (embedded stack: SQLite broker and ledger, Milvus Lite, one prefork CPU worker
    with a process per spare core, one encode worker on the GPU), GPU utilisation sampled by NVML;
@@ -183,50 +183,42 @@ def model_bound(spec: str, precision: str, batches: list[int], seconds: float) -
 
 
 def gpu_decode(spec: str, precision: str, files: list[Path], batch: int) -> dict:
-    """Batched nvJPEG decode + GPU resize/crop, alone and with the model; cos to the CPU path."""
+    """imgsync's device decode (``worker.imaging.device_decode.decode_batch``: batched nvJPEG, EXIF
+    orientation, auto-trim, the model's geometry on the GPU), alone and followed by the model; cos of
+    its vectors to the CPU path's."""
     import torch
-    import torch.nn.functional as F
-    from torchvision.io import decode_jpeg
 
-    from config.settings import EncoderConfig, Settings
+    from config.settings import EncoderConfig, ImagingConfig, Settings
     from worker import pipeline
     from worker.encoders import create_encoder
+    from worker.imaging.device_decode import decode_batch, plan_handoff
     from worker.runtime import Runtime
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only to check this code (--smoke)
     enc = create_encoder(EncoderConfig(spec=spec, device=dev, precision=precision)).load()
-    h, w = enc.preprocess_cfg.size
-    mean = torch.tensor(enc.preprocess_cfg.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(enc.preprocess_cfg.std, device=dev).view(1, 3, 1, 1)
-    blobs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in files]
+    limits = ImagingConfig(max_pixels=200_000_000, min_side=8)
+    handoffs = [plan_handoff(p.read_bytes(), limits, enc.preprocess_cfg, max_bytes=2**26) for p in files]
+    if any(h is None for h in handoffs):
+        raise SystemExit("a benchmark photo was not handed over")
 
-    def fit(img: torch.Tensor) -> torch.Tensor:
-        """torchvision Resize(short side) + CenterCrop, bicubic with antialias, as open_clip does."""
-        _, ih, iw = img.shape
-        short, long = min(ih, iw), max(ih, iw)
-        new_long = int(h * long / short)
-        nh, nw = (h, new_long) if ih <= iw else (new_long, h)
-        r = F.interpolate(img[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-        top, left = int(round((nh - h) / 2.0)), int(round((nw - w) / 2.0))
-        return r[0, :, top : top + h, left : left + w].round_().clamp_(0, 255)
-
-    def pixels_of(chunk: list[torch.Tensor]) -> torch.Tensor:
-        imgs = decode_jpeg(chunk, device=dev)
-        return torch.stack([fit(im) for im in imgs])  # N×3×h×w float in 0..255
+    def pixels_of(chunk: list) -> list:
+        out = decode_batch([(h, None) for h in chunk], enc.preprocess_cfg, enc.device, auto_trim=True, max_chunk_pixels=2**28)
+        bad = [o for o in out if isinstance(o, Exception)]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {len(out)} refused: {bad[0]}")
+        return out
 
     def decode_only() -> int:
-        for i in range(0, len(blobs), batch):
-            pixels_of(blobs[i : i + batch])
-        return len(blobs)
+        for i in range(0, len(handoffs), batch):
+            pixels_of(handoffs[i : i + batch])
+        return len(handoffs)
 
     def decode_and_encode() -> int:
-        for i in range(0, len(blobs), batch):
-            x = ((pixels_of(blobs[i : i + batch]) / 255.0 - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), enc._autocast():
-                enc._forward_images(x).float().cpu()
-        return len(blobs)
+        for i in range(0, len(handoffs), batch):
+            enc.encode(pixels_of(handoffs[i : i + batch]))
+        return len(handoffs)
 
-    out = {"images": len(blobs), "batch": batch}
+    out = {"images": len(handoffs), "batch": batch}
     out["gpu_decode_images_per_s"] = round(_rate(decode_only, 2.0), 1)
     out["gpu_decode_and_model_images_per_s"] = round(_rate(decode_and_encode, 2.0), 1)
     # the same vectors as the CPU path? (fp32 model, 32 images)
@@ -234,8 +226,7 @@ def gpu_decode(spec: str, precision: str, files: list[Path], batch: int) -> dict
     rt = Runtime(Settings(_env_file=None, home=Path(tempfile.mkdtemp()), model=spec))  # type: ignore[call-arg]
     sample = files[:32]
     cpu_vec = ref.encode([pipeline.model_pixels(rt, p.read_bytes(), None, ref) for p in sample])
-    gpu_px = pixels_of(blobs[: len(sample)]).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
-    gpu_vec = ref.encode(list(gpu_px))
+    gpu_vec = ref.encode(pixels_of(handoffs[: len(sample)]))
     cos = (cpu_vec * gpu_vec).sum(axis=1)
     out["cos_to_cpu_path_min"] = round(float(cos.min()), 6)
     out["cos_to_cpu_path_mean"] = round(float(cos.mean()), 6)

@@ -66,10 +66,11 @@ def plan_handoff(data: bytes, limits: ImagingConfig, cfg: PreprocessCfg, *, max_
     """The handoff of ``data`` to the device decoder, or None when the CPU path must decode it.
 
     Only the header is parsed. Handed over: complete (ends with the EOI marker) 8-bit baseline or
-    progressive JPEGs in YCbCr or grayscale, without a colour profile other than sRGB, within the
-    size limits, for a model whose geometry the device path reproduces. Everything else (CMYK,
-    Adobe-marked, ICC-managed, truncated, multi-picture, 12-bit, too large or too small files,
-    other formats) goes the CPU way, which applies colour management and records reason codes.
+    progressive JPEGs in YCbCr (Photoshop's Adobe marker included) or grayscale, without a colour
+    profile other than sRGB, within the size limits, for a model whose geometry the device path
+    reproduces. Everything else (CMYK, RGB stored without the YCbCr transform, ICC-managed,
+    truncated, multi-picture, 12-bit, too large or too small files, other formats) goes the CPU
+    way, which applies colour management and records reason codes.
     """
     if not (0 < len(data) <= max_bytes) or not data.startswith(b"\xff\xd8\xff"):
         return None
@@ -86,7 +87,7 @@ def plan_handoff(data: bytes, limits: ImagingConfig, cfg: PreprocessCfg, *, max_
                 img.format != "JPEG"  # MPO: a multi-picture file
                 or img.mode not in ("RGB", "L")
                 or getattr(img, "bits", 8) != 8
-                or "adobe" in img.info
+                or (img.mode == "RGB" and "adobe" in img.info and img.info.get("adobe_transform") != 1)
                 or width * height > limits.max_pixels
                 or min(width, height) < limits.min_side
             ):

@@ -108,6 +108,20 @@ def test_handed_over(make) -> None:
     assert plan_handoff(make(), LIMITS, CFG, max_bytes=MAX_BYTES) is not None
 
 
+def _with_adobe_marker(data: bytes, transform: int) -> bytes:
+    """``data`` with Photoshop's APP14 "Adobe" segment after SOI (colour transform 1: YCbCr, 0: none)."""
+    segment = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00" + bytes([transform])
+    return data[:2] + segment + data[2:]
+
+
+def test_photoshop_ycbcr_jpeg_is_handed_over_and_rendered_alike() -> None:
+    """A JPEG with Photoshop's Adobe marker and the usual YCbCr transform is handed over and gives
+    the CPU path's model input."""
+    data = _with_adobe_marker(_jpeg(_camera(800, 600, seed=31)), transform=1)
+    assert Image.open(io.BytesIO(data)).info.get("adobe_transform") == 1
+    _assert_close(_device_path(data), _cpu_path(data))
+
+
 def _cmyk_with_adobe() -> bytes:
     return _jpeg(photo(64, 48, seed=6).convert("CMYK"))
 
@@ -117,6 +131,7 @@ def _cmyk_with_adobe() -> bytes:
     [
         pytest.param(lambda: _jpeg(photo(64, 48, seed=7))[:-400], id="truncated"),
         pytest.param(_cmyk_with_adobe, id="cmyk"),
+        pytest.param(lambda: _with_adobe_marker(_jpeg(photo(64, 48, seed=12)), transform=0), id="rgb-without-ycbcr"),
         pytest.param(
             lambda: _jpeg(photo(64, 48, seed=8), icc_profile=_rgb_profile("Adobe RGB (1998)", _ADOBE_COLORANTS, _ADOBE_GAMMA)),
             id="adobe-rgb-profile",
@@ -130,7 +145,8 @@ def _cmyk_with_adobe() -> bytes:
 )
 def test_left_to_the_cpu_path(make) -> None:
     """Files the device path would render differently, or that the CPU path must name a reason for,
-    are not handed over (truncated, CMYK, other colour profiles, trailers, other formats, too small)."""
+    are not handed over (truncated, CMYK, RGB without the YCbCr transform, other colour profiles,
+    trailers, other formats, too small)."""
     assert plan_handoff(make(), LIMITS, CFG, max_bytes=MAX_BYTES) is None
 
 
