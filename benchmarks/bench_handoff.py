@@ -13,7 +13,7 @@ Also prints the cosine between the vectors of the two paths (the device path run
 where ``torchvision.io.decode_jpeg`` uses libjpeg-turbo; nvJPEG on a GPU is checked by
 ``bench_gpu.py`` and tests/unit/encoders/test_cuda.py).
 
-Then the real pipeline's feed rate: the embedded stack with its encode worker stopped (SIGSTOP), the
+Then the real pipeline's feed rate: the embedded stack with its encode worker ended after warm-up, the
 time from publishing the catalog until every image waits in the encode queue, in both modes. This is
 what the CPU side of a GPU box can feed a GPU with (per-image Celery, ledger, broker and pixel-store
 work included), measured without any GPU.
@@ -117,7 +117,9 @@ def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: 
         warm_events = collect_events([str(home / "warm")], None)
         wait_for(settings, warm_events, publish(settings, warm_events), timeout=600, show_progress=False)
         del warm
-        os.kill(stack.workers[1].pid, signal.SIGSTOP)  # the encode worker takes nothing from now on
+        encode = stack.workers[1]  # ended, not SIGSTOPped: a stopped process may hold the SQLite lock
+        encode.send_signal(signal.SIGTERM)
+        encode.wait(120)
         events = collect_events([str(root)], None)
         started = time.perf_counter()
         publish(settings, events)
@@ -125,7 +127,6 @@ def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: 
             time.sleep(0.05)
         return len(events) / (time.perf_counter() - started)
     finally:
-        os.kill(stack.workers[1].pid, signal.SIGCONT)
         stack.stop()
 
 
