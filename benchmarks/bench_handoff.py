@@ -97,7 +97,7 @@ def measure(spec: str, blobs: list[bytes], rounds: int) -> dict:
     return out
 
 
-def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: int) -> float:
+def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: int, preprocess_batch: int = 16) -> float:
     """Images/s from publishing every image under ``root`` until all wait in the encode queue."""
     from config.settings import Settings
     from worker.cli.indexing import collect_events, publish, wait_for
@@ -107,7 +107,7 @@ def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: 
 
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, home=home, model=spec, device="cpu", worker_concurrency=concurrency, metrics_port=0,
-        jpeg_decode=jpeg_decode, redrive_interval_seconds=0,
+        jpeg_decode=jpeg_decode, redrive_interval_seconds=0, preprocess_batch=preprocess_batch,
     )  # fmt: skip
     upgrade(settings.effective_database_url)
     stack = EmbeddedStack(settings, stop_timeout=5)
@@ -138,6 +138,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=os.cpu_count() or 1, help="CPU worker processes of the feed runs")
     ap.add_argument("--skip-feed", action="store_true", help="leave out the pipeline feed runs")
+    ap.add_argument(
+        "--preprocess-batches", default="16", help="IMGSYNC_PREPROCESS_BATCH values of the feed runs, comma-separated (A/B)"
+    )  # fmt: skip
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imgsync-handoff-photos-"))
     big = [p.read_bytes() for p in write_photos(work / "big", args.images, SIZES)]
@@ -149,12 +152,17 @@ def main() -> None:
         "catalog_0_5_1_mp": measure(args.model, small, args.rounds),
     }  # fmt: skip
     if not args.skip_feed:
+        batches = [int(b) for b in args.preprocess_batches.split(",")]
         for name, folder in (("photos_1_12_mp", "big"), ("catalog_0_5_1_mp", "small")):
-            for mode in ("preprocess", "encoder"):  # alternate: both see the same machine load
-                rate = feed_rate(args.model, work / folder, work / f"home-{folder}-{mode}", mode, args.concurrency)
-                result[name][f"pipeline_feed_images_per_s_{mode}"] = round(rate, 1)
-            r = result[name]
-            r["pipeline_feed_ratio"] = round(r["pipeline_feed_images_per_s_encoder"] / r["pipeline_feed_images_per_s_preprocess"], 2)
+            for b in batches:
+                for mode in ("preprocess", "encoder"):  # alternate: both see the same machine load
+                    home = work / f"home-{folder}-{mode}-{b}"
+                    rate = feed_rate(args.model, work / folder, home, mode, args.concurrency, b)
+                    result[name][f"pipeline_feed_images_per_s_{mode}_batch{b}"] = round(rate, 1)
+                r = result[name]
+                r[f"pipeline_feed_ratio_batch{b}"] = round(
+                    r[f"pipeline_feed_images_per_s_encoder_batch{b}"] / r[f"pipeline_feed_images_per_s_preprocess_batch{b}"], 2
+                )
     print(json.dumps(result, indent=1))
 
 

@@ -162,6 +162,11 @@ class Settings(BaseSettings):
         ),
     )
     batch_max: int = Field(32, ge=1, le=4096, description="Encode micro-batch: flush at this many images.")
+    preprocess_batch: int = Field(
+        16, ge=1, le=256,
+        description="Images per preprocess message at most. A submission of n ≥ 128 images travels as messages of "
+        "min(n/64, this) images (one broker message, pool round trip and ack per message); smaller ones one per message.",
+    )  # fmt: skip
     batch_wait_ms: int = Field(
         200, ge=1, le=60_000, description="Encode micro-batch: flush after this many ms when not full."
     )

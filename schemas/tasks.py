@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.events import ImageEvent
 
-__all__ = ["PreprocessPayload", "EncodePayload", "SkuRefreshPayload"]
+__all__ = ["PreprocessPayload", "PreprocessBatchPayload", "EncodePayload", "SkuRefreshPayload", "PREPROCESS_BATCH_MAX"]
+
+#: preprocess payloads one message may carry at most
+PREPROCESS_BATCH_MAX = 256
 
 
 class PreprocessPayload(BaseModel):
@@ -20,6 +25,15 @@ class PreprocessPayload(BaseModel):
     force: bool = False  # re-encode even when content, model and preprocessing are unchanged
     #: only these model versions (a background build); empty: every active version
     models: list[str] = Field(default_factory=list)
+
+
+class PreprocessBatchPayload(BaseModel):
+    """Several preprocess payloads in one message (a large submission): the worker runs each as if
+    it had come alone. Items stay raw here, so that one malformed item is set aside on its own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=PREPROCESS_BATCH_MAX)
 
 
 class EncodePayload(BaseModel):

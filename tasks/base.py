@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from typing import Any
 
 from celery import Task
 from pydantic import ValidationError
 
 from schemas.reasons import Reason
-from schemas.tasks import PreprocessPayload, SkuRefreshPayload
+from schemas.tasks import PreprocessBatchPayload, PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.metrics import metrics
 
-__all__ = ["ImageTask", "SkuTask", "dead_letter"]
+__all__ = ["ImageTask", "ImageBatchTask", "SkuTask", "dead_letter"]
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,14 @@ class ImageTask(Task):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if len(args) != 1 or kwargs:
             return dead_letter(self.name, {"args": args, "kwargs": kwargs}, "expected one payload argument")
+        return self.handle(args[0])
+
+    def handle(self, body: Any) -> str:
+        """Validate one payload, run it, record a typed error (retry or give up); the outcome."""
         try:
-            payload = self.payload_model.model_validate(args[0])
+            payload = self.payload_model.model_validate(body)
         except ValidationError as exc:
-            return dead_letter(self.name, args[0], str(exc))
+            return dead_letter(self.name, body, str(exc))
         try:
             outcome = self.run(payload)
         except ImgsyncError as exc:
@@ -65,6 +70,24 @@ class ImageTask(Task):
             outcome = pipeline.record_failure(celery_app.runtime(), celery_app.dispatcher(), payload, err)
         metrics().images.labels(self.stage, outcome).inc()
         return outcome
+
+
+class ImageBatchTask(ImageTask):
+    """Base of tasks whose message carries several single-image payloads (a large submission): each
+    item runs exactly as :class:`ImageTask` runs a message of its own, so one bad or failing item
+    is recorded alone and its batch mates go on. Returns the outcomes counted, e.g. ``queued=15,unchanged=1``."""
+
+    abstract = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) != 1 or kwargs:
+            return dead_letter(self.name, {"args": args, "kwargs": kwargs}, "expected one payload argument")
+        try:
+            batch = PreprocessBatchPayload.model_validate(args[0])
+        except ValidationError as exc:
+            return dead_letter(self.name, args[0], str(exc))
+        outcomes = Counter(self.handle(item) for item in batch.items)
+        return ",".join(f"{k}={v}" for k, v in sorted(outcomes.items()))
 
 
 class SkuTask(Task):

@@ -1,4 +1,4 @@
-"""The three pipeline tasks. Each validates its payload (in the base class) and calls one function."""
+"""The pipeline tasks. Each validates its payload (in the base class) and calls one function."""
 
 from __future__ import annotations
 
@@ -10,19 +10,25 @@ from pydantic import ValidationError
 
 from config.settings import BatchConfig
 from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
-from tasks.base import ImageTask, SkuTask, dead_letter
+from tasks.base import ImageBatchTask, ImageTask, SkuTask, dead_letter
 from worker import pipeline
 from worker.celery_app import app, dispatcher, runtime
-from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU
 from worker.health import gate
 
-__all__ = ["preprocess", "encode", "refresh_sku", "apply_batching"]
+__all__ = ["preprocess", "preprocess_batch", "encode", "refresh_sku", "apply_batching"]
 
 log = logging.getLogger(__name__)
 
 
 @app.task(name=TASK_PREPROCESS, base=ImageTask, bind=False)
 def preprocess(payload: PreprocessPayload) -> str:
+    return pipeline.preprocess(runtime(), dispatcher(), payload)
+
+
+@app.task(name=TASK_PREPROCESS_BATCH, base=ImageBatchTask, bind=False)
+def preprocess_batch(payload: PreprocessPayload) -> str:
+    """One item of a batch message (the base class runs it once per item)."""
     return pipeline.preprocess(runtime(), dispatcher(), payload)
 
 

@@ -9,7 +9,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from config.settings import Settings
-from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU, Dispatcher
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU, Dispatcher
 from worker.runtime import Runtime
 
 __all__ = ["app", "configure", "runtime", "dispatcher", "settings"]
@@ -44,6 +44,7 @@ def configure(settings: Settings) -> Celery:
         "task_default_queue": queues.preprocess,
         "task_routes": {
             TASK_PREPROCESS: {"queue": queues.preprocess},
+            TASK_PREPROCESS_BATCH: {"queue": queues.preprocess},
             TASK_ENCODE: {"queue": queues.encode},
             TASK_REFRESH_SKU: {"queue": queues.sku},
         },
@@ -103,7 +104,7 @@ def runtime() -> Runtime:
 
 
 def dispatcher() -> Dispatcher:
-    return Dispatcher(app, settings().queues)
+    return Dispatcher(app, settings().queues, settings().preprocess_batch)
 
 
 @worker_process_init.connect

@@ -11,9 +11,13 @@ from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["Dispatcher", "TASK_PREPROCESS", "TASK_ENCODE", "TASK_REFRESH_SKU", "SKU_REFRESH_DELAY", "SKU_REFRESH_CHUNK"]
+__all__ = [
+    "Dispatcher", "TASK_PREPROCESS", "TASK_PREPROCESS_BATCH", "TASK_ENCODE", "TASK_REFRESH_SKU",
+    "SKU_REFRESH_DELAY", "SKU_REFRESH_CHUNK", "preprocess_chunk",
+]  # fmt: skip
 
 TASK_PREPROCESS = "imgsync.preprocess"
+TASK_PREPROCESS_BATCH = "imgsync.preprocess_batch"
 TASK_ENCODE = "imgsync.encode"
 TASK_REFRESH_SKU = "imgsync.refresh_sku"
 
@@ -21,30 +25,42 @@ TASK_REFRESH_SKU = "imgsync.refresh_sku"
 SKU_REFRESH_DELAY = 0.5
 #: SKUs refreshed by one message at most
 SKU_REFRESH_CHUNK = 256
+#: a submission is spread over at least this many preprocess messages (so every CPU worker process
+#: gets some of it) before images share a message
+PREPROCESS_SPREAD = 64
+
+
+def preprocess_chunk(n: int, most: int) -> int:
+    """Images per preprocess message for a submission of ``n``: one each up to 2 × PREPROCESS_SPREAD,
+    then ``n // PREPROCESS_SPREAD``, at most ``most`` (IMGSYNC_PREPROCESS_BATCH)."""
+    return max(1, min(most, n // PREPROCESS_SPREAD))
 
 
 class Dispatcher:
     """Sends pipeline payloads through a configured Celery app."""
 
-    def __init__(self, app: Celery, queues: QueueNames) -> None:
+    def __init__(self, app: Celery, queues: QueueNames, preprocess_batch: int = 1) -> None:
         self.app = app
         self.queues = queues
+        #: images per preprocess message at most (IMGSYNC_PREPROCESS_BATCH)
+        self.preprocess_batch = preprocess_batch
 
     def preprocess(self, payload: PreprocessPayload, countdown: float | None = None) -> None:
         self._send(TASK_PREPROCESS, payload.model_dump(mode="json"), self.queues.preprocess, countdown)
 
     def preprocess_many(self, payloads: list[PreprocessPayload]) -> None:
-        """Publish many payloads over one broker connection."""
+        """Publish many payloads over one broker connection. A large submission travels as messages
+        of several payloads each (:func:`preprocess_chunk`): one broker message, one pool round trip
+        and one acknowledgement per chunk instead of per image."""
         if not payloads:
             return
-        with self.app.producer_or_acquire() as producer:
-            for p in payloads:
-                self.app.send_task(
-                    TASK_PREPROCESS,
-                    args=[p.model_dump(mode="json")],
-                    queue=self.queues.preprocess,
-                    producer=producer,
-                )
+        bodies = [p.model_dump(mode="json") for p in payloads]
+        size = preprocess_chunk(len(bodies), self.preprocess_batch)
+        if size == 1:
+            self._send_many(TASK_PREPROCESS, bodies, self.queues.preprocess)
+        else:
+            chunks = [{"items": bodies[i : i + size]} for i in range(0, len(bodies), size)]
+            self._send_many(TASK_PREPROCESS_BATCH, chunks, self.queues.preprocess)
 
     def encode(self, payload: EncodePayload, countdown: float | None = None) -> None:
         self._send(TASK_ENCODE, payload.model_dump(mode="json"), self.queues.encode, countdown)
@@ -63,3 +79,8 @@ class Dispatcher:
 
     def _send(self, name: str, body: dict, queue: str, countdown: float | None) -> None:
         self.app.send_task(name, args=[body], queue=queue, countdown=countdown or None)
+
+    def _send_many(self, name: str, bodies: list[dict], queue: str) -> None:
+        with self.app.producer_or_acquire() as producer:
+            for body in bodies:
+                self.app.send_task(name, args=[body], queue=queue, producer=producer)

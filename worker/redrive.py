@@ -33,7 +33,7 @@ from worker.dispatch import Dispatcher
 from worker.ledger import Ledger
 from worker.metrics import metrics
 
-__all__ = ["Redrive", "RedriveReport", "RedriveThread", "BATCH", "in_flight_images"]
+__all__ = ["Redrive", "RedriveReport", "RedriveThread", "BATCH", "in_flight_images", "event_uris"]
 
 log = logging.getLogger(__name__)
 
@@ -133,24 +133,27 @@ def in_flight_images(settings: Settings) -> set[str] | None:
             messages = [json.loads(v)[0] for v in channel.client.hvals(channel.unacked_key)]
         else:
             return None
-    out: set[str] = set()
-    for message in messages:
-        uri = _event_uri(message)
-        if uri:
-            out.add(image_id_for(uri))
-    return out
+    return {image_id_for(uri) for message in messages for uri in event_uris(message)}
 
 
-def _event_uri(message: dict) -> str | None:
-    """The image uri a Celery task message (protocol 2, JSON) carries, if any."""
+def event_uris(message: dict) -> list[str]:
+    """The image uris a Celery task message (protocol 2, JSON) carries: one for a single-image
+    message, each item's for a preprocess batch, none for any other message."""
     try:
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        args = json.loads(body)[0]
-        return str(args[0]["event"]["uri"])
-    except Exception:  # noqa: BLE001 - not a pipeline task message (a SKU refresh, a foreign message)
-        return None
+        payload = json.loads(body)[0][0]
+    except Exception:  # noqa: BLE001 - not a task message of ours
+        return []
+    items = payload.get("items") if isinstance(payload, dict) else None
+    uris = []
+    for item in items if isinstance(items, list) else [payload]:
+        try:
+            uris.append(str(item["event"]["uri"]))
+        except Exception:  # noqa: BLE001 - a SKU refresh, a malformed item
+            continue
+    return uris
 
 
 def is_leader(ledger: Ledger, name: str, preprocess_queue: str, max_age_seconds: float) -> bool:

@@ -55,12 +55,11 @@ def write_catalog(root: Path, n_skus: int, per_sku: int, size: tuple[int, int] =
 
 def encode_messages(broker: redis.Redis, queue: str) -> dict[str, list[bytes]]:
     """The raw messages waiting in Redis list ``queue``, by the image id they carry."""
-    from worker.redrive import _event_uri
+    from worker.redrive import event_uris
 
     out: dict[str, list[bytes]] = {}
     for raw in broker.lrange(queue, 0, -1):
-        uri = _event_uri(json.loads(raw))
-        assert uri is not None
+        (uri,) = event_uris(json.loads(raw))
         out.setdefault(image_id_for(uri), []).append(raw)
     return out
 

@@ -33,6 +33,10 @@ class RecordingDispatcher(Dispatcher):
     def _send(self, name: str, body: dict, queue: str, countdown: float | None) -> None:
         self.sent.append((name, body, countdown))
 
+    def _send_many(self, name: str, bodies: list[dict], queue: str) -> None:
+        for body in bodies:
+            self._send(name, body, queue, None)
+
     def take(self, name: str) -> list[tuple[dict, float | None]]:
         out = [(b, c) for n, b, c in self.sent if n == name]
         self.sent = [s for s in self.sent if s[0] != name]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from schemas.events import Action, ImageEvent
+from schemas.events import Action, ImageEvent, image_id_for
 from schemas.reasons import Reason
 from tests.helpers import empty_ledger
 from worker.celery_app import configure, dispatcher
@@ -271,3 +271,33 @@ def test_an_image_a_worker_holds_is_not_sent_again(make_settings, broker: str) -
         assert payload["event"]["uri"] == lost.uri
         taken.ack()
     ledger.engine.dispose()
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_images_a_worker_holds_in_a_batch_message_are_not_sent_again(make_settings, broker: str) -> None:
+    """A large submission travels as preprocess messages of several images: every image of a batch
+    message a worker holds unacknowledged counts as in flight, not lost."""
+    import uuid
+
+    from schemas.tasks import PreprocessPayload
+    from tests.conftest import REDIS_URL
+    from worker.dispatch import TASK_PREPROCESS_BATCH
+    from worker.redrive import in_flight_images
+
+    tag = uuid.uuid4().hex[:8]
+    extra = {} if broker == "embedded" else {
+        "broker_url": REDIS_URL, "queue_preprocess": f"pre-{tag}", "queue_encode": f"enc-{tag}", "queue_sku": f"sku-{tag}",
+    }  # fmt: skip
+    settings = make_settings(redrive_after_seconds=60, preprocess_batch=4, **extra)
+    configure(settings)
+    events = [ev(f"b{i}-{tag}") for i in range(256)]  # 256 // 64 = 4 images per message
+    dispatcher().preprocess_many([PreprocessPayload(event=e, request_id="req") for e in events])
+    with Connection(settings.effective_broker_url) as conn:
+        channel = conn.channel()
+        taken = channel.basic_get(settings.queues.preprocess)
+        assert taken is not None and taken.headers["task"] == TASK_PREPROCESS_BATCH
+        held = {image_id_for(item["event"]["uri"]) for item in taken.decode()[0][0]["items"]}
+        assert len(held) == 4
+        assert held <= in_flight_images(settings)
+        taken.ack()
+    drain(settings)
