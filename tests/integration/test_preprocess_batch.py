@@ -18,14 +18,14 @@ from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH,
 from worker.ledger import Ledger, make_engine, upgrade
 
 
-def drain(settings, queue: str) -> list[tuple[str, object]]:  # type: ignore[no-untyped-def]
-    """(task name, first argument) of every message waiting in ``queue``, acknowledged."""
+def drain(settings, queue: str, header: str = "task") -> list[tuple[str, object]]:  # type: ignore[no-untyped-def]
+    """(the ``header`` (task name), first argument) of every message waiting in ``queue``, acknowledged."""
     out = []
     with Connection(settings.effective_broker_url) as conn:
         channel = conn.channel()
         channel.queue_declare(queue=queue)
         while (msg := channel.basic_get(queue)) is not None:
-            out.append((msg.headers["task"], msg.decode()[0][0]))
+            out.append((msg.headers[header], msg.decode()[0][0]))
             msg.ack()
     return out
 
@@ -58,6 +58,24 @@ def test_a_large_submission_travels_in_batch_messages_in_order(batch_env) -> Non
     assert [item["event"]["uri"] for _, body in sent for item in body["items"]] == [e.uri for e in events]  # type: ignore[index]
     celery_app.dispatcher().preprocess_many([PreprocessPayload(event=e) for e in events[:5]])
     assert [name for name, _ in drain(settings, settings.queues.preprocess)] == [TASK_PREPROCESS] * 5
+
+
+def test_messages_say_what_they_carry_in_a_short_argsrepr(batch_env) -> None:
+    """Monitoring sees an image's URI, a batch's size and first URI, or the SKUs, instead of a repr of
+    the whole payload (which Celery would build per message); the payload itself is whole."""
+    settings = batch_env
+    long_uri = "s3://b/" + "x" * 400 + ".jpg"
+    events = [ImageEvent(uri=f"s3://b/S/{i}.jpg", sku="S") for i in range(256)]
+    celery_app.dispatcher().preprocess_many([PreprocessPayload(event=e) for e in events])
+    celery_app.dispatcher().preprocess(PreprocessPayload(event=ImageEvent(uri=long_uri, sku="S")))
+    sent = drain(settings, settings.queues.preprocess, header="argsrepr")
+    assert [r for r, _ in sent[:2]] == ["4 images: s3://b/S/0.jpg, …", "4 images: s3://b/S/4.jpg, …"]
+    assert len(sent) == 65 and sent[-1][0] == long_uri[:256] and sent[-1][1]["event"]["uri"] == long_uri  # type: ignore[index]
+    celery_app.dispatcher().refresh_skus([f"K{i}" for i in range(7)])
+    celery_app.dispatcher().refresh_sku("ONE")
+    skus = drain(settings, settings.queues.sku, header="argsrepr")
+    assert [r for r, _ in skus] == ["K0, K1, K2, K3, K4 … (7 SKUs)", "ONE"]
+    assert skus[0][1]["skus"] == [f"K{i}" for i in range(7)]  # type: ignore[index]
 
 
 def test_each_item_runs_alone_and_a_malformed_one_is_set_aside(batch_env, tmp_path: Path) -> None:
