@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from config.settings import FetchConfig
@@ -36,7 +37,12 @@ def fetch_local(uri: str, cfg: FetchConfig) -> bytes:
         raise PermanentError(Reason.not_found, f"not a regular file: {path}")
     try:
         with real.open("rb") as fh:
-            data = fh.read(cfg.max_bytes + 1)
+            # read(n) allocates n bytes first: ask for the file's size, not the limit (50 MiB), and
+            # for the rest up to the limit only if the file grew meanwhile
+            size = min(os.fstat(fh.fileno()).st_size, cfg.max_bytes)
+            data = fh.read(size + 1)
+            if size < len(data) <= cfg.max_bytes:
+                data += fh.read(cfg.max_bytes + 1 - len(data))
     except FileNotFoundError as exc:
         raise PermanentError(Reason.not_found, f"no such file: {path}") from exc
     except PermissionError as exc:

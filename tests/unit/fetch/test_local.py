@@ -67,6 +67,22 @@ def test_size_limit(base: Path) -> None:
     assert _reason(normalize_uri(str(over)), cfg) == Reason.fetch_too_large
 
 
+@pytest.mark.parametrize("reported", [0, 100])
+def test_a_file_larger_than_its_size_said_is_read_whole_up_to_the_limit(
+    base: Path, monkeypatch: pytest.MonkeyPatch, reported: int
+) -> None:
+    """The read asks for the size fstat reports; a file that grew after it (or reports 0, as
+    procfs and some FUSE mounts do) is still read whole, and refused once past max_bytes."""
+    import worker.fetch.local as local
+
+    real_fstat = os.fstat
+    monkeypatch.setattr(local.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], reported, *real_fstat(fd)[7:])))
+    path = base / "grown.bin"
+    path.write_bytes(PAYLOAD)
+    assert fetch_local(normalize_uri(str(path)), _cfg(max_bytes=len(PAYLOAD))) == PAYLOAD
+    assert _reason(normalize_uri(str(path)), _cfg(max_bytes=len(PAYLOAD) - 1)) == Reason.fetch_too_large
+
+
 def test_file_inside_root_is_allowed(base: Path) -> None:
     """With file_roots set, a file in a sub-folder of a root is read."""
     root = base / "root"
