@@ -16,7 +16,9 @@ where ``torchvision.io.decode_jpeg`` uses libjpeg-turbo; nvJPEG on a GPU is chec
 Then the real pipeline's feed rate: the embedded stack with its encode worker ended after warm-up, the
 time from publishing the catalog until every image waits in the encode queue, in both modes. This is
 what the CPU side of a GPU box can feed a GPU with (per-image Celery, ledger, broker and pixel-store
-work included), measured without any GPU.
+work included), measured without any GPU. With it, the CPU worker node's CPU milliseconds per image
+(prefork parent and children, from /proc): on a shared 2-core machine the feed rate also counts the
+publisher's share of the cores, the CPU per image does not.
 """
 
 from __future__ import annotations
@@ -97,8 +99,14 @@ def measure(spec: str, blobs: list[bytes], rounds: int) -> dict:
     return out
 
 
-def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: int, preprocess_batch: int = 16) -> float:
-    """Images/s from publishing every image under ``root`` until all wait in the encode queue."""
+def feed_rate(
+    spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: int, preprocess_batch: int = 16
+) -> tuple[float, float]:
+    """Images/s from publishing every image under ``root`` until all wait in the encode queue, and
+    the CPU worker node's CPU milliseconds per image meanwhile (prefork parent and children, /proc):
+    what sizes the cores a GPU box needs, whatever else shares this machine's cores."""
+    from benchmarks.bench_scale import _tree_cpu_seconds
+
     from config.settings import Settings
     from worker.cli.indexing import collect_events, publish, wait_for
     from worker.cli.stack import EmbeddedStack
@@ -121,11 +129,14 @@ def feed_rate(spec: str, root: Path, home: Path, jpeg_decode: str, concurrency: 
         encode.send_signal(signal.SIGTERM)
         encode.wait(120)
         events = collect_events([str(root)], None)
+        node = stack.workers[0].pid
+        cpu = _tree_cpu_seconds(node)
         started = time.perf_counter()
         publish(settings, events)
         while (queue_depths(settings)[settings.queues.encode] or 0) < len(events):
             time.sleep(0.05)
-        return len(events) / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        return len(events) / elapsed, 1000 * (_tree_cpu_seconds(node) - cpu) / len(events)
     finally:
         stack.stop()
 
@@ -157,8 +168,9 @@ def main() -> None:
             for b in batches:
                 for mode in ("preprocess", "encoder"):  # alternate: both see the same machine load
                     home = work / f"home-{folder}-{mode}-{b}"
-                    rate = feed_rate(args.model, work / folder, home, mode, args.concurrency, b)
+                    rate, cpu_ms = feed_rate(args.model, work / folder, home, mode, args.concurrency, b)
                     result[name][f"pipeline_feed_images_per_s_{mode}_batch{b}"] = round(rate, 1)
+                    result[name][f"pipeline_feed_cpu_node_ms_per_image_{mode}_batch{b}"] = round(cpu_ms, 2)
                 r = result[name]
                 r[f"pipeline_feed_ratio_batch{b}"] = round(
                     r[f"pipeline_feed_images_per_s_encoder_batch{b}"] / r[f"pipeline_feed_images_per_s_preprocess_batch{b}"], 2

@@ -54,12 +54,21 @@ class ImageTask(Task):
 
     def handle(self, body: Any) -> str:
         """Validate one payload, run it, record a typed error (retry or give up); the outcome."""
+        payload = self.validate(body)
+        return payload if isinstance(payload, str) else self.process(payload)
+
+    def validate(self, body: Any) -> PreprocessPayload | str:
+        """The payload, or the outcome of setting a malformed one aside (``invalid``)."""
         try:
-            payload = self.payload_model.model_validate(body)
+            return self.payload_model.model_validate(body)
         except ValidationError as exc:
             return dead_letter(self.name, body, str(exc))
+
+    def process(self, payload: PreprocessPayload, *context: Any) -> str:
+        """Run a valid payload (``context``: more arguments of the task body); a typed error is
+        recorded (retry or give up), an unexpected one retried. The outcome."""
         try:
-            outcome = self.run(payload)
+            outcome = self.run(payload, *context)
         except ImgsyncError as exc:
             if not isinstance(exc, (PermanentError, TransientError)):
                 exc = TransientError(Reason.internal_error, str(exc))
@@ -75,7 +84,9 @@ class ImageTask(Task):
 class ImageBatchTask(ImageTask):
     """Base of tasks whose message carries several single-image payloads (a large submission): each
     item runs exactly as :class:`ImageTask` runs a message of its own, so one bad or failing item
-    is recorded alone and its batch mates go on. Returns the outcomes counted, e.g. ``queued=15,unchanged=1``."""
+    is recorded alone and its batch mates go on. The ledger rows of the batch's images are read
+    ahead in one transaction (:func:`worker.pipeline.read_ahead`); the task body gets an item's
+    entry as its second argument. Returns the outcomes counted, e.g. ``queued=15,unchanged=1``."""
 
     abstract = True
 
@@ -86,8 +97,21 @@ class ImageBatchTask(ImageTask):
             batch = PreprocessBatchPayload.model_validate(args[0])
         except ValidationError as exc:
             return dead_letter(self.name, args[0], str(exc))
-        outcomes = Counter(self.handle(item) for item in batch.items)
+        payloads = [self.validate(item) for item in batch.items]
+        known = self.read_ahead([p for p in payloads if not isinstance(p, str)])
+        outcomes = Counter(
+            p if isinstance(p, str) else self.process(p, known.get(p.event.image_id)) for p in payloads
+        )
         return ",".join(f"{k}={v}" for k, v in sorted(outcomes.items()))
+
+    def read_ahead(self, payloads: list[PreprocessPayload]) -> dict[str, Any]:
+        """The batch's ledger rows, or nothing when the ledger cannot answer: each item then reads
+        for itself, and fails (and is retried) on its own."""
+        try:
+            return pipeline.read_ahead(celery_app.runtime(), payloads)
+        except Exception:  # noqa: BLE001 - the state store down must not fail the whole message
+            log.warning("%s: could not read the ledger ahead for %d images", self.name, len(payloads), exc_info=True)
+            return {}
 
 
 class SkuTask(Task):

@@ -15,6 +15,7 @@ from worker import pipeline
 from worker.celery_app import app, dispatcher, runtime
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU
 from worker.health import gate
+from worker.ledger import KnownImage
 
 __all__ = ["preprocess", "preprocess_batch", "encode", "refresh_sku", "apply_batching"]
 
@@ -27,9 +28,10 @@ def preprocess(payload: PreprocessPayload) -> str:
 
 
 @app.task(name=TASK_PREPROCESS_BATCH, base=ImageBatchTask, bind=False)
-def preprocess_batch(payload: PreprocessPayload) -> str:
-    """One item of a batch message (the base class runs it once per item)."""
-    return pipeline.preprocess(runtime(), dispatcher(), payload)
+def preprocess_batch(payload: PreprocessPayload, known: KnownImage | None = None) -> str:
+    """One item of a batch message (the base class runs it once per item, with the image's ledger
+    rows read ahead for the batch)."""
+    return pipeline.preprocess(runtime(), dispatcher(), payload, known)
 
 
 @app.task(name=TASK_ENCODE, base=Batches, flush_every=32, flush_interval=0.2, acks_late=True)

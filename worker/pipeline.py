@@ -8,6 +8,7 @@ import hashlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ from worker.health import TRIPPING_REASONS, gate, probe_device
 from worker.imaging.decode import decode_and_crop
 from worker.imaging.device_decode import JpegHandoff, decode_batch, plan_handoff
 from worker.index import ImageEntity
-from worker.ledger import ImageRow, ImageState, IndexedImage, Ledger, VersionRow
+from worker.ledger import ImageRow, ImageState, IndexedImage, KnownImage, Ledger, VersionRow
 from worker.metrics import Metrics, metrics
 from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
 from worker.runtime import Runtime
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "submit",
     "preprocess",
+    "read_ahead",
     "encode_batch",
     "refresh_skus",
     "prepare_pixels",
@@ -135,12 +137,31 @@ def submit(
     return accepted.current
 
 
-def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) -> str:
+def read_ahead(rt: Runtime, payloads: Sequence[PreprocessPayload]) -> dict[str, KnownImage]:
+    """The ledger's view of a batch message's images, read in one transaction (two queries) instead
+    of two reads per image: for new upserts whose image is in the batch once (an image twice sees
+    its first item's effects by reading for itself; a background build reads as it always does).
+    Keyed by image id; :func:`preprocess` takes an entry as ``known``."""
+    count = Counter(p.event.image_id for p in payloads)
+    ids = [
+        p.event.image_id
+        for p in payloads
+        if not p.models and p.event.action is Action.upsert and count[p.event.image_id] == 1
+    ]
+    return rt.ledger.known_images(ids) if ids else {}
+
+
+def preprocess(
+    rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload, known: KnownImage | None = None
+) -> str:
     """Record the event, then delete, skip (unchanged/stale) or hand pixels to the encode stage, once
     per active model version that does not hold the image's current vector yet.
 
     A payload limited to some ``models`` (a background build) is no new event: it re-encodes the
-    image as the ledger has it, and only if that is still current.
+    image as the ledger has it, and only if that is still current. ``known``: the image's row and
+    held vectors read ahead for a batch (:func:`read_ahead`), used instead of reading them here; a
+    read ahead is as good as one made here a moment later, since every write that follows is
+    conditional on the event's version and a vector written meanwhile only costs a second encode.
 
     Returns what happened: ``stale``, ``deleted``, ``unchanged`` or ``queued``.
     Raises PermanentError / TransientError for the instrumentation to record or retry.
@@ -159,7 +180,7 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
         ):
             return "stale"
     else:
-        acceptance = rt.ledger.accept(event, payload.request_id)
+        acceptance = rt.ledger.accept(event, payload.request_id, known.row if known is not None else None)
         if not acceptance.current:
             return "stale"
         if acceptance.left_sku is not None:
@@ -173,7 +194,7 @@ def preprocess(rt: Runtime, dispatch: Dispatcher, payload: PreprocessPayload) ->
         return "stale"  # the version being built was retired meanwhile
     data = fetch(rt, event.uri)
     digest = content_hash(data, event.crop)
-    held = rt.ledger.vector_rows(event.image_id)
+    held = known.held if known is not None and not build else rt.ledger.vector_rows(event.image_id)
     serving = rt.serving().model_id
     need = [
         v for v in versions if payload.force or not _holds(v.model_id, held, digest, event, prev, serving, build=build)

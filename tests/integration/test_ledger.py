@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from schemas.events import Action, ImageEvent
 from schemas.reasons import Reason
 from tests.helpers import empty_ledger
-from worker.ledger import Coverage, IndexedImage, Ledger, VersionStatus, make_engine, upgrade
+from worker.ledger import Coverage, IndexedImage, KnownImage, Ledger, VersionStatus, make_engine, upgrade
 from worker.ledger.db import current_revision
 
 
@@ -117,6 +117,34 @@ def test_the_workers_accept_of_a_recorded_event_writes_nothing(ledger: Ledger) -
     finished = ledger.get(e.image_id)
     assert ledger.accept(e, "r2").current  # a duplicate of a finished event: waits again, as before
     assert ledger.get(e.image_id).outcome is None and finished.outcome == "unchanged"
+
+
+def test_known_images_reads_what_the_per_image_reads_do(ledger: Ledger) -> None:
+    """Rows and held vectors of many images in one read (600 ids: two chunks of the IN list) equal
+    get() and vector_rows() one by one; an image not recorded has no row and holds nothing. accept()
+    given a known row that records the event answers from it with no statement; given one that does
+    not (a newer event came), it reads and decides as without it."""
+    events = [ev(f"s3://b/SKU-1/{i}.jpg", version=10) for i in range(600)]
+    ledger.accept_many(events, "r")
+    ledger.mark_indexed([indexed(e, h=f"h{i}") for i, e in enumerate(events[:3])])
+    missing = ev("s3://b/SKU-1/none.jpg")
+    known = ledger.known_images([missing.image_id, *[e.image_id for e in events], events[0].image_id])
+    assert len(known) == 601 and known[missing.image_id] == KnownImage(None, {})
+    for e in [*events[:5], events[599]]:
+        assert known[e.image_id] == KnownImage(ledger.get(e.image_id), ledger.vector_rows(e.image_id))
+    assert known[events[0].image_id].held == {"model-a": ("h0", "SKU-1")} and known[events[4].image_id].held == {}
+
+    fresh = events[4]
+    row = known[fresh.image_id].row
+    statements: list[str] = []
+    sa.event.listen(ledger.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    got = ledger.accept(fresh, "r", row)
+    assert got.current and got.previous == row and statements == []  # answered from the known row
+    newer = ev(fresh.uri, version=20)
+    ledger.accept(newer, "r2")
+    statements.clear()
+    stale = ledger.accept(fresh, "r", ledger.get(fresh.image_id))  # a row that holds another event
+    assert not stale.current and len(statements) >= 2 and ledger.get(fresh.image_id).version == newer.version
 
 
 def test_indexed_marks_sku_dirty_and_refresh_cleans(ledger: Ledger) -> None:

@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from kombu import Connection
 
 from schemas.events import ImageEvent
@@ -107,6 +108,61 @@ def test_each_item_runs_alone_and_a_malformed_one_is_set_aside(batch_env, tmp_pa
     assert row is not None and (row.state, row.reason) == ("failed", "not_found")
     assert ledger.dead_letter_count() == dead_before + 1
     ledger.engine.dispose()
+
+
+def _recorded_photos(settings, tmp_path: Path, n: int) -> list[ImageEvent]:  # type: ignore[no-untyped-def]
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    events = []
+    for i in range(n):
+        path = tmp_path / sku / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(96, 64, seed=i).save(path, quality=90)
+        events.append(ImageEvent(uri=str(path), sku=sku))
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    ledger.accept_many(events, "r")  # as the publisher records them
+    ledger.engine.dispose()
+    return events
+
+
+def test_a_batch_reads_its_images_ledger_rows_in_one_go(batch_env, tmp_path: Path) -> None:
+    """Five images and one image twice in a batch message: the five are read ahead in one query for
+    their rows and one for their vectors, instead of two reads each; the image twice reads for
+    itself per item (the second sees what the first did). All seven items are handed to encode."""
+    events = _recorded_photos(batch_env, tmp_path, 6)
+    items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in [*events, events[5]]]
+    statements: list[str] = []
+    engine = celery_app.runtime().ledger.engine
+    listen = lambda *a: statements.append(" ".join(a[2].split()))  # noqa: E731
+    sa.event.listen(engine, "before_cursor_execute", listen)
+    try:
+        assert celery_app.app.tasks[TASK_PREPROCESS_BATCH]({"items": items}) == "queued=7"
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listen)
+    rows = [q for q in statements if "FROM images WHERE images.image_id" in q]
+    held = [q for q in statements if "FROM image_vectors WHERE image_vectors.image_id" in q]
+    # one read ahead each, plus the image twice reading for itself per item (7 each without it)
+    assert len(rows) == 3 and len(held) == 3
+    assert sum("IN (?, ?, ?, ?, ?)" in q for q in rows + held) == 2
+    encoded = drain(batch_env, batch_env.queues.encode)
+    assert sorted(body["event"]["uri"] for _, body in encoded) == sorted(e.uri for e in [*events, events[5]])  # type: ignore[index]
+
+
+def test_a_ledger_that_cannot_read_ahead_leaves_each_item_to_read_for_itself(
+    batch_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injected: the read ahead fails (the database hiccups). The message is not lost or
+    failed: every item reads the ledger itself and is handed to encode; the worker says so."""
+    events = _recorded_photos(batch_env, tmp_path, 4)
+    ledger = celery_app.runtime().ledger
+
+    def down(_ids: object) -> None:
+        raise sa.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(ledger, "known_images", down)
+    items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in events]
+    assert celery_app.app.tasks[TASK_PREPROCESS_BATCH]({"items": items}) == "queued=4"
+    assert sorted(body["event"]["uri"] for _, body in drain(batch_env, batch_env.queues.encode)) == sorted(e.uri for e in events)  # type: ignore[index]
+    assert "could not read the ledger ahead for 4 images" in caplog.text
 
 
 @pytest.mark.parametrize("body", [{"items": []}, {"items": "x"}, {"nope": 1}, "not a payload"])

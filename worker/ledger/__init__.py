@@ -1,7 +1,7 @@
 """The SQL ledger: image and SKU state, schema upgrades."""
 
 from worker.ledger.db import make_engine, upgrade
-from worker.ledger.ledger import Acceptance, Accepted, Coverage, ImageRow, IndexedImage, Ledger, VersionRow
+from worker.ledger.ledger import Acceptance, Accepted, Coverage, ImageRow, IndexedImage, KnownImage, Ledger, VersionRow
 from worker.ledger.tables import ImageState, VersionStatus
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ImageRow",
     "ImageState",
     "IndexedImage",
+    "KnownImage",
     "Ledger",
     "VersionRow",
     "VersionStatus",
