@@ -80,16 +80,16 @@ class Dispatcher:
             self._send(TASK_REFRESH_SKU, payload.model_dump(mode="json"), self.queues.sku, countdown)
 
     def _send(self, name: str, body: dict, queue: str, countdown: float | None) -> None:
-        self.app.send_task(
-            name, args=[body], queue=queue, countdown=countdown or None, argsrepr=summary(body), kwargsrepr=""
-        )
+        self._publish(name, body, queue, countdown=countdown or None)
 
     def _send_many(self, name: str, bodies: list[dict], queue: str) -> None:
         with self.app.producer_or_acquire() as producer:
             for body in bodies:
-                self.app.send_task(
-                    name, args=[body], queue=queue, producer=producer, argsrepr=summary(body), kwargsrepr=""
-                )
+                self._publish(name, body, queue, producer=producer)
+
+    def _publish(self, name: str, body: dict, queue: str, **options: object) -> None:
+        """One message, its ``argsrepr`` header the short :func:`summary` of ``body``."""
+        self.app.send_task(name, args=[body], queue=queue, argsrepr=summary(body), kwargsrepr="", **options)
 
 
 def summary(body: dict) -> str:

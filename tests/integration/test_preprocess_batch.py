@@ -79,21 +79,30 @@ def test_messages_say_what_they_carry_in_a_short_argsrepr(batch_env) -> None:
     assert skus[0][1]["skus"] == [f"K{i}" for i in range(7)]  # type: ignore[index]
 
 
+def _recorded_photos(settings, tmp_path: Path, n: int) -> list[ImageEvent]:  # type: ignore[no-untyped-def]
+    """``n`` JPEGs of one new SKU, their events recorded in the ledger as a publisher records them."""
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    events = []
+    for i in range(n):
+        path = tmp_path / sku / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(96, 64, seed=i).save(path, quality=90)
+        events.append(ImageEvent(uri=str(path), sku=sku))
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    ledger.accept_many(events, "r")  # as the publisher records them
+    ledger.engine.dispose()
+    return events
+
+
 def test_each_item_runs_alone_and_a_malformed_one_is_set_aside(batch_env, tmp_path: Path) -> None:
     """A batch message with three good images, a missing file and a malformed item: the good ones
     are handed to encode, the missing one is failed (not_found), the malformed one dead-lettered
     with reason invalid_event; the task answers the outcomes counted."""
     settings = batch_env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    good = []
-    for i in range(3):
-        path = tmp_path / sku / f"{i}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        photo(160, 120, seed=i).save(path, quality=90)
-        good.append(ImageEvent(uri=str(path), sku=sku))
-    missing = ImageEvent(uri=str(tmp_path / sku / "gone.jpg"), sku=sku)
+    good = _recorded_photos(settings, tmp_path, 3)
+    missing = ImageEvent(uri=str(tmp_path / good[0].sku / "gone.jpg"), sku=good[0].sku)
     ledger = Ledger(make_engine(settings.effective_database_url))
-    ledger.accept_many([*good, missing], "r")
+    ledger.accept_many([missing], "r")
     dead_before = ledger.dead_letter_count()
     items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in (*good, missing)]
     items.insert(2, {"event": {"uri": 12, "sku": ""}})
@@ -108,20 +117,6 @@ def test_each_item_runs_alone_and_a_malformed_one_is_set_aside(batch_env, tmp_pa
     assert row is not None and (row.state, row.reason) == ("failed", "not_found")
     assert ledger.dead_letter_count() == dead_before + 1
     ledger.engine.dispose()
-
-
-def _recorded_photos(settings, tmp_path: Path, n: int) -> list[ImageEvent]:  # type: ignore[no-untyped-def]
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    events = []
-    for i in range(n):
-        path = tmp_path / sku / f"{i}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        photo(96, 64, seed=i).save(path, quality=90)
-        events.append(ImageEvent(uri=str(path), sku=sku))
-    ledger = Ledger(make_engine(settings.effective_database_url))
-    ledger.accept_many(events, "r")  # as the publisher records them
-    ledger.engine.dispose()
-    return events
 
 
 def test_a_batch_reads_its_images_ledger_rows_in_one_go(batch_env, tmp_path: Path) -> None:
