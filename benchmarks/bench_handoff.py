@@ -105,13 +105,12 @@ def feed_rate(
     """Images/s from publishing every image under ``root`` until all wait in the encode queue, and
     the CPU worker node's CPU milliseconds per image meanwhile (prefork parent and children, /proc):
     what sizes the cores a GPU box needs, whatever else shares this machine's cores."""
-    from benchmarks.bench_scale import _tree_cpu_seconds
+    from benchmarks.bench_scale import _tree_cpu_seconds, stage_images
 
     from config.settings import Settings
     from worker.cli.indexing import collect_events, publish, wait_for
     from worker.cli.stack import EmbeddedStack
     from worker.ledger import upgrade
-    from worker.status import queue_depths
 
     settings = Settings(  # type: ignore[call-arg]
         _env_file=None, home=home, model=spec, device="cpu", worker_concurrency=concurrency, metrics_port=0,
@@ -131,9 +130,10 @@ def feed_rate(
         events = collect_events([str(root)], None)
         node = stack.workers[0].pid
         cpu = _tree_cpu_seconds(node)
+        queued = stage_images(stack.metrics_dir, "preprocess", "queued") + len(events)
         started = time.perf_counter()
         publish(settings, events)
-        while (queue_depths(settings)[settings.queues.encode] or 0) < len(events):
+        while stage_images(stack.metrics_dir, "preprocess", "queued") < queued:
             time.sleep(0.05)
         elapsed = time.perf_counter() - started
         return len(events) / elapsed, 1000 * (_tree_cpu_seconds(node) - cpu) / len(events)

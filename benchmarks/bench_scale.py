@@ -39,6 +39,22 @@ def write_photos(root: Path, n: int) -> None:
         photo(320, 240, seed=i).save(path, quality=85)
 
 
+def stage_images(metrics_dir: Path, stage: str, outcome: str) -> float:
+    """``imgsync_images_total{stage, outcome}`` summed over the stack's processes: e.g. the images
+    preprocess has handed to encode (``preprocess``, ``queued``), however many share a message."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))
+    return sum(
+        s.value
+        for f in registry.collect()
+        for s in f.samples
+        if s.name == "imgsync_images_total" and s.labels.get("stage") == stage and s.labels.get("outcome") == outcome
+    )
+
+
 def encoded_images(metrics_dir: Path) -> float:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector

@@ -161,7 +161,13 @@ class Settings(BaseSettings):
             "beside the preprocess workers: the default was ~9 % faster end to end than 1 thread."
         ),
     )
-    batch_max: int = Field(32, ge=1, le=4096, description="Encode micro-batch: flush at this many images.")
+    batch_max: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="Encode micro-batch: flush at this many messages, and run the model on at most this many images "
+        "at once (a batch message carries several).",
+    )
     preprocess_batch: int = Field(
         16, ge=1, le=256,
         description="Images per preprocess message at most. A submission of n ≥ 128 images travels as messages of "

@@ -8,9 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.events import ImageEvent
 
-__all__ = ["PreprocessPayload", "PreprocessBatchPayload", "EncodePayload", "SkuRefreshPayload", "PREPROCESS_BATCH_MAX"]
+__all__ = [
+    "PreprocessPayload", "PreprocessBatchPayload", "EncodePayload", "EncodeBatchPayload", "SkuRefreshPayload",
+    "PREPROCESS_BATCH_MAX",
+]  # fmt: skip
 
-#: preprocess payloads one message may carry at most
+#: preprocess or encode payloads one message may carry at most
 PREPROCESS_BATCH_MAX = 256
 
 
@@ -48,6 +51,16 @@ class EncodePayload(BaseModel):
     #: the model version whose preprocessing made the pixels and whose collections get the vector
     model_id: str = ""
     attempt: int = Field(0, ge=0)
+
+
+class EncodeBatchPayload(BaseModel):
+    """Several encode payloads in one message (the images of one preprocess batch): the encode
+    worker takes each as if it had come alone. Items stay raw here, so that one malformed item is set
+    aside on its own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    items: list[dict[str, Any]] = Field(min_length=1, max_length=PREPROCESS_BATCH_MAX)
 
 
 class SkuRefreshPayload(BaseModel):

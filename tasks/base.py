@@ -12,12 +12,13 @@ from celery import Task
 from pydantic import ValidationError
 
 from schemas.reasons import Reason
-from schemas.tasks import PreprocessBatchPayload, PreprocessPayload, SkuRefreshPayload
+from schemas.tasks import EncodeBatchPayload, EncodePayload, PreprocessBatchPayload, PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
+from worker.dispatch import TASK_ENCODE, GatheringDispatcher
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.metrics import metrics
 
-__all__ = ["ImageTask", "ImageBatchTask", "SkuTask", "dead_letter"]
+__all__ = ["ImageTask", "ImageBatchTask", "SkuTask", "dead_letter", "encode_payloads"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,27 @@ def dead_letter(task: str, body: Any, error: str) -> str:
     except Exception:  # noqa: BLE001 - the state store being down must not crash the worker
         log.exception("%s: could not record the dead letter", task)
     return "invalid"
+
+
+def encode_payloads(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> list[EncodePayload]:
+    """The valid encode payloads of one message (one, or a batch's items); a malformed message or
+    item is dead-lettered on its own."""
+    body = args[0] if len(args) == 1 and not kwargs else None
+    raw = [body]
+    if isinstance(body, dict) and "items" in body:
+        try:
+            raw = list(EncodeBatchPayload.model_validate(body).items)
+        except ValidationError as exc:
+            dead_letter(TASK_ENCODE, body, str(exc))
+            return []
+    out: list[EncodePayload] = []
+    for item in raw:
+        try:
+            out.append(EncodePayload.model_validate(item))
+        except ValidationError as exc:
+            shown = item if len(raw) > 1 else {"args": list(args), "kwargs": kwargs}
+            dead_letter(TASK_ENCODE, shown, str(exc))
+    return out
 
 
 class ImageTask(Task):
@@ -64,9 +86,10 @@ class ImageTask(Task):
         except ValidationError as exc:
             return dead_letter(self.name, body, str(exc))
 
-    def process(self, payload: PreprocessPayload, *context: Any) -> str:
+    def process(self, payload: PreprocessPayload, *context: Any, count: bool = True) -> str:
         """Run a valid payload (``context``: more arguments of the task body); a typed error is
-        recorded (retry or give up), an unexpected one retried. The outcome."""
+        recorded (retry or give up), an unexpected one retried. The outcome, counted in the
+        metrics unless ``count`` is false (the caller counts it)."""
         try:
             outcome = self.run(payload, *context)
         except ImgsyncError as exc:
@@ -77,7 +100,8 @@ class ImageTask(Task):
             log.exception("%s: unexpected error on %s", self.name, payload.event.uri)
             err = TransientError(Reason.internal_error, f"{type(exc).__name__}: {exc}")
             outcome = pipeline.record_failure(celery_app.runtime(), celery_app.dispatcher(), payload, err)
-        metrics().images.labels(self.stage, outcome).inc()
+        if count:
+            metrics().images.labels(self.stage, outcome).inc()
         return outcome
 
 
@@ -85,8 +109,10 @@ class ImageBatchTask(ImageTask):
     """Base of tasks whose message carries several single-image payloads (a large submission): each
     item runs exactly as :class:`ImageTask` runs a message of its own, so one bad or failing item
     is recorded alone and its batch mates go on. The ledger rows of the batch's images are read
-    ahead in one transaction (:func:`worker.pipeline.read_ahead`); the task body gets an item's
-    entry as its second argument. Returns the outcomes counted, e.g. ``queued=15,unchanged=1``."""
+    ahead in one transaction (:func:`worker.pipeline.read_ahead`), and the items' encode payloads
+    leave as one message at the end (:class:`worker.dispatch.GatheringDispatcher`); the task body
+    gets an item's ledger entry and that dispatcher as its second and third arguments. Returns the
+    outcomes counted, e.g. ``queued=15,unchanged=1``."""
 
     abstract = True
 
@@ -99,10 +125,43 @@ class ImageBatchTask(ImageTask):
             return dead_letter(self.name, args[0], str(exc))
         payloads = [self.validate(item) for item in batch.items]
         known = self.read_ahead([p for p in payloads if not isinstance(p, str)])
+        out = GatheringDispatcher(celery_app.dispatcher())
         outcomes = Counter(
-            p if isinstance(p, str) else self.process(p, known.get(p.event.image_id)) for p in payloads
+            p if isinstance(p, str) else self.process(p, known.get(p.event.image_id), out, count=False)
+            for p in payloads
         )
+        if out.held:
+            self.publish_encodes(out, outcomes)
+        outcomes = +outcomes  # without the zero counts
+        for outcome, n in outcomes.items():
+            if outcome != "invalid":
+                metrics().images.labels(self.stage, outcome).inc(n)
         return ",".join(f"{k}={v}" for k, v in sorted(outcomes.items()))
+
+    def publish_encodes(self, out: GatheringDispatcher, outcomes: Counter[str]) -> None:
+        """Send the batch's encode payloads as one message. If the broker refuses it, each image's
+        encode is retried on its own with backoff (its pixels are stored already); if even that
+        cannot be sent, the image stays pending in the ledger and the redrive sends it again."""
+        try:
+            out.flush()
+            return
+        except Exception as exc:  # noqa: BLE001 - the broker down must not lose the batch's images
+            log.warning("%s: publishing %d encode payloads failed: retrying each", self.name, len(out.held), exc_info=True)
+            err = TransientError(Reason.internal_error, f"publishing the encode message failed: {type(exc).__name__}: {exc}")
+        rt, dispatch = celery_app.runtime(), celery_app.dispatcher()
+        per_image: dict[str, str] = {}  # an image encoded for two model versions has two payloads
+        for payload in out.held:
+            try:
+                outcome = pipeline.record_failure(rt, dispatch, payload, err, keep_pixels=True)
+            except Exception:  # noqa: BLE001 - broker and/or ledger down: the redrive finds the pending image
+                log.exception("%s: could not retry %s: left to the redrive", self.name, payload.event.uri)
+                outcome = "retried"
+            if per_image.get(payload.event.image_id) != "failed":
+                per_image[payload.event.image_id] = outcome
+        for outcome in per_image.values():
+            outcomes["queued"] -= 1
+            outcomes[outcome] += 1
+        out.held = []
 
     def read_ahead(self, payloads: list[PreprocessPayload]) -> dict[str, Any]:
         """The batch's ledger rows, or nothing when the ledger cannot answer: each item then reads

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 from celery_batches import Batches
-from pydantic import ValidationError
 
 from config.settings import BatchConfig
-from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
-from tasks.base import ImageBatchTask, ImageTask, SkuTask, dead_letter
+from schemas.tasks import PreprocessPayload, SkuRefreshPayload
+from tasks.base import ImageBatchTask, ImageTask, SkuTask, encode_payloads
 from worker import pipeline
 from worker.celery_app import app, dispatcher, runtime
-from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU, Dispatcher
 from worker.health import gate
 from worker.ledger import KnownImage
 
@@ -28,29 +28,34 @@ def preprocess(payload: PreprocessPayload) -> str:
 
 
 @app.task(name=TASK_PREPROCESS_BATCH, base=ImageBatchTask, bind=False)
-def preprocess_batch(payload: PreprocessPayload, known: KnownImage | None = None) -> str:
+def preprocess_batch(
+    payload: PreprocessPayload, known: KnownImage | None = None, dispatch: Dispatcher | None = None
+) -> str:
     """One item of a batch message (the base class runs it once per item, with the image's ledger
-    rows read ahead for the batch)."""
-    return pipeline.preprocess(runtime(), dispatcher(), payload, known)
+    rows read ahead for the batch, and a dispatcher that sends the batch's encodes together)."""
+    return pipeline.preprocess(runtime(), dispatch or dispatcher(), payload, known)
 
 
 @app.task(name=TASK_ENCODE, base=Batches, flush_every=32, flush_interval=0.2, acks_late=True)
 def encode(requests: list[Any]) -> dict[str, int]:
-    payloads: list[EncodePayload] = []
-    for req in requests:
+    """A micro-batch of encode messages, each one payload or several (``{"items": [...]}``), run as
+    model batches of at most ``IMGSYNC_BATCH_MAX`` images."""
+    payloads = [p for req in requests for p in encode_payloads(req.args, req.kwargs)]
+    size = max(1, int(encode.flush_every))
+    total: Counter[str] = Counter(indexed=0, skipped=0, retried=0, failed=0)
+    for start in range(0, len(payloads), size):
+        chunk = payloads[start : start + size]
+        if not gate().is_open():  # back-pressure: hand the rest back to the broker, attempts unchanged
+            pipeline.requeue_encode(dispatcher(), payloads[start:])
+            total["requeued"] += len(payloads) - start
+            break
         try:
-            payloads.append(EncodePayload.model_validate(req.args[0]))
-        except (ValidationError, IndexError, TypeError) as exc:
-            dead_letter(TASK_ENCODE, {"args": list(req.args), "kwargs": req.kwargs}, str(exc))
-    if not gate().is_open():  # back-pressure: hand the batch back to the broker, attempts unchanged
-        pipeline.requeue_encode(dispatcher(), payloads)
-        return {"indexed": 0, "skipped": 0, "retried": 0, "failed": 0, "requeued": len(payloads)}
-    try:
-        return pipeline.encode_batch(runtime(), dispatcher(), payloads).__dict__
-    except Exception:  # noqa: BLE001 - encode_batch handles item faults; this is the ledger/broker itself
-        log.exception("encode: batch of %d could not be processed: re-publishing", len(payloads))
-        pipeline.republish_encode(dispatcher(), runtime().settings, payloads)
-        return {"indexed": 0, "skipped": 0, "retried": len(payloads), "failed": 0}
+            total.update(pipeline.encode_batch(runtime(), dispatcher(), chunk).__dict__)
+        except Exception:  # noqa: BLE001 - encode_batch handles item faults; this is the ledger/broker itself
+            log.exception("encode: batch of %d could not be processed: re-publishing", len(chunk))
+            pipeline.republish_encode(dispatcher(), runtime().settings, chunk)
+            total["retried"] += len(chunk)
+    return dict(total)
 
 
 @app.task(name=TASK_REFRESH_SKU, base=SkuTask, bind=False)

@@ -153,3 +153,13 @@ def _print_logs(logs: Path, procs: list[subprocess.Popen], tail: int = 6000) -> 
     for log in sorted(logs.glob("*.log")):
         text = log.read_text(errors="replace")
         print(f"----- {log.name} (last {tail} chars) -----\n{text[-tail:]}")
+
+
+def images_waiting(client, queue: str) -> int:  # type: ignore[no-untyped-def]
+    """Images the messages waiting in a Redis queue carry: one per single-image message, each item
+    of a batch message."""
+    import json
+
+    from worker.redrive import event_uris
+
+    return sum(len(event_uris(json.loads(m))) for m in client.lrange(queue, 0, -1))

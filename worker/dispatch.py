@@ -6,13 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from config.settings import QueueNames
-from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
+from schemas.tasks import PREPROCESS_BATCH_MAX, EncodePayload, PreprocessPayload, SkuRefreshPayload
 
 if TYPE_CHECKING:
     from celery import Celery
 
 __all__ = [
-    "Dispatcher", "TASK_PREPROCESS", "TASK_PREPROCESS_BATCH", "TASK_ENCODE", "TASK_REFRESH_SKU",
+    "Dispatcher", "GatheringDispatcher", "TASK_PREPROCESS", "TASK_PREPROCESS_BATCH", "TASK_ENCODE", "TASK_REFRESH_SKU",
     "SKU_REFRESH_DELAY", "SKU_REFRESH_CHUNK", "preprocess_chunk", "summary",
 ]  # fmt: skip
 
@@ -67,6 +67,17 @@ class Dispatcher:
     def encode(self, payload: EncodePayload, countdown: float | None = None) -> None:
         self._send(TASK_ENCODE, payload.model_dump(mode="json"), self.queues.encode, countdown)
 
+    def encode_many(self, payloads: list[EncodePayload]) -> None:
+        """Publish encode payloads as few messages (``{"items": [...]}``, up to PREPROCESS_BATCH_MAX
+        each; a lone payload as a message of its own): the encode worker pays its broker receive and
+        acknowledgement once per message, not per image."""
+        bodies = [p.model_dump(mode="json") for p in payloads]
+        if len(bodies) == 1:
+            self._send(TASK_ENCODE, bodies[0], self.queues.encode, None)
+        elif bodies:
+            chunks = [{"items": bodies[i : i + PREPROCESS_BATCH_MAX]} for i in range(0, len(bodies), PREPROCESS_BATCH_MAX)]
+            self._send_many(TASK_ENCODE, chunks, self.queues.encode)
+
     def refresh_sku(self, sku: str, countdown: float | None = SKU_REFRESH_DELAY, attempt: int = 0) -> None:
         self.refresh_skus([sku], countdown, attempt)
 
@@ -90,6 +101,31 @@ class Dispatcher:
     def _publish(self, name: str, body: dict, queue: str, **options: object) -> None:
         """One message, its ``argsrepr`` header the short :func:`summary` of ``body``."""
         self.app.send_task(name, args=[body], queue=queue, argsrepr=summary(body), kwargsrepr="", **options)
+
+
+class GatheringDispatcher(Dispatcher):
+    """The dispatcher of one batch message's items: encode payloads sent without a countdown are
+    held, and :meth:`flush` publishes them together; everything else goes out at once."""
+
+    def __init__(self, base: Dispatcher) -> None:
+        super().__init__(base.app, base.queues, base.preprocess_batch)
+        #: encode payloads not published yet
+        self.held: list[EncodePayload] = []
+
+    def encode(self, payload: EncodePayload, countdown: float | None = None) -> None:
+        if countdown:
+            super().encode(payload, countdown)
+        else:
+            self.held.append(payload)
+
+    def flush(self) -> int:
+        """Publish the held payloads (:meth:`Dispatcher.encode_many`); on a broker error they stay
+        held and the error propagates. Returns how many were published."""
+        n = len(self.held)
+        if n:
+            self.encode_many(self.held)
+            self.held = []
+        return n
 
 
 def summary(body: dict) -> str:

@@ -298,6 +298,7 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     versions = rt.ledger.current_versions([p.event.image_id for p in payloads])
     groups: dict[str, list[tuple[EncodePayload, np.ndarray | JpegHandoff]]] = {}
     skipped = failed = retried = 0
+    wanted: list[EncodePayload] = []
     for p in payloads:
         current = versions.get(p.event.image_id)
         model_id = p.model_id or rt.serving().model_id
@@ -310,18 +311,18 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
             skipped += 1
             rt.pixels.delete(p.pixel_key)
             continue
-        p = p.model_copy(update={"model_id": model_id})
-        px = rt.pixels.get(p.pixel_key)
+        wanted.append(p.model_copy(update={"model_id": model_id}))
+    for p, px in zip(wanted, rt.pixels.get_many([p.pixel_key for p in wanted]), strict=True):
         if px is None:  # expired or evicted: redo the preprocessing here rather than fail
             try:
-                digest, px = prepare_pixels(rt, p.event, rt.encoder_for(model_id))
+                digest, px = prepare_pixels(rt, p.event, rt.encoder_for(p.model_id))
                 p = p.model_copy(update={"content_hash": digest})
             except ImgsyncError as exc:
                 outcome = record_failure(rt, dispatch, p, exc)
                 failed += outcome == "failed"
                 retried += outcome == "retried"
                 continue
-        groups.setdefault(model_id, []).append((p, px))
+        groups.setdefault(p.model_id, []).append((p, px))
     total = EncodeResult(0, skipped, retried, failed)
     for model_id, items in groups.items():
         done = _encode_group(rt, dispatch, model_id, items)
@@ -389,8 +390,8 @@ def _encode_group(
         gone = [i for i in overtaken if now.get(i, ("", ImageState.deleted))[1] == ImageState.deleted]
         rt.store.delete_images(names.images, gone)
     now = time.time()
+    rt.pixels.delete_many([p.pixel_key for p in live])
     for p in live:
-        rt.pixels.delete(p.pixel_key)
         if p.event.image_id in done:
             m.lag_seconds.labels(model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
     if dirty:
@@ -574,8 +575,7 @@ def record_failure(
 
 def requeue_encode(dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> None:
     """Put encode payloads back on their queue as they are (no attempt used): the worker is paused."""
-    for p in payloads:
-        dispatch.encode(p)
+    dispatch.encode_many(list(payloads))
     if payloads:
         metrics().images.labels("encode", "requeued").inc(len(payloads))
 

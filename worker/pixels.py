@@ -50,6 +50,15 @@ class PixelStore:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def get_many(self, keys: list[str]) -> list[Entry | None]:
+        """``get`` of each key, in order (a store with a network answers them in few round trips)."""
+        return [self.get(k) for k in keys]
+
+    def delete_many(self, keys: list[str]) -> None:
+        """``delete`` of each key."""
+        for k in keys:
+            self.delete(k)
+
     def sweep(self) -> int:
         """Remove expired entries (stores without their own expiry); returns how many."""
         return 0
@@ -122,6 +131,8 @@ class RedisPixelStore(PixelStore):
     """Pixels as Redis strings ``<prefix><uuid>`` that expire after ``ttl_seconds``."""
 
     prefix = "imgsync:px:"
+    #: keys per MGET / DEL of ``get_many`` / ``delete_many``
+    MANY_CHUNK = 64
 
     def __init__(self, url: str, ttl_seconds: int) -> None:
         import redis
@@ -157,6 +168,33 @@ class RedisPixelStore(PixelStore):
             self.client.delete(self.prefix + key)
         except Exception:  # noqa: BLE001 - the TTL removes it anyway
             log.warning("pixel store %s: could not delete %s (it expires by itself)", safe_url(self.url), key)
+
+    def get_many(self, keys: list[str]) -> list[Entry | None]:
+        """One MGET per ``MANY_CHUNK`` keys instead of a round trip per key."""
+        out: list[Entry | None] = [None] * len(keys)
+        valid = [(i, k) for i, k in enumerate(keys) if k.isalnum()]
+        for start in range(0, len(valid), self.MANY_CHUNK):
+            chunk = valid[start : start + self.MANY_CHUNK]
+            try:
+                blobs = self.client.mget([self.prefix + k for _, k in chunk])
+            except Exception:  # noqa: BLE001 - unreadable is as good as missing: encode re-preprocesses
+                log.warning(
+                    "pixel store %s unreadable: treating %d entries as missing", safe_url(self.url), len(chunk), exc_info=True
+                )
+                continue
+            for (i, _), blob in zip(chunk, blobs, strict=True):
+                out[i] = None if blob is None else _unpack(blob)
+        return out
+
+    def delete_many(self, keys: list[str]) -> None:
+        """One DEL per ``MANY_CHUNK`` keys."""
+        valid = [self.prefix + k for k in keys if k.isalnum()]
+        for start in range(0, len(valid), self.MANY_CHUNK):
+            chunk = valid[start : start + self.MANY_CHUNK]
+            try:
+                self.client.delete(*chunk)
+            except Exception:  # noqa: BLE001 - the TTL removes them anyway
+                log.warning("pixel store %s: could not delete %d entries (they expire)", safe_url(self.url), len(chunk))
 
     def close(self) -> None:
         self.client.close()

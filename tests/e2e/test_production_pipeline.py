@@ -24,7 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from schemas.events import Action, ImageEvent, image_id_for
 from tests.helpers import photo
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, images_waiting, running_stack
 from worker import pipeline
 from worker.encoders.base import l2_normalize
 from worker.index import IMAGES_ALIAS, SKUS_ALIAS, MilvusStore
@@ -101,7 +101,7 @@ def test_500_images_fill_batches_under_backlog_and_flush_alone_when_idle(tmp_pat
         os.kill(encode.pid, signal.SIGSTOP)  # a backlog: preprocess runs ahead of a busy encoder
         try:
             assert st.cli("index", str(tmp_path / "catalog")).returncode == 0
-            wait_for(lambda: broker.llen(st.settings.queues.encode) >= len(files), "the encode backlog")
+            wait_for(lambda: images_waiting(broker, st.settings.queues.encode) >= len(files), "the encode backlog")
         finally:
             os.kill(encode.pid, signal.SIGCONT)
         wait_for(lambda: ledger.counts()["indexed"] == len(files), "500 images indexed")

@@ -78,6 +78,36 @@ def test_unreachable_redis_is_transient_on_put_and_missing_on_get() -> None:
     store.delete("0" * 32)  # no error: the TTL would have removed it anyway
 
 
+def test_many_entries_are_read_and_deleted_in_few_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``get_many`` answers each key in order (a missing or path-like key as None) with one MGET per
+    MANY_CHUNK keys; ``delete_many`` removes them with one DEL per chunk."""
+    store = RedisPixelStore(REDIS_URL, ttl_seconds=120)
+    monkeypatch.setattr(RedisPixelStore, "MANY_CHUNK", 4)
+    arrays = [_pixels(10 + i) for i in range(9)]
+    keys = [store.put(a) for a in arrays]
+    calls: list[str] = []
+    real = store.client.execute_command
+    monkeypatch.setattr(store.client, "execute_command", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    asked = [*keys[:5], "0" * 32, "../x", *keys[5:]]
+    got = store.get_many(asked)
+    assert [c for c in calls] == ["MGET"] * 3  # 9 valid keys, 4 per MGET
+    assert got[5] is None and got[6] is None
+    assert all(np.array_equal(g, a) for g, a in zip(got[:5] + got[7:], arrays, strict=True))  # type: ignore[arg-type]
+    calls.clear()
+    store.delete_many(asked)
+    assert calls == ["DEL"] * 3
+    assert store.get_many(keys) == [None] * 9 and store.client.exists(*[store.prefix + k for k in keys]) == 0
+    store.close()
+
+
+def test_unreachable_redis_reads_many_as_missing() -> None:
+    """Fault injected: Redis gone. ``get_many`` answers every entry missing (encode re-preprocesses)
+    and ``delete_many`` does not raise (the TTL removes the entries)."""
+    store = RedisPixelStore(f"redis://127.0.0.1:{free_port()}/0", ttl_seconds=120)
+    assert store.get_many(["0" * 32, "1" * 32]) == [None, None]
+    store.delete_many(["0" * 32, "1" * 32])
+
+
 def test_store_choice_follows_settings(tmp_path: Path) -> None:
     base = {"_env_file": None, "home": tmp_path}
     assert Settings(**base).effective_pixel_store == str(tmp_path / "pixels")

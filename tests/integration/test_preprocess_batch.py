@@ -1,21 +1,24 @@
-"""Large submissions travel as preprocess messages of several images: the real dispatcher on the
-embedded broker, and the batch task run in this process over a real ledger (SQLite), a real Milvus
-Lite server and the tiny model."""
+"""Large submissions travel as preprocess messages of several images, and each message's encodes as
+one encode message: the real dispatcher on the embedded broker, and the batch and encode tasks run in
+this process over a real ledger (SQLite), a real Milvus Lite server and the tiny model."""
 
 from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from kombu import Connection
+from kombu.exceptions import OperationalError
 
 from schemas.events import ImageEvent
 from schemas.tasks import PreprocessPayload
 from tests.helpers import photo
-from worker import celery_app
-from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, preprocess_chunk
+from worker import celery_app, health, pipeline
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, Dispatcher, preprocess_chunk
 from worker.ledger import Ledger, make_engine, upgrade
 
 
@@ -31,8 +34,15 @@ def drain(settings, queue: str, header: str = "task") -> list[tuple[str, object]
     return out
 
 
+def encoded_uris(settings) -> list[str]:  # type: ignore[no-untyped-def]
+    """The uris of every image in the encode queue (messages of one or several), acknowledged."""
+    bodies = [body for _, body in drain(settings, settings.queues.encode)]
+    return [item["event"]["uri"] for b in bodies for item in (b["items"] if "items" in b else [b])]  # type: ignore[index, operator]
+
+
 @pytest.fixture
-def batch_env(make_settings, milvus_uri: str, tiny_encoder):
+def batch_env(make_settings, milvus_uri: str, tiny_encoder, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(health, "_gate", health.Gate())  # open, whatever earlier tests did to this process's gate
     settings = make_settings(milvus_uri=milvus_uri, preprocess_batch=8)
     upgrade(settings.effective_database_url)
     celery_app.configure(settings)
@@ -111,8 +121,8 @@ def test_each_item_runs_alone_and_a_malformed_one_is_set_aside(batch_env, tmp_pa
 
     assert outcome == "failed=1,invalid=1,queued=3"
     encoded = drain(settings, settings.queues.encode)
-    assert [name for name, _ in encoded] == [TASK_ENCODE] * 3
-    assert sorted(body["event"]["uri"] for _, body in encoded) == sorted(e.uri for e in good)  # type: ignore[index]
+    assert [name for name, _ in encoded] == [TASK_ENCODE]  # the three encodes leave as one message
+    assert sorted(item["event"]["uri"] for item in encoded[0][1]["items"]) == sorted(e.uri for e in good)  # type: ignore[index]
     row = ledger.get(missing.image_id)
     assert row is not None and (row.state, row.reason) == ("failed", "not_found")
     assert ledger.dead_letter_count() == dead_before + 1
@@ -138,8 +148,7 @@ def test_a_batch_reads_its_images_ledger_rows_in_one_go(batch_env, tmp_path: Pat
     # one read ahead each, plus the image twice reading for itself per item (7 each without it)
     assert len(rows) == 3 and len(held) == 3
     assert sum("IN (?, ?, ?, ?, ?)" in q for q in rows + held) == 2
-    encoded = drain(batch_env, batch_env.queues.encode)
-    assert sorted(body["event"]["uri"] for _, body in encoded) == sorted(e.uri for e in [*events, events[5]])  # type: ignore[index]
+    assert sorted(encoded_uris(batch_env)) == sorted(e.uri for e in [*events, events[5]])
 
 
 def test_a_ledger_that_cannot_read_ahead_leaves_each_item_to_read_for_itself(
@@ -156,7 +165,7 @@ def test_a_ledger_that_cannot_read_ahead_leaves_each_item_to_read_for_itself(
     monkeypatch.setattr(ledger, "known_images", down)
     items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in events]
     assert celery_app.app.tasks[TASK_PREPROCESS_BATCH]({"items": items}) == "queued=4"
-    assert sorted(body["event"]["uri"] for _, body in drain(batch_env, batch_env.queues.encode)) == sorted(e.uri for e in events)  # type: ignore[index]
+    assert sorted(encoded_uris(batch_env)) == sorted(e.uri for e in events)
     assert "could not read the ledger ahead for 4 images" in caplog.text
 
 
@@ -169,3 +178,114 @@ def test_a_malformed_batch_message_is_dead_lettered(batch_env, body: object) -> 
     assert ledger.dead_letter_count() == before + 1
     assert any(r["task"] == TASK_PREPROCESS_BATCH for r in ledger.dead_letter_rows())
     ledger.engine.dispose()
+
+
+def _batch_encode_message(settings, tmp_path: Path, n: int) -> tuple[list[ImageEvent], dict]:  # type: ignore[no-untyped-def]
+    """Preprocess ``n`` new photos as one batch message; the one encode message it sends, taken."""
+    events = _recorded_photos(settings, tmp_path, n)
+    items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in events]
+    assert celery_app.app.tasks[TASK_PREPROCESS_BATCH]({"items": items}) == f"queued={n}"
+    [(name, body)] = drain(settings, settings.queues.encode)
+    assert name == TASK_ENCODE and len(body["items"]) == n  # type: ignore[arg-type, index]
+    return events, body  # type: ignore[return-value]
+
+
+def test_one_encode_message_carries_a_batchs_images_into_milvus_in_model_batches(
+    batch_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch message's five encodes travel as one encode message; the encode task takes its items
+    as five images in model batches of at most IMGSYNC_BATCH_MAX (2 here): every vector lands in
+    Milvus, equal to the model's vector of the image, and every ledger row says indexed."""
+    events, body = _batch_encode_message(batch_env, tmp_path, 5)
+    sizes: list[int] = []
+    real = pipeline.encode_batch
+    monkeypatch.setattr(pipeline, "encode_batch", lambda rt, d, ps: sizes.append(len(ps)) or real(rt, d, ps))
+    task = celery_app.app.tasks[TASK_ENCODE]
+    monkeypatch.setattr(task, "flush_every", 2)
+
+    out = task([SimpleNamespace(args=(body,), kwargs={})])
+
+    assert (out["indexed"], out["failed"], out["retried"], sizes) == (5, 0, 0, [2, 2, 1])
+    rt = celery_app.runtime()
+    assert [rt.ledger.get(e.image_id).state for e in events] == ["indexed"] * 5  # type: ignore[union-attr]
+    names = rt.names_for(rt.version_for(rt.serving().model_id))  # type: ignore[arg-type]
+    stored = {r["image_id"]: r for r in rt.store.get_images(names.images, [e.image_id for e in events])}
+    assert set(stored) == {e.image_id for e in events}
+    want = rt.encoder.encode([pipeline.model_pixels(rt, Path(events[3].uri.removeprefix("file://")).read_bytes(), None)])[0]
+    assert np.allclose(stored[events[3].image_id]["vector"], want, atol=1e-5)
+
+
+def test_a_paused_encode_worker_hands_a_batch_message_back_whole(batch_env, tmp_path: Path) -> None:
+    """The encode worker is paused (Milvus or the device down): the images of a batch message go
+    back to the encode queue unchanged, attempts unused, as one message; none is failed."""
+    events, body = _batch_encode_message(batch_env, tmp_path, 3)
+    health.gate().trip("index_unavailable: test")
+
+    out = celery_app.app.tasks[TASK_ENCODE]([SimpleNamespace(args=(body,), kwargs={})])
+
+    assert (out["requeued"], out["indexed"], out["failed"]) == (3, 0, 0)
+    [(name, back)] = drain(batch_env, batch_env.queues.encode)
+    assert name == TASK_ENCODE and back == body
+    ledger = celery_app.runtime().ledger
+    assert [ledger.get(e.image_id).state for e in events] == ["pending"] * 3  # type: ignore[union-attr]
+
+
+def test_a_malformed_item_of_an_encode_message_is_set_aside_alone(batch_env, tmp_path: Path) -> None:
+    """An encode message with three good items and a malformed one: the three are indexed, the bad
+    one dead-lettered (invalid_event). A batch encode message that is not a list of items is set
+    aside whole; the worker goes on."""
+    events, body = _batch_encode_message(batch_env, tmp_path, 3)
+    body["items"].insert(1, {"event": {"uri": 5}, "pixel_key": ""})
+    ledger = celery_app.runtime().ledger
+    before = ledger.dead_letter_count()
+    task = celery_app.app.tasks[TASK_ENCODE]
+
+    out = task([SimpleNamespace(args=(body,), kwargs={}), SimpleNamespace(args=({"items": []},), kwargs={})])
+
+    assert out["indexed"] == 3
+    assert [ledger.get(e.image_id).state for e in events] == ["indexed"] * 3  # type: ignore[union-attr]
+    assert ledger.dead_letter_count() == before + 2
+    assert {r["task"] for r in ledger.dead_letter_rows()[-2:]} == {TASK_ENCODE}
+
+
+def test_a_broker_refusing_a_batchs_encode_message_retries_each_image(
+    batch_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injected: the broker refuses the batch's encode message. No image is lost: each is
+    sent again on its own as an encode retry (attempt 1, its stored pixels kept for it)."""
+    events = _recorded_photos(batch_env, tmp_path, 3)
+    items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in events]
+
+    def refuse(self: Dispatcher, payloads: object) -> None:
+        raise OperationalError("Error 111 connecting to the broker: Connection refused")
+
+    monkeypatch.setattr(Dispatcher, "encode_many", refuse)
+    assert celery_app.app.tasks[TASK_PREPROCESS_BATCH]({"items": items}) == "retried=3"
+
+    sent = drain(batch_env, batch_env.queues.encode)
+    assert [name for name, _ in sent] == [TASK_ENCODE] * 3
+    assert sorted(b["event"]["uri"] for _, b in sent) == sorted(e.uri for e in events)  # type: ignore[index]
+    assert {b["attempt"] for _, b in sent} == {1}  # type: ignore[index]
+    assert all(celery_app.runtime().pixels.get(b["pixel_key"]) is not None for _, b in sent)  # type: ignore[index]
+    assert "publishing 3 encode payloads failed" in caplog.text
+
+
+def test_a_broker_refusing_every_encode_leaves_the_images_pending_for_the_redrive(
+    batch_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injected: the broker refuses the batch's encode message and every retry. The task
+    still ends normally; the images stay pending in the ledger, which is what the redrive sends
+    again once the broker is back."""
+    events = _recorded_photos(batch_env, tmp_path, 2)
+    items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in events]
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise OperationalError("Error 111 connecting to the broker: Connection refused")
+
+    monkeypatch.setattr(Dispatcher, "encode_many", refuse)
+    monkeypatch.setattr(Dispatcher, "_publish", refuse)
+    assert celery_app.app.tasks[TASK_PREPROCESS_BATCH]({"items": items}) == "retried=2"
+    assert drain(batch_env, batch_env.queues.encode) == []
+    ledger = celery_app.runtime().ledger
+    assert [ledger.get(e.image_id).state for e in events] == ["pending"] * 2  # type: ignore[union-attr]
+    assert caplog.text.count("left to the redrive") == 2

@@ -273,15 +273,17 @@ def test_an_image_a_worker_holds_is_not_sent_again(make_settings, broker: str) -
     ledger.engine.dispose()
 
 
+@pytest.mark.parametrize("kind", ["preprocess", "encode"])
 @pytest.mark.parametrize("broker", ["embedded", "redis"])
-def test_images_a_worker_holds_in_a_batch_message_are_not_sent_again(make_settings, broker: str) -> None:
-    """A large submission travels as preprocess messages of several images: every image of a batch
-    message a worker holds unacknowledged counts as in flight, not lost."""
+def test_images_a_worker_holds_in_a_batch_message_are_not_sent_again(make_settings, broker: str, kind: str) -> None:
+    """A large submission travels as preprocess messages of several images, and each such message's
+    encodes as one encode message: every image of a batch message a worker holds unacknowledged
+    counts as in flight, not lost."""
     import uuid
 
-    from schemas.tasks import PreprocessPayload
+    from schemas.tasks import EncodePayload, PreprocessPayload
     from tests.conftest import REDIS_URL
-    from worker.dispatch import TASK_PREPROCESS_BATCH
+    from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS_BATCH
     from worker.redrive import in_flight_images
 
     tag = uuid.uuid4().hex[:8]
@@ -291,11 +293,16 @@ def test_images_a_worker_holds_in_a_batch_message_are_not_sent_again(make_settin
     settings = make_settings(redrive_after_seconds=60, preprocess_batch=4, **extra)
     configure(settings)
     events = [ev(f"b{i}-{tag}") for i in range(256)]  # 256 // 64 = 4 images per message
-    dispatcher().preprocess_many([PreprocessPayload(event=e, request_id="req") for e in events])
+    if kind == "preprocess":
+        dispatcher().preprocess_many([PreprocessPayload(event=e, request_id="req") for e in events])
+        queue, task = settings.queues.preprocess, TASK_PREPROCESS_BATCH
+    else:
+        dispatcher().encode_many([EncodePayload(event=e, content_hash="h", pixel_key=f"k{i}") for i, e in enumerate(events[:4])])
+        queue, task = settings.queues.encode, TASK_ENCODE
     with Connection(settings.effective_broker_url) as conn:
         channel = conn.channel()
-        taken = channel.basic_get(settings.queues.preprocess)
-        assert taken is not None and taken.headers["task"] == TASK_PREPROCESS_BATCH
+        taken = channel.basic_get(queue)
+        assert taken is not None and taken.headers["task"] == task
         held = {image_id_for(item["event"]["uri"]) for item in taken.decode()[0][0]["items"]}
         assert len(held) == 4
         assert held <= in_flight_images(settings)

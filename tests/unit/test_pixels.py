@@ -151,3 +151,16 @@ def test_jpeg_entry_without_bytes_reads_as_missing(tmp_path: Path) -> None:
     path = store.root / key
     path.write_bytes(path.read_bytes()[:10])
     assert store.get(key) is None
+
+
+def test_many_entries_in_order_and_deleted_together(tmp_path: Path) -> None:
+    """The directory store answers ``get_many`` in key order (missing and path-like keys as None)
+    and ``delete_many`` removes every entry."""
+    store = DirectoryPixelStore(tmp_path)
+    arrays = [np.full((4, 5, 3), i, dtype=np.uint8) for i in range(3)]
+    keys = [store.put(a) for a in arrays]
+    got = store.get_many([keys[2], "0" * 32, "../x", keys[0], keys[1]])
+    assert got[1] is None and got[2] is None
+    assert [int(g[0, 0, 0]) for g in (got[0], got[3], got[4])] == [2, 0, 1]  # type: ignore[index]
+    store.delete_many(keys)
+    assert store.get_many(keys) == [None, None, None] and not any(tmp_path.iterdir())

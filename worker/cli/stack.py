@@ -38,6 +38,8 @@ class EmbeddedStack:
     server: LiteServer | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     log_dir: Path | None = None
+    #: the children's environment (set by start())
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def metrics_dir(self) -> Path:
@@ -58,7 +60,7 @@ class EmbeddedStack:
         else:
             self.server = LiteServer(self.settings.milvus_data_dir, log_file=self.log_dir / "milvus.log")
             uri = self.server.start()
-        env = {
+        self.env = {
             **os.environ,
             **self.settings.as_env(),
             "IMGSYNC_MILVUS_URI": uri,
@@ -68,18 +70,21 @@ class EmbeddedStack:
         }
         q = self.settings.queues
         cpu = self.settings.worker_concurrency or max(1, min(4, os.cpu_count() or 1))
-        for name, queues, conc in (("cpu", f"{q.preprocess},{q.sku}", cpu), ("encode", q.encode, None)):
-            logf = (self.log_dir / f"worker-{name}.log").open("ab")
-            proc = subprocess.Popen(
-                worker_command(queues, concurrency=conc),
-                env=env,
+        self.workers.append(self.spawn("cpu", f"{q.preprocess},{q.sku}", cpu))
+        self.workers.append(self.spawn("encode", q.encode, None))
+        return uri
+
+    def spawn(self, name: str, queues: str, concurrency: int | None) -> subprocess.Popen[bytes]:
+        """Start one worker child of the running stack, logging to ``logs/worker-<name>.log``."""
+        assert self.log_dir is not None, "start() the stack first"
+        with (self.log_dir / f"worker-{name}.log").open("ab") as logf:
+            return subprocess.Popen(
+                worker_command(queues, concurrency=concurrency),
+                env=self.env,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            logf.close()
-            self.workers.append(proc)
-        return uri
 
     def exited(self) -> list[str]:
         """The stack processes that ended, each as ``name (pid P) exit status S, log FILE``."""

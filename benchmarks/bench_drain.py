@@ -1,0 +1,145 @@
+"""How fast one encode worker empties a full encode queue when its model costs (almost) nothing: the
+work a GPU worker does per image besides the forward pass, which caps its images/s whatever the GPU.
+
+    python benchmarks/bench_drain.py [--images 3000] [--batch-max 32,256] [--broker URL --database URL]
+
+The embedded stack (or the given broker and database, with a Milvus Lite server) runs with
+``random:512`` (vectors from a digest of 32 × 32 pixels: no network, 512 dimensions like ViT-B-32),
+preprocessing in the CPU worker. Its encode worker is ended after a warm-up, the catalog is published
+and preprocessed until every image waits in the encode queue, then a fresh encode worker is started
+and timed from its first message until the ledger holds every image as indexed. That worker does what
+a GPU worker does per image: receive and acknowledge the message (celery-batches), read the pixels,
+ask the ledger for the current versions, upsert the vectors into Milvus, mark the rows indexed, and
+publish the batch's SKU refresh.
+
+Reported per image: the encode worker's CPU milliseconds (its process, from /proc) and the Milvus Lite
+server's, and the drain rate. ``1000 / encode worker ms`` is the most one encode process can do on a
+GPU box of the same per-core speed, before its forward passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_gpu import write_photos  # noqa: E402
+from benchmarks.bench_scale import cpu_by_role, stage_images  # noqa: E402
+
+#: small photos: the preprocessing before the drain is not what is measured
+SIZES = [(320, 240), (240, 320)]
+
+
+def drain(
+    root: Path, home: Path, batch_max: int, broker: str | None, database: str | None, profile: Path | None = None
+) -> dict:
+    """Fill the encode queue with every image under ``root``, then time a fresh encode worker
+    emptying it."""
+    from config.settings import Settings
+    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.stack import EmbeddedStack
+    from worker.ledger import Ledger, make_engine, upgrade
+    from worker.status import queue_depths
+
+    extra = {k: v for k, v in (("broker_url", broker), ("database_url", database)) if v}
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, home=home, model="random:512", device="cpu", metrics_port=0, redrive_interval_seconds=0,
+        batch_max=batch_max, **extra,
+    )  # fmt: skip
+    upgrade(settings.effective_database_url)
+    if database:  # a database of the caller's, maybe used before: start from an empty ledger
+        _reset(database)
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    stack = EmbeddedStack(settings, stop_timeout=10)
+    stack.start()
+    q = settings.queues
+    try:
+        write_photos(home / "warm", 8, SIZES)
+        warm = collect_events([str(home / "warm")], None)
+        wait_for(settings, warm, publish(settings, warm), timeout=600, show_progress=False)
+        old = stack.workers[1]  # ended, not SIGSTOPped: a stopped process may hold the SQLite lock
+        old.send_signal(signal.SIGTERM)
+        old.wait(120)
+        events = collect_events([str(root)], None)
+        queued = stage_images(stack.metrics_dir, "preprocess", "queued") + len(events)
+        publish(settings, events)
+        while stage_images(stack.metrics_dir, "preprocess", "queued") < queued:
+            time.sleep(0.05)
+        goal = len(events) + len(warm)
+        full = queue_depths(settings)[q.encode] or 0  # messages: one per image, or per batch of images
+        stack.workers[1] = stack.spawn("encode", q.encode, None)
+        while (queue_depths(settings)[q.encode] or 0) >= full:  # until it takes its first messages
+            time.sleep(0.005)
+        before, started = cpu_by_role(stack), time.perf_counter()
+        spy = _py_spy(stack.workers[1].pid, profile / f"encode-worker-batch{batch_max}.txt") if profile else None
+        while ledger.counts()["indexed"] < goal:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        after = cpu_by_role(stack)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+    finally:
+        stack.stop()
+    n = len(events)
+    return {
+        "images": n,
+        "encode_messages": full,
+        "batch_max": batch_max,
+        "drain_images_per_s": round(n / elapsed, 1),
+        "encode_worker_cpu_ms_per_image": round(1000 * (after["encode_worker"] - before["encode_worker"]) / n, 3),
+        "milvus_lite_cpu_ms_per_image": round(1000 * (after["milvus_lite"] - before["milvus_lite"]) / n, 3),
+        "cpu_worker_cpu_ms_per_image": round(1000 * (after["cpu_worker"] - before["cpu_worker"]) / n, 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--batch-max", default="32,256", help="IMGSYNC_BATCH_MAX values, comma-separated (one drain each)")
+    ap.add_argument("--broker", help="IMGSYNC_BROKER_URL (default: the embedded SQLite broker)")
+    ap.add_argument("--database", help="IMGSYNC_DATABASE_URL (default: the embedded SQLite ledger)")
+    ap.add_argument("--rounds", type=int, default=1, help="drains per batch size, alternating")
+    ap.add_argument("--profile", type=Path, help="write py-spy samples of the encode worker here (collapsed stacks)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="imgsync-drain-"))
+    write_photos(work / "catalog", args.images, SIZES)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    runs = []
+    for r in range(args.rounds):
+        for b in (int(x) for x in args.batch_max.split(",")):
+            runs.append(drain(work / "catalog", work / f"home-{b}-{r}", b, args.broker, args.database, args.profile))
+    out = {"date": f"{datetime.now(UTC):%Y-%m-%d}", "commit": commit, "cpus": os.cpu_count(), "runs": runs}
+    print(json.dumps(out, indent=1))
+
+
+def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy (``pip install py-spy``) sampling ``pid`` until SIGINT, collapsed stacks to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["py-spy", "record", "-p", str(pid), "-r", "200", "--format", "raw", "-o", str(out), "--nonblocking"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _reset(database: str) -> None:
+    import sqlalchemy as sa
+
+    from worker.ledger.tables import metadata
+
+    engine = sa.create_engine(database)
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
+    engine.dispose()
+
+
+if __name__ == "__main__":
+    main()
