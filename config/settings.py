@@ -165,8 +165,8 @@ class Settings(BaseSettings):
         32,
         ge=1,
         le=4096,
-        description="Encode micro-batch: flush at this many messages, and run the model on at most this many images "
-        "at once (a batch message carries several).",
+        description="Encode micro-batch: flush when this many images wait (a batch message counts for each of its "
+        "images) and run the model on at most this many at once.",
     )
     preprocess_batch: int = Field(
         16, ge=1, le=256,

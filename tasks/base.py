@@ -9,16 +9,17 @@ from collections import Counter
 from typing import Any
 
 from celery import Task
+from celery_batches import Batches, consume_queue
 from pydantic import ValidationError
 
 from schemas.reasons import Reason
 from schemas.tasks import EncodeBatchPayload, EncodePayload, PreprocessBatchPayload, PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
-from worker.dispatch import TASK_ENCODE, GatheringDispatcher
+from worker.dispatch import IMAGES_HEADER, TASK_ENCODE, GatheringDispatcher
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.metrics import metrics
 
-__all__ = ["ImageTask", "ImageBatchTask", "SkuTask", "dead_letter", "encode_payloads"]
+__all__ = ["ImageTask", "ImageBatchTask", "ImageBatches", "SkuTask", "dead_letter", "encode_payloads", "even_chunks", "images_in"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,86 @@ class ImageBatchTask(ImageTask):
         except Exception:  # noqa: BLE001 - the state store down must not fail the whole message
             log.warning("%s: could not read the ledger ahead for %d images", self.name, len(payloads), exc_info=True)
             return {}
+
+
+class ImageBatches(Batches):
+    """celery-batches counting images, not messages: a batch message (header ``IMAGES_HEADER``)
+    counts for every image it carries. When ``flush_images`` images wait, whole messages are run
+    in groups of at most ``flush_images`` images, and the messages that do not fill a group wait
+    for the next one (or for ``flush_interval``, which runs everything waiting). A message of
+    more images than that is run alone (the task body splits it)."""
+
+    abstract = True
+    #: images per micro-batch (IMGSYNC_BATCH_MAX)
+    flush_images = 32
+    #: celery-batches' own count of messages: never reached, images are counted instead
+    flush_every = 2**31
+    #: images buffered since the last flush
+    _images = 0
+
+    def Strategy(self, task: Batches, app: Any, consumer: Any) -> Any:  # noqa: N802 - celery's name
+        handler = super().Strategy(task, app, consumer)
+
+        def on_message(message: Any, *args: Any, **kwargs: Any) -> None:
+            handler(message, *args, **kwargs)
+            self._images += images_in(message.headers)
+            if self._images >= self.flush_images:
+                self._flush_full()
+
+        return on_message
+
+    def _do_flush(self) -> None:  # the flush_interval timer: everything waiting
+        self._images = 0
+        super()._do_flush()
+
+    def _flush_full(self) -> None:
+        waiting = list(consume_queue(self._buffer))
+        if any(req.eta for req in waiting):  # a retry's countdown: celery-batches sorts those out
+            for req in waiting:
+                self._buffer.put(req)
+            self._do_flush()
+            return
+        groups: list[list[Any]] = []
+        group: list[Any] = []
+        n = 0
+        for req in waiting:
+            k = images_in(getattr(req, "request_dict", None))
+            if group and n + k > self.flush_images:
+                groups.append(group)
+                group, n = [], 0
+            group.append(req)
+            n += k
+        if n >= self.flush_images:
+            groups.append(group)
+            group, n = [], 0
+        for req in group:  # not a full group: waits for more, or for the timer
+            self._buffer.put(req)
+        self._images = n
+        for g in groups:
+            self.flush(g)
+
+
+def images_in(headers: Any) -> int:
+    """How many images a message carries, from its ``IMAGES_HEADER`` (1 without one)."""
+    try:
+        return max(1, int((headers or {}).get(IMAGES_HEADER, 1)))
+    except (TypeError, ValueError, AttributeError):
+        return 1
+
+
+def even_chunks(items: list[Any], most: int) -> list[list[Any]]:
+    """``items`` in as few chunks of at most ``most`` as possible, of sizes that differ by one at
+    most (261 at 256: 131 + 130, not 256 + 5)."""
+    if not items:
+        return []
+    k = -(-len(items) // max(1, most))
+    size, extra = divmod(len(items), k)
+    out, start = [], 0
+    for i in range(k):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
 
 
 class SkuTask(Task):

@@ -6,11 +6,10 @@ import logging
 from collections import Counter
 from typing import Any
 
-from celery_batches import Batches
 
 from config.settings import BatchConfig
 from schemas.tasks import PreprocessPayload, SkuRefreshPayload
-from tasks.base import ImageBatchTask, ImageTask, SkuTask, encode_payloads
+from tasks.base import ImageBatches, ImageBatchTask, ImageTask, SkuTask, encode_payloads, even_chunks
 from worker import pipeline
 from worker.celery_app import app, dispatcher, runtime
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU, Dispatcher
@@ -36,18 +35,18 @@ def preprocess_batch(
     return pipeline.preprocess(runtime(), dispatch or dispatcher(), payload, known)
 
 
-@app.task(name=TASK_ENCODE, base=Batches, flush_every=32, flush_interval=0.2, acks_late=True)
+@app.task(name=TASK_ENCODE, base=ImageBatches, flush_images=32, flush_interval=0.2, acks_late=True)
 def encode(requests: list[Any]) -> dict[str, int]:
     """A micro-batch of encode messages, each one payload or several (``{"items": [...]}``), run as
-    model batches of at most ``IMGSYNC_BATCH_MAX`` images."""
+    model batches of at most ``IMGSYNC_BATCH_MAX`` images, of even sizes."""
     payloads = [p for req in requests for p in encode_payloads(req.args, req.kwargs)]
-    size = max(1, int(encode.flush_every))
     total: Counter[str] = Counter(indexed=0, skipped=0, retried=0, failed=0)
-    for start in range(0, len(payloads), size):
-        chunk = payloads[start : start + size]
+    chunks = even_chunks(payloads, int(encode.flush_images))
+    for i, chunk in enumerate(chunks):
         if not gate().is_open():  # back-pressure: hand the rest back to the broker, attempts unchanged
-            pipeline.requeue_encode(dispatcher(), payloads[start:])
-            total["requeued"] += len(payloads) - start
+            rest = [p for c in chunks[i:] for p in c]
+            pipeline.requeue_encode(dispatcher(), rest)
+            total["requeued"] += len(rest)
             break
         try:
             total.update(pipeline.encode_batch(runtime(), dispatcher(), chunk).__dict__)
@@ -67,5 +66,5 @@ def refresh_sku(payload: SkuRefreshPayload) -> str:
 def apply_batching(cfg: BatchConfig) -> None:
     """Set the micro-batch limits from settings (celery-batches reads them at flush time)."""
     task = app.tasks[TASK_ENCODE]
-    task.flush_every = cfg.max_size
+    task.flush_images = cfg.max_size
     task.flush_interval = cfg.wait_seconds

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Dispatcher", "GatheringDispatcher", "TASK_PREPROCESS", "TASK_PREPROCESS_BATCH", "TASK_ENCODE", "TASK_REFRESH_SKU",
-    "SKU_REFRESH_DELAY", "SKU_REFRESH_CHUNK", "preprocess_chunk", "summary",
+    "SKU_REFRESH_DELAY", "SKU_REFRESH_CHUNK", "IMAGES_HEADER", "preprocess_chunk", "summary",
 ]  # fmt: skip
 
 TASK_PREPROCESS = "imgsync.preprocess"
@@ -30,6 +30,8 @@ SKU_REFRESH_CHUNK = 256
 PREPROCESS_SPREAD = 64
 #: characters of a message's ``argsrepr`` summary at most
 SUMMARY_CHARS = 256
+#: message header: how many images a batch message carries (the encode worker's micro-batch counts them)
+IMAGES_HEADER = "imgsync_images"
 
 
 def preprocess_chunk(n: int, most: int) -> int:
@@ -99,7 +101,10 @@ class Dispatcher:
                 self._publish(name, body, queue, producer=producer)
 
     def _publish(self, name: str, body: dict, queue: str, **options: object) -> None:
-        """One message, its ``argsrepr`` header the short :func:`summary` of ``body``."""
+        """One message, its ``argsrepr`` header the short :func:`summary` of ``body``; a batch message
+        also says how many images it carries (``IMAGES_HEADER``)."""
+        if "items" in body:
+            options["headers"] = {IMAGES_HEADER: len(body["items"])}
         self.app.send_task(name, args=[body], queue=queue, argsrepr=summary(body), kwargsrepr="", **options)
 
 

@@ -18,7 +18,7 @@ from schemas.events import ImageEvent
 from schemas.tasks import PreprocessPayload
 from tests.helpers import photo
 from worker import celery_app, health, pipeline
-from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, Dispatcher, preprocess_chunk
+from worker.dispatch import IMAGES_HEADER, TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, Dispatcher, preprocess_chunk
 from worker.ledger import Ledger, make_engine, upgrade
 
 
@@ -185,8 +185,8 @@ def _batch_encode_message(settings, tmp_path: Path, n: int) -> tuple[list[ImageE
     events = _recorded_photos(settings, tmp_path, n)
     items = [PreprocessPayload(event=e, request_id="r").model_dump(mode="json") for e in events]
     assert celery_app.app.tasks[TASK_PREPROCESS_BATCH]({"items": items}) == f"queued={n}"
-    [(name, body)] = drain(settings, settings.queues.encode)
-    assert name == TASK_ENCODE and len(body["items"]) == n  # type: ignore[arg-type, index]
+    [(count, body)] = drain(settings, settings.queues.encode, header=IMAGES_HEADER)
+    assert count == n and len(body["items"]) == n  # type: ignore[arg-type, index]  # the header says how many
     return events, body  # type: ignore[return-value]
 
 
@@ -201,7 +201,7 @@ def test_one_encode_message_carries_a_batchs_images_into_milvus_in_model_batches
     real = pipeline.encode_batch
     monkeypatch.setattr(pipeline, "encode_batch", lambda rt, d, ps: sizes.append(len(ps)) or real(rt, d, ps))
     task = celery_app.app.tasks[TASK_ENCODE]
-    monkeypatch.setattr(task, "flush_every", 2)
+    monkeypatch.setattr(task, "flush_images", 2)
 
     out = task([SimpleNamespace(args=(body,), kwargs={})])
 
