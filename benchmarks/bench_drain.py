@@ -33,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu import write_photos  # noqa: E402
-from benchmarks.bench_scale import cpu_by_role, stage_images  # noqa: E402
+from benchmarks.bench_handoff import hand_over, warm_then_end_encoder  # noqa: E402
+from benchmarks.bench_scale import cpu_by_role  # noqa: E402
 
 #: small photos: the preprocessing before the drain is not what is measured
 SIZES = [(320, 240), (240, 320)]
@@ -45,7 +46,7 @@ def drain(
     """Fill the encode queue with every image under ``root``, then time a fresh encode worker
     emptying it."""
     from config.settings import Settings
-    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.indexing import collect_events
     from worker.cli.stack import EmbeddedStack
     from worker.ledger import Ledger, make_engine, upgrade
     from worker.status import queue_depths
@@ -63,17 +64,9 @@ def drain(
     stack.start()
     q = settings.queues
     try:
-        write_photos(home / "warm", 8, SIZES)
-        warm = collect_events([str(home / "warm")], None)
-        wait_for(settings, warm, publish(settings, warm), timeout=600, show_progress=False)
-        old = stack.workers[1]  # ended, not SIGSTOPped: a stopped process may hold the SQLite lock
-        old.send_signal(signal.SIGTERM)
-        old.wait(120)
+        warm = warm_then_end_encoder(stack, home / "warm", 8, SIZES)
         events = collect_events([str(root)], None)
-        queued = stage_images(stack.metrics_dir, "preprocess", "queued") + len(events)
-        publish(settings, events)
-        while stage_images(stack.metrics_dir, "preprocess", "queued") < queued:
-            time.sleep(0.05)
+        hand_over(stack, events)
         goal = len(events) + len(warm)
         full = queue_depths(settings)[q.encode] or 0  # messages: one per image, or per batch of images
         stack.workers[1] = stack.spawn("encode", q.encode, None)

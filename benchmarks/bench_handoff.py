@@ -105,10 +105,10 @@ def feed_rate(
     """Images/s from publishing every image under ``root`` until all wait in the encode queue, and
     the CPU worker node's CPU milliseconds per image meanwhile (prefork parent and children, /proc):
     what sizes the cores a GPU box needs, whatever else shares this machine's cores."""
-    from benchmarks.bench_scale import _tree_cpu_seconds, stage_images
+    from benchmarks.bench_scale import _tree_cpu_seconds
 
     from config.settings import Settings
-    from worker.cli.indexing import collect_events, publish, wait_for
+    from worker.cli.indexing import collect_events
     from worker.cli.stack import EmbeddedStack
     from worker.ledger import upgrade
 
@@ -120,25 +120,42 @@ def feed_rate(
     stack = EmbeddedStack(settings, stop_timeout=5)
     stack.start()
     try:
-        warm = write_photos(home / "warm", 2 * concurrency, [(640, 480)])  # every CPU child loads its model
-        warm_events = collect_events([str(home / "warm")], None)
-        wait_for(settings, warm_events, publish(settings, warm_events), timeout=600, show_progress=False)
-        del warm
-        encode = stack.workers[1]  # ended, not SIGSTOPped: a stopped process may hold the SQLite lock
-        encode.send_signal(signal.SIGTERM)
-        encode.wait(120)
+        warm_then_end_encoder(stack, home / "warm", 2 * concurrency, [(640, 480)])  # every CPU child loads its model
         events = collect_events([str(root)], None)
         node = stack.workers[0].pid
         cpu = _tree_cpu_seconds(node)
-        queued = stage_images(stack.metrics_dir, "preprocess", "queued") + len(events)
         started = time.perf_counter()
-        publish(settings, events)
-        while stage_images(stack.metrics_dir, "preprocess", "queued") < queued:
-            time.sleep(0.05)
+        hand_over(stack, events)
         elapsed = time.perf_counter() - started
         return len(events) / elapsed, 1000 * (_tree_cpu_seconds(node) - cpu) / len(events)
     finally:
         stack.stop()
+
+
+def warm_then_end_encoder(stack, folder: Path, n: int, sizes: list[tuple[int, int]]) -> list:  # type: ignore[no-untyped-def]
+    """Index ``n`` photos through the whole running stack (every worker loads its model), then end
+    its encode worker, so that what is handed to encode next waits in the queue. The warm events."""
+    from worker.cli.indexing import collect_events, publish, wait_for
+
+    write_photos(folder, n, sizes)
+    warm = collect_events([str(folder)], None)
+    wait_for(stack.settings, warm, publish(stack.settings, warm), timeout=600, show_progress=False)
+    encode = stack.workers[1]  # ended, not SIGSTOPped: a stopped process may hold the SQLite lock
+    encode.send_signal(signal.SIGTERM)
+    encode.wait(120)
+    return warm
+
+
+def hand_over(stack, events: list) -> None:  # type: ignore[no-untyped-def]
+    """Publish ``events`` and wait until preprocess has handed every one to encode: counted from the
+    stack's metrics, since the queue's depth counts messages and a message may carry several."""
+    from benchmarks.bench_scale import stage_images
+    from worker.cli.indexing import publish
+
+    queued = stage_images(stack.metrics_dir, "preprocess", "queued") + len(events)
+    publish(stack.settings, events)
+    while stage_images(stack.metrics_dir, "preprocess", "queued") < queued:
+        time.sleep(0.05)
 
 
 def main() -> None:

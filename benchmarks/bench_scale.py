@@ -39,9 +39,8 @@ def write_photos(root: Path, n: int) -> None:
         photo(320, 240, seed=i).save(path, quality=85)
 
 
-def stage_images(metrics_dir: Path, stage: str, outcome: str) -> float:
-    """``imgsync_images_total{stage, outcome}`` summed over the stack's processes: e.g. the images
-    preprocess has handed to encode (``preprocess``, ``queued``), however many share a message."""
+def metric_sum(metrics_dir: Path, name: str, **labels: str) -> float:
+    """The samples ``name`` with ``labels``, summed over the stack's processes (its metrics dir)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -51,19 +50,18 @@ def stage_images(metrics_dir: Path, stage: str, outcome: str) -> float:
         s.value
         for f in registry.collect()
         for s in f.samples
-        if s.name == "imgsync_images_total" and s.labels.get("stage") == stage and s.labels.get("outcome") == outcome
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+def stage_images(metrics_dir: Path, stage: str, outcome: str) -> float:
+    """``imgsync_images_total{stage, outcome}``: e.g. the images preprocess has handed to encode
+    (``preprocess``, ``queued``), however many share a message."""
+    return metric_sum(metrics_dir, "imgsync_images_total", stage=stage, outcome=outcome)
 
 
 def encoded_images(metrics_dir: Path) -> float:
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(metrics_dir))
-    return sum(
-        s.value for f in registry.collect() for s in f.samples if s.name == "imgsync_encode_batch_size_sum"
-    )
+    return metric_sum(metrics_dir, "imgsync_encode_batch_size_sum")
 
 
 def _tree_cpu_seconds(root_pid: int) -> float:

@@ -6,7 +6,6 @@ import logging
 from collections import Counter
 from typing import Any
 
-
 from config.settings import BatchConfig
 from schemas.tasks import PreprocessPayload, SkuRefreshPayload
 from tasks.base import ImageBatches, ImageBatchTask, ImageTask, SkuTask, encode_payloads, even_chunks

@@ -63,8 +63,7 @@ class Dispatcher:
         if size == 1:
             self._send_many(TASK_PREPROCESS, bodies, self.queues.preprocess)
         else:
-            chunks = [{"items": bodies[i : i + size]} for i in range(0, len(bodies), size)]
-            self._send_many(TASK_PREPROCESS_BATCH, chunks, self.queues.preprocess)
+            self._send_items(TASK_PREPROCESS_BATCH, bodies, self.queues.preprocess, size)
 
     def encode(self, payload: EncodePayload, countdown: float | None = None) -> None:
         self._send(TASK_ENCODE, payload.model_dump(mode="json"), self.queues.encode, countdown)
@@ -77,8 +76,7 @@ class Dispatcher:
         if len(bodies) == 1:
             self._send(TASK_ENCODE, bodies[0], self.queues.encode, None)
         elif bodies:
-            chunks = [{"items": bodies[i : i + PREPROCESS_BATCH_MAX]} for i in range(0, len(bodies), PREPROCESS_BATCH_MAX)]
-            self._send_many(TASK_ENCODE, chunks, self.queues.encode)
+            self._send_items(TASK_ENCODE, bodies, self.queues.encode, PREPROCESS_BATCH_MAX)
 
     def refresh_sku(self, sku: str, countdown: float | None = SKU_REFRESH_DELAY, attempt: int = 0) -> None:
         self.refresh_skus([sku], countdown, attempt)
@@ -99,6 +97,10 @@ class Dispatcher:
         with self.app.producer_or_acquire() as producer:
             for body in bodies:
                 self._publish(name, body, queue, producer=producer)
+
+    def _send_items(self, name: str, bodies: list[dict], queue: str, size: int) -> None:
+        """``bodies`` as batch messages (``{"items": [...]}``) of ``size`` each."""
+        self._send_many(name, [{"items": bodies[i : i + size]} for i in range(0, len(bodies), size)], queue)
 
     def _publish(self, name: str, body: dict, queue: str, **options: object) -> None:
         """One message, its ``argsrepr`` header the short :func:`summary` of ``body``; a batch message
@@ -123,14 +125,11 @@ class GatheringDispatcher(Dispatcher):
         else:
             self.held.append(payload)
 
-    def flush(self) -> int:
+    def flush(self) -> None:
         """Publish the held payloads (:meth:`Dispatcher.encode_many`); on a broker error they stay
-        held and the error propagates. Returns how many were published."""
-        n = len(self.held)
-        if n:
-            self.encode_many(self.held)
-            self.held = []
-        return n
+        held and the error propagates."""
+        self.encode_many(self.held)
+        self.held = []
 
 
 def summary(body: dict) -> str:

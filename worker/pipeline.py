@@ -297,8 +297,9 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
     re-publishes each of its items with backoff."""
     versions = rt.ledger.current_versions([p.event.image_id for p in payloads])
     groups: dict[str, list[tuple[EncodePayload, np.ndarray | JpegHandoff]]] = {}
-    skipped = failed = retried = 0
+    failed = retried = 0
     wanted: list[EncodePayload] = []
+    stale: list[str] = []
     for p in payloads:
         current = versions.get(p.event.image_id)
         model_id = p.model_id or rt.serving().model_id
@@ -308,10 +309,11 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
             or current[1] == ImageState.deleted
             or rt.version_for(model_id) is None  # a newer event owns the image, or the version retired
         ):
-            skipped += 1
-            rt.pixels.delete(p.pixel_key)
+            stale.append(p.pixel_key)
             continue
         wanted.append(p.model_copy(update={"model_id": model_id}))
+    skipped = len(stale)
+    rt.pixels.delete_many(stale)
     for p, px in zip(wanted, rt.pixels.get_many([p.pixel_key for p in wanted]), strict=True):
         if px is None:  # expired or evicted: redo the preprocessing here rather than fail
             try:
