@@ -2,6 +2,7 @@
 work a GPU worker does per image besides the forward pass, which caps its images/s whatever the GPU.
 
     python benchmarks/bench_drain.py [--images 3000] [--batch-max 32,256] [--broker URL --database URL]
+                                     [--device-ms 0.2 --overlap off,auto]
 
 The embedded stack (or the given broker and database, with a Milvus Lite server) runs with
 ``random:512`` (vectors from a digest of 32 × 32 pixels: no network, 512 dimensions like ViT-B-32),
@@ -15,6 +16,13 @@ publish the batch's SKU refresh.
 Reported per image: the encode worker's CPU milliseconds (its process, from /proc) and the Milvus Lite
 server's, and the drain rate. ``1000 / encode worker ms`` is the most one encode process can do on a
 GPU box of the same per-core speed, before its forward passes.
+
+``--device-ms X`` gives the timed worker a SIMULATED GPU (``benchmarks/simdevice``; no real device):
+each batch's forward pass is queued on a device thread that is busy ``X`` ms per image without
+holding the GIL, as a CUDA stream is. The model bound is then ``1000 / X`` images/s, and the run
+reports the device's utilisation (busy time ÷ drain time) for each ``--overlap`` mode
+(``IMGSYNC_ENCODE_OVERLAP``): how much of the worker's own work write-behind hides behind the
+forward passes.
 """
 
 from __future__ import annotations
@@ -40,8 +48,18 @@ from benchmarks.bench_scale import cpu_by_role  # noqa: E402
 SIZES = [(320, 240), (240, 320)]
 
 
+SIMDEVICE = Path(__file__).resolve().parent / "simdevice"
+
+
 def drain(
-    root: Path, home: Path, batch_max: int, broker: str | None, database: str | None, profile: Path | None = None
+    root: Path,
+    home: Path,
+    batch_max: int,
+    broker: str | None,
+    database: str | None,
+    profile: Path | None = None,
+    device_ms: float = 0.0,
+    overlap: str = "auto",
 ) -> dict:
     """Fill the encode queue with every image under ``root``, then time a fresh encode worker
     emptying it."""
@@ -69,6 +87,15 @@ def drain(
         hand_over(stack, events)
         goal = len(events) + len(warm)
         full = queue_depths(settings)[q.encode] or 0  # messages: one per image, or per batch of images
+        busy_file = home / "sim-device-busy"
+        stack.env = {**stack.env, "IMGSYNC_ENCODE_OVERLAP": overlap}
+        if device_ms:
+            root_dir = str(SIMDEVICE.parents[1])
+            stack.env.update(
+                IMGSYNC_BENCH_SIM_DEVICE_MS=str(device_ms),
+                IMGSYNC_BENCH_SIM_DEVICE_BUSY=str(busy_file),
+                PYTHONPATH=os.pathsep.join([str(SIMDEVICE), root_dir, stack.env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            )
         stack.workers[1] = stack.spawn("encode", q.encode, None)
         while (queue_depths(settings)[q.encode] or 0) >= full:  # until it takes its first messages
             time.sleep(0.005)
@@ -84,10 +111,20 @@ def drain(
     finally:
         stack.stop()
     n = len(events)
+    sim = {}
+    if device_ms:
+        busy = float(busy_file.read_text()) if busy_file.exists() else 0.0
+        sim = {
+            "simulated_device_ms_per_image": device_ms,
+            "model_bound_images_per_s": round(1000 / device_ms, 1),
+            "device_utilisation": round(busy / elapsed, 3),
+        }
     return {
         "images": n,
         "encode_messages": full,
         "batch_max": batch_max,
+        "overlap": overlap,
+        **sim,
         "drain_images_per_s": round(n / elapsed, 1),
         "encode_worker_cpu_ms_per_image": round(1000 * (after["encode_worker"] - before["encode_worker"]) / n, 3),
         "milvus_lite_cpu_ms_per_image": round(1000 * (after["milvus_lite"] - before["milvus_lite"]) / n, 3),
@@ -103,6 +140,8 @@ def main() -> None:
     ap.add_argument("--database", help="IMGSYNC_DATABASE_URL (default: the embedded SQLite ledger)")
     ap.add_argument("--rounds", type=int, default=1, help="drains per batch size, alternating")
     ap.add_argument("--profile", type=Path, help="write py-spy samples of the encode worker here (collapsed stacks)")
+    ap.add_argument("--device-ms", type=float, default=0.0, help="a SIMULATED device's ms per image (0: none)")
+    ap.add_argument("--overlap", default="auto", help="IMGSYNC_ENCODE_OVERLAP values, comma-separated (one drain each)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="imgsync-drain-"))
     write_photos(work / "catalog", args.images, SIZES)
@@ -110,7 +149,11 @@ def main() -> None:
     runs = []
     for r in range(args.rounds):
         for b in (int(x) for x in args.batch_max.split(",")):
-            runs.append(drain(work / "catalog", work / f"home-{b}-{r}", b, args.broker, args.database, args.profile))
+            for mode in args.overlap.split(","):
+                home = work / f"home-{b}-{mode}-{r}"
+                runs.append(
+                    drain(work / "catalog", home, b, args.broker, args.database, args.profile, args.device_ms, mode)
+                )
     out = {"date": f"{datetime.now(UTC):%Y-%m-%d}", "commit": commit, "cpus": os.cpu_count(), "runs": runs}
     print(json.dumps(out, indent=1))
 

@@ -46,6 +46,8 @@ class BatchConfig:
 
     max_size: int
     wait_seconds: float
+    #: write a micro-batch while the next one's forward pass runs: "auto" (on CUDA), "on", "off"
+    overlap: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,15 @@ class Settings(BaseSettings):
     )  # fmt: skip
     batch_wait_ms: int = Field(
         200, ge=1, le=60_000, description="Encode micro-batch: flush after this many ms when not full."
+    )
+    encode_overlap: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Encode worker: write micro-batches (Milvus, ledger) in a thread of their own while the next ones are "
+            "received and their forward passes run; a batch's messages are acknowledged once it is written. auto: on when "
+            "the model runs on CUDA (its forward pass is asynchronous there; on a CPU the threads would only compete for "
+            "the cores). Only in a worker with the solo pool (a GPU worker)."
+        ),
     )
     max_image_bytes: int = Field(
         50 * 1024 * 1024, ge=1024, description="Largest image file accepted, in bytes."
@@ -408,7 +419,7 @@ class Settings(BaseSettings):
 
     @property
     def batching(self) -> BatchConfig:
-        return BatchConfig(max_size=self.batch_max, wait_seconds=self.batch_wait_ms / 1000.0)
+        return BatchConfig(max_size=self.batch_max, wait_seconds=self.batch_wait_ms / 1000.0, overlap=self.encode_overlap)
 
     @property
     def fetch(self) -> FetchConfig:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from time import monotonic
 from collections import Counter
 from typing import Any
 
 from celery import Task
-from celery_batches import Batches, consume_queue
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery_batches import Batches, SimpleRequest, consume_queue
+from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
 from schemas.reasons import Reason
@@ -22,6 +26,12 @@ from worker.metrics import metrics
 __all__ = ["ImageTask", "ImageBatchTask", "ImageBatches", "SkuTask", "dead_letter", "encode_payloads", "even_chunks", "images_in"]
 
 log = logging.getLogger(__name__)
+
+#: the micro-batch timer's period: a quarter of IMGSYNC_BATCH_WAIT_MS, 50 ms at most. A part-filled
+#: batch waits IMGSYNC_BATCH_WAIT_MS and at most a tick more; written batches are acknowledged (and
+#: held ones written) once the worker has been quiet for a tick.
+TICKS_PER_WAIT = 4
+TICK_MAX_SECONDS = 0.05
 
 
 def dead_letter(task: str, body: Any, error: str) -> str:
@@ -179,20 +189,45 @@ class ImageBatches(Batches):
     counts for every image it carries. When ``flush_images`` images wait, whole messages are run
     in groups of at most ``flush_images`` images, and the messages that do not fill a group wait
     for the next one (or for ``flush_interval``, which runs everything waiting). A message of
-    more images than that is run alone (the task body splits it)."""
+    more images than that is run alone (the task body splits it).
+
+    Write-behind (:meth:`can_hold`): a task body may return ``{"held_flushes": k, ...}`` to say
+    that images of its latest ``k`` flushes (this one included) are still being written (by the
+    encode worker's writer thread). Those flushes' messages are acknowledged by a later flush once
+    the body reports them written; once the worker has been quiet for a tick, the timer runs an
+    empty flush (``run([])``), whose body waits for every write. A worker stopped meanwhile
+    acknowledged none of them: the broker delivers them again."""
 
     abstract = True
     #: images per micro-batch (IMGSYNC_BATCH_MAX)
     flush_images = 32
     #: celery-batches' own count of messages: never reached, images are counted instead
     flush_every = 2**31
+    #: write-behind mode (IMGSYNC_ENCODE_OVERLAP): "auto", "on" or "off"
+    overlap = "off"
     #: images buffered since the last flush
     _images = 0
+    #: the requests of the latest flushes whose writes are still under way, oldest first
+    _held: list[list[Any]] = []  # noqa: RUF012 - set per task in Strategy
+    #: the consumer's process, when its pool is the solo pool (task bodies run in it)
+    _solo_pid: int | None = None
+    #: when the oldest message waiting for a flush came (monotonic), and the last message or flush
+    _waiting_since: float | None = None
+    _last_activity = 0.0
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Any:  # noqa: N802 - celery's name
         handler = super().Strategy(task, app, consumer)
+        self._held = []
+        self._solo_pid = os.getpid() if isinstance(consumer.pool, SoloPool) else None
+        timer = consumer.timer
 
         def on_message(message: Any, *args: Any, **kwargs: Any) -> None:
+            now = monotonic()
+            self._last_activity = now
+            if self._waiting_since is None:
+                self._waiting_since = now
+            if self._tref is None:  # our timer, not celery-batches' (which would flush every interval)
+                self._tref = timer.call_repeatedly(self.tick, self._do_flush)
             handler(message, *args, **kwargs)
             self._images += images_in(message.headers)
             if self._images >= self.flush_images:
@@ -200,16 +235,73 @@ class ImageBatches(Batches):
 
         return on_message
 
-    def _do_flush(self) -> None:  # the flush_interval timer: everything waiting
+    @property
+    def tick(self) -> float:
+        """The timer's period, seconds."""
+        return min(self.flush_interval / TICKS_PER_WAIT, TICK_MAX_SECONDS)
+
+    def can_hold(self) -> bool:
+        """May the task body keep writes for the next flush? Only where it runs in the consumer's
+        own process and thread (the solo pool): the next flush then runs in the same process, and
+        the acknowledgements follow the writes."""
+        return self.overlap != "off" and self._solo_pid is not None and self._solo_pid == os.getpid()
+
+    def flush(self, requests: Any) -> Any:
+        """Run ``requests``; acknowledge them when the body returns, unless it says the writes of its
+        latest ``held_flushes`` flushes (this one included) are still under way: those flushes'
+        messages are acknowledged by a later flush, once written. Older held ones are acknowledged."""
+        if not self._held and not self.can_hold():
+            return super().flush(requests)
+        self._last_activity = monotonic()  # what the tick measures quiet from (set again on return)
+
+        def on_return(result: Any) -> None:
+            self._last_activity = monotonic()
+            self._held.append(list(requests))
+            keep = int(result.get("held_flushes", 0)) if isinstance(result, dict) else 0
+            while len(self._held) > keep:
+                for req in self._held.pop(0):
+                    req.acknowledge()
+
+        return self._pool.apply_async(
+            apply_batches_task, (self, ([SimpleRequest.from_request(r) for r in requests],), 0, None), callback=on_return
+        )
+
+    def _do_flush(self) -> None:
+        """The timer (every :attr:`tick`): run what waits once the oldest waiting message has
+        waited ``flush_interval``, not before (celery-batches' own timer flushes whatever waits at
+        each tick, cutting a stream into part-filled batches). What is held is written, and its
+        messages acknowledged, once the worker has been quiet for a tick (no message, no flush):
+        right after a flush the tick comes before the next messages are read, and waiting for the
+        writer then would leave the device idle."""
+        now = monotonic()
+        quiet = now - self._last_activity >= self.tick
+        held = any(self._held)
+        if self._buffer.qsize():
+            if now - (self._waiting_since if self._waiting_since is not None else now) >= self.flush_interval:
+                self._flush_all()
+            elif held and quiet:
+                self.flush([])  # a trickle: write what is held while the part-filled batch waits
+            return
+        if held and not quiet:
+            return
+        self._flush_all()  # retries now due; what is held; the timer stops once nothing is left
+
+    def _flush_all(self) -> None:
+        """Run everything waiting (celery-batches' flush: retries whose countdown is not over stay
+        pending), then write what is held if nothing new came."""
         self._images = 0
+        self._waiting_since = None
+        idle = self._buffer.qsize() == 0  # no new message since the last flush (retries' countdowns aside)
         super()._do_flush()
+        if idle and any(self._held):
+            self.flush([])  # nothing more came: write what is held
 
     def _flush_full(self) -> None:
         waiting = list(consume_queue(self._buffer))
         if any(req.eta for req in waiting):  # a retry's countdown: celery-batches sorts those out
             for req in waiting:
                 self._buffer.put(req)
-            self._do_flush()
+            self._flush_all()
             return
         groups: list[list[Any]] = []
         group: list[Any] = []
@@ -227,6 +319,8 @@ class ImageBatches(Batches):
         for req in group:  # not a full group: waits for more, or for the timer
             self._buffer.put(req)
         self._images = n
+        if not n:
+            self._waiting_since = None  # else the rest keeps the oldest arrival (it may be older)
         for g in groups:
             self.flush(g)
 

@@ -21,7 +21,7 @@ from schemas.events import Action, CropBox, ImageEvent
 from schemas.reasons import Reason
 from schemas.tasks import EncodePayload, PreprocessPayload
 from worker.dispatch import Dispatcher
-from worker.encoders.base import Encoder, l2_normalize
+from worker.encoders.base import Encoder, PendingVectors, l2_normalize
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.fetch import fetch_bytes
 from worker.health import TRIPPING_REASONS, gate, probe_device
@@ -41,6 +41,9 @@ __all__ = [
     "preprocess",
     "read_ahead",
     "encode_batch",
+    "start_encode",
+    "finish_encode",
+    "StartedEncode",
     "refresh_skus",
     "prepare_pixels",
     "record_failure",
@@ -290,13 +293,51 @@ class EncodeResult:
     retried: int
     failed: int
 
+    def __add__(self, other: EncodeResult) -> EncodeResult:
+        return EncodeResult(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values(), strict=True)))
+
+
+@dataclass
+class StartedGroup:
+    """One model version's share of a started micro-batch: its items and their queued vectors."""
+
+    model_id: str
+    version: VersionRow
+    live: list[EncodePayload]
+    vectors: PendingVectors
+    launch_seconds: float
+    #: items of the group failed or retried before the forward pass (JPEGs that would not decode)
+    settled: EncodeResult
+
+
+@dataclass
+class StartedEncode:
+    """A micro-batch whose forward passes are queued (:func:`start_encode`); :func:`finish_encode`
+    writes it. ``settled``: the outcomes known at the start (stale, failed or retried items)."""
+
+    payloads: list[EncodePayload]
+    groups: list[StartedGroup]
+    settled: EncodeResult
+
+    @property
+    def images(self) -> int:
+        return sum(len(g.live) for g in self.groups)
+
 
 def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> EncodeResult:
     """Encode a micro-batch and write its vectors, grouped by model version. Never raises: a bad item
     is failed or re-published on its own, and a failure of a whole group (Milvus down, device error)
     re-publishes each of its items with backoff."""
+    return finish_encode(rt, dispatch, start_encode(rt, dispatch, payloads))
+
+
+def start_encode(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> StartedEncode:
+    """The first half of :func:`encode_batch`: sort out stale items, read the pixels, decode the
+    handed-over JPEGs and queue each model version's forward pass on its device
+    (:meth:`Encoder.encode_async`). On CUDA it returns while the device computes, and the caller
+    can write the previous micro-batch meanwhile; :func:`finish_encode` then writes this one."""
     versions = rt.ledger.current_versions([p.event.image_id for p in payloads])
-    groups: dict[str, list[tuple[EncodePayload, np.ndarray | JpegHandoff]]] = {}
+    entries: dict[str, list[tuple[EncodePayload, np.ndarray | JpegHandoff]]] = {}
     failed = retried = 0
     wanted: list[EncodePayload] = []
     stale: list[str] = []
@@ -312,7 +353,6 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
             stale.append(p.pixel_key)
             continue
         wanted.append(p.model_copy(update={"model_id": model_id}))
-    skipped = len(stale)
     rt.pixels.delete_many(stale)
     for p, px in zip(wanted, rt.pixels.get_many([p.pixel_key for p in wanted]), strict=True):
         if px is None:  # expired or evicted: redo the preprocessing here rather than fail
@@ -324,21 +364,34 @@ def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
                 failed += outcome == "failed"
                 retried += outcome == "retried"
                 continue
-        groups.setdefault(p.model_id, []).append((p, px))
-    total = EncodeResult(0, skipped, retried, failed)
-    for model_id, items in groups.items():
-        done = _encode_group(rt, dispatch, model_id, items)
-        total = EncodeResult(*(a + b for a, b in zip(total.__dict__.values(), done.__dict__.values(), strict=True)))
+        entries.setdefault(p.model_id, []).append((p, px))
+    settled = EncodeResult(0, len(stale), retried, failed)
+    groups: list[StartedGroup] = []
+    for model_id, items in entries.items():
+        group = _start_group(rt, dispatch, model_id, items)
+        if isinstance(group, StartedGroup):
+            groups.append(group)
+        else:
+            settled += group
+    return StartedEncode(list(payloads), groups, settled)
+
+
+def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> EncodeResult:
+    """The second half of :func:`encode_batch`: wait for the vectors, upsert them into Milvus,
+    record them in the ledger, drop the pixels, ask for the SKU refresh. Never raises for a
+    group's fault (its items are retried alone)."""
+    total = started.settled
+    for group in started.groups:
+        total += _finish_group(rt, dispatch, group)
     _count_encode(indexed=total.indexed, skipped=total.skipped, retried=total.retried, failed=total.failed)
     return total
 
 
-def _encode_group(
+def _start_group(
     rt: Runtime, dispatch: Dispatcher, model_id: str, entries: list[tuple[EncodePayload, np.ndarray | JpegHandoff]]
-) -> EncodeResult:
-    """Decode the group's handed-over JPEGs, encode its items, upsert their vectors, record them."""
-    m = metrics()
-    failed = retried = 0
+) -> StartedGroup | EncodeResult:
+    """Decode the group's handed-over JPEGs and queue its forward pass; the outcome instead when
+    nothing is left to encode or the whole group failed."""
     live = [p for p, _ in entries]  # the items whose outcome is still open
     try:
         version = rt.version_for(model_id)
@@ -349,10 +402,25 @@ def _encode_group(
         live = [p for p, _ in items]
         if not items:
             return EncodeResult(0, 0, retried, failed)
-        with m.stage_seconds.labels("encode").time():
-            vectors = encoder.encode([px for _, px in items])
-        names = rt.names_for(version)
-        m.batch_size.labels(model_id).observe(len(items))
+        started = time.perf_counter()
+        vectors = encoder.encode_async([px for _, px in items])
+        launch = time.perf_counter() - started
+    except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
+        return _group_failed(rt, dispatch, model_id, live, exc)
+    return StartedGroup(model_id, version, live, vectors, launch, EncodeResult(0, 0, retried, failed))
+
+
+def _finish_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup) -> EncodeResult:
+    """Wait for a started group's vectors, upsert and record them."""
+    m = metrics()
+    model_id, live = group.model_id, group.live
+    before = group.settled
+    try:
+        started = time.perf_counter()
+        vectors = group.vectors.result()
+        m.stage_seconds.labels("encode").observe(group.launch_seconds + time.perf_counter() - started)
+        names = rt.names_for(group.version)
+        m.batch_size.labels(model_id).observe(len(live))
         record_gpu_memory(m)
         now_ms = int(time.time() * 1000)
         started = time.perf_counter()
@@ -373,15 +441,7 @@ def _encode_group(
         )
         m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-        err = exc if isinstance(exc, ImgsyncError) else TransientError(Reason.device_error, repr(exc))
-        if err.reason in TRIPPING_REASONS:
-            gate().trip(f"{err.reason}: {err}")  # stop taking work until a probe passes
-        log.warning("encode batch of %d (%s) failed (%s): re-publishing each item", len(live), model_id, exc)
-        for p in live:
-            outcome = record_failure(rt, dispatch, p, err, keep_pixels=True)
-            failed += outcome == "failed"
-            retried += outcome == "retried"
-        return EncodeResult(0, 0, retried, failed)
+        return before + _group_failed(rt, dispatch, model_id, live, exc)
     recorded, dirty = rt.ledger.mark_indexed(
         [IndexedImage(p.event.image_id, p.event.version, p.content_hash, model_id, p.request_id) for p in live]
     )
@@ -398,7 +458,24 @@ def _encode_group(
             m.lag_seconds.labels(model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
     if dirty:
         dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
-    return EncodeResult(len(recorded), len(overtaken), retried, failed)
+    return before + EncodeResult(len(recorded), len(overtaken), 0, 0)
+
+
+def _group_failed(
+    rt: Runtime, dispatch: Dispatcher, model_id: str, live: list[EncodePayload], exc: Exception
+) -> EncodeResult:
+    """A whole group failed (Milvus down, device error): each of its open items retries alone, and
+    a device or index fault pauses the worker."""
+    err = exc if isinstance(exc, ImgsyncError) else TransientError(Reason.device_error, repr(exc))
+    if err.reason in TRIPPING_REASONS:
+        gate().trip(f"{err.reason}: {err}")  # stop taking work until a probe passes
+    log.warning("encode batch of %d (%s) failed (%s): re-publishing each item", len(live), model_id, exc)
+    failed = retried = 0
+    for p in live:
+        outcome = record_failure(rt, dispatch, p, err, keep_pixels=True)
+        failed += outcome == "failed"
+        retried += outcome == "retried"
+    return EncodeResult(0, 0, retried, failed)
 
 
 def _decode_handoffs(

@@ -133,10 +133,15 @@ def test_500_images_fill_batches_under_backlog_and_flush_alone_when_idle(tmp_pat
         ledger.engine.dispose()
 
 
-def test_encode_worker_sigkilled_mid_run_then_replaced_indexes_each_image_once(tmp_path: Path, pg_database) -> None:
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_encode_worker_sigkilled_mid_run_then_replaced_indexes_each_image_once(
+    tmp_path: Path, pg_database, overlap: str
+) -> None:
+    """SIGKILL mid-run, with write-behind (batches being written by the writer thread, their
+    messages unacknowledged) or without: a replacement indexes every image exactly once."""
     # 24 small batches: the kill must land mid-run, and a batch is recorded in one quick statement now
     files = write_catalog(tmp_path / "catalog", n_skus=8, per_sku=12)
-    env = {"IMGSYNC_BATCH_MAX": "4", "IMGSYNC_BATCH_WAIT_MS": "100", **FAST_RECOVERY}
+    env = {"IMGSYNC_BATCH_MAX": "4", "IMGSYNC_BATCH_WAIT_MS": "100", "IMGSYNC_ENCODE_OVERLAP": overlap, **FAST_RECOVERY}
     with running_stack(tmp_path / "stack", "production", pg_database=pg_database, extra_env=env) as st:
         ledger = Ledger(make_engine(st.settings.effective_database_url))
         broker = redis.Redis.from_url(st.settings.broker_url)
@@ -320,6 +325,12 @@ def _assert_vectors_are_a_clean_encode(st: Stack, files: list[Path]) -> None:
     store.close()
 
 
+def _preprocessed(st) -> int:  # type: ignore[no-untyped-def]
+    """Images the CPU worker has preprocessed and handed to encode (from its log)."""
+    lines = (st.logs / "cpu.log").read_text(errors="replace").splitlines()
+    return sum("imgsync.preprocess" in line and line.endswith(": 'queued'") for line in lines)
+
+
 def test_sigterm_hands_the_buffered_batch_back(tmp_path: Path, pg_database) -> None:
     """An encode worker holding a partial batch (it would wait a minute to fill it) is stopped with
     SIGTERM: it exits within seconds and its messages are back on the queue at once (not after the
@@ -333,11 +344,7 @@ def test_sigterm_hands_the_buffered_batch_back(tmp_path: Path, pg_database) -> N
         assert st.cli("index", str(tmp_path / "catalog")).returncode == 0
         # every image preprocessed (its encode message sent) and every encode message taken by the worker
         # and buffered: none left in the queue, none done (images are pending from the publish on)
-        def preprocessed() -> int:
-            lines = (st.logs / "cpu.log").read_text(errors="replace").splitlines()
-            return sum("imgsync.preprocess" in line and line.endswith(": 'queued'") for line in lines)
-
-        wait_for(lambda: preprocessed() == len(files) and broker.llen(queue) == 0, "a buffered batch")
+        wait_for(lambda: _preprocessed(st) == len(files) and broker.llen(queue) == 0, "a buffered batch")
         time.sleep(1.0)
         assert broker.llen(queue) == 0 and ledger.counts()["indexed"] == 0
         encode = st.procs[1]
@@ -348,6 +355,35 @@ def test_sigterm_hands_the_buffered_batch_back(tmp_path: Path, pg_database) -> N
         assert broker.llen(queue) == len(files)  # handed back, not held until the visibility timeout
         st.start_worker("encode-2", queue, IMGSYNC_BATCH_WAIT_MS="100")
         wait_for(lambda: ledger.counts()["indexed"] == len(files), "the replacement to index them", timeout=120)
+        _assert_index_matches_ledger(st, ledger, expected=len(files))
+        broker.close()
+        ledger.engine.dispose()
+
+
+def test_write_behind_worker_acknowledges_written_batches_and_hands_back_the_rest(tmp_path: Path, pg_database) -> None:
+    """IMGSYNC_ENCODE_OVERLAP=on (what a CUDA worker does by default; forced here on the CPU): 10
+    images in batches of 4 with a minute's wait. The writer thread writes two batches while the
+    last two images wait for a batch; once the worker is quiet, the written batches' messages are
+    acknowledged. SIGTERM: the two waiting messages go back to the queue, nothing written is sent
+    again; a replacement with write-behind writes the rest when the queue runs dry."""
+    files = write_catalog(tmp_path / "catalog", n_skus=2, per_sku=5)
+    env = {"IMGSYNC_BATCH_MAX": "4", "IMGSYNC_BATCH_WAIT_MS": "60000", "IMGSYNC_ENCODE_OVERLAP": "on"}
+    with running_stack(tmp_path / "stack", "production", pg_database=pg_database, extra_env=env) as st:
+        ledger = Ledger(make_engine(st.settings.effective_database_url))
+        broker = redis.Redis.from_url(st.settings.broker_url)
+        queue = st.settings.queues.encode
+        assert st.cli("index", str(tmp_path / "catalog")).returncode == 0
+        wait_for(lambda: _preprocessed(st) == len(files) and broker.llen(queue) == 0, "every encode message taken")
+        wait_for(lambda: ledger.counts()["indexed"] == 8, "two batches written")
+        time.sleep(1.0)
+        assert broker.llen(queue) == 0 and ledger.counts()["indexed"] == 8  # two images wait for a batch
+        encode = st.procs[1]
+        encode.send_signal(signal.SIGTERM)
+        assert encode.wait(30) == 0
+        assert broker.llen(queue) == 2  # the waiting ones back; the written ones were acknowledged
+        st.start_worker("encode-2", queue, IMGSYNC_BATCH_WAIT_MS="100")
+        wait_for(lambda: ledger.counts()["indexed"] == len(files), "the replacement to index them", timeout=120)
+        assert broker.llen(queue) == 0 and ledger.counts()["failed"] == 0
         _assert_index_matches_ledger(st, ledger, expected=len(files))
         broker.close()
         ledger.engine.dispose()

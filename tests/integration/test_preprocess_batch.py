@@ -4,6 +4,8 @@ this process over a real ledger (SQLite), a real Milvus Lite server and the tiny
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,8 +200,8 @@ def test_one_encode_message_carries_a_batchs_images_into_milvus_in_model_batches
     Milvus, equal to the model's vector of the image, and every ledger row says indexed."""
     events, body = _batch_encode_message(batch_env, tmp_path, 5)
     sizes: list[int] = []
-    real = pipeline.encode_batch
-    monkeypatch.setattr(pipeline, "encode_batch", lambda rt, d, ps: sizes.append(len(ps)) or real(rt, d, ps))
+    real = pipeline.start_encode
+    monkeypatch.setattr(pipeline, "start_encode", lambda rt, d, ps: sizes.append(len(ps)) or real(rt, d, ps))
     task = celery_app.app.tasks[TASK_ENCODE]
     monkeypatch.setattr(task, "flush_images", 2)
 
@@ -213,6 +215,90 @@ def test_one_encode_message_carries_a_batchs_images_into_milvus_in_model_batches
     assert set(stored) == {e.image_id for e in events}
     want = rt.encoder.encode([pipeline.model_pixels(rt, Path(events[3].uri.removeprefix("file://")).read_bytes(), None)])[0]
     assert np.allclose(stored[events[3].image_id]["vector"], want, atol=1e-5)
+
+
+def test_write_behind_writes_in_its_thread_while_the_flush_returns(
+    batch_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMGSYNC_ENCODE_OVERLAP=on in the solo pool's process: five images in model batches of 3 and 2
+    are started (their forward passes run) and handed to the writer thread, and the flush returns while
+    they are written: with the writer held up, nothing is in Milvus yet, the rows are pending, and
+    the task says how many images and flushes are still being written (their messages must wait
+    for their acknowledgement). The next flush (the idle timer's empty one) waits for the writer:
+    every vector is in Milvus, equal to the model's, and every row indexed."""
+    events, body = _batch_encode_message(batch_env, tmp_path, 5)
+    task = celery_app.app.tasks[TASK_ENCODE]
+    monkeypatch.setattr(task, "flush_images", 3)
+    monkeypatch.setattr(task, "overlap", "on")
+    monkeypatch.setattr(task, "_solo_pid", os.getpid())
+    gate, writer_threads = threading.Event(), set()
+    real = pipeline.finish_encode
+
+    def held_up(rt, d, started):  # type: ignore[no-untyped-def]
+        writer_threads.add(threading.current_thread().name)
+        assert gate.wait(30)
+        return real(rt, d, started)
+
+    monkeypatch.setattr(pipeline, "finish_encode", held_up)
+    rt = celery_app.runtime()
+    names = rt.names_for(rt.version_for(rt.serving().model_id))  # type: ignore[arg-type]
+    ids = [e.image_id for e in events]
+
+    out = task([SimpleNamespace(args=(body,), kwargs={})])
+
+    assert (out["indexed"], out["held"], out["held_flushes"]) == (0, 5, 1)
+    assert [rt.ledger.get(i).state for i in ids] == ["pending"] * 5  # type: ignore[union-attr]
+    assert rt.store.get_images(names.images, ids) == []
+    gate.set()
+
+    out = task([])
+
+    assert (out["indexed"], out.get("held", 0), out.get("held_flushes", 0)) == (5, 0, 0)
+    assert writer_threads and all(n.startswith("imgsync-writer") for n in writer_threads)
+    assert [rt.ledger.get(i).state for i in ids] == ["indexed"] * 5  # type: ignore[union-attr]
+    stored = {r["image_id"]: r for r in rt.store.get_images(names.images, ids)}
+    want = rt.encoder.encode([pipeline.model_pixels(rt, Path(events[4].uri.removeprefix("file://")).read_bytes(), None)])[0]
+    assert np.allclose(stored[ids[4]]["vector"], want, atol=1e-5)
+
+
+def test_write_behind_needs_the_solo_pool_and_is_off_when_asked(
+    batch_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside the solo pool's process (a prefork child), or with IMGSYNC_ENCODE_OVERLAP=off, or on
+    a CPU with ``auto``, nothing is held: every image is written before the flush returns."""
+    task = celery_app.app.tasks[TASK_ENCODE]
+    monkeypatch.setattr(task, "flush_images", 2)
+    for mode, pid in (("on", os.getpid() + 1), ("off", os.getpid()), ("auto", os.getpid())):
+        monkeypatch.setattr(task, "overlap", mode)
+        monkeypatch.setattr(task, "_solo_pid", pid)
+        events, body = _batch_encode_message(batch_env, tmp_path / mode, 3)
+        out = task([SimpleNamespace(args=(body,), kwargs={})])
+        assert (out["indexed"], out.get("held", 0)) == (3, 0), mode
+        ledger = celery_app.runtime().ledger
+        assert [ledger.get(e.image_id).state for e in events] == ["indexed"] * 3  # type: ignore[union-attr]
+
+
+def test_write_behind_hands_a_batch_back_when_its_write_fails(
+    batch_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch cannot be recorded when the writer thread writes it (the ledger fails): its images
+    are re-published to the encode queue with backoff, not lost, and the worker goes on."""
+    events, body = _batch_encode_message(batch_env, tmp_path, 3)
+    task = celery_app.app.tasks[TASK_ENCODE]
+    monkeypatch.setattr(task, "flush_images", 3)
+    monkeypatch.setattr(task, "overlap", "on")
+    monkeypatch.setattr(task, "_solo_pid", os.getpid())
+    ledger = celery_app.runtime().ledger
+
+    def down(*_a: object, **_k: object) -> None:
+        raise sa.exc.OperationalError("UPDATE images", {}, Exception("database is down"))
+
+    monkeypatch.setattr(ledger, "mark_indexed", down)
+    first = task([SimpleNamespace(args=(body,), kwargs={})])
+    last = task([])
+    assert first["indexed"] + last["indexed"] == 0 and first["retried"] + last["retried"] == 3
+    again = [b for _, b in drain(batch_env, batch_env.queues.encode)]
+    assert sorted(p["event"]["uri"] for p in again) == sorted(e.uri for e in events)  # type: ignore[index]
 
 
 def test_a_paused_encode_worker_hands_a_batch_message_back_whole(batch_env, tmp_path: Path) -> None:

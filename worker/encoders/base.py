@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-__all__ = ["Encoder", "ModelSpec", "PreprocessCfg", "l2_normalize", "file_digest", "seeded_init", "RANDOM_INIT_SEED"]
+__all__ = [
+    "Encoder", "ModelSpec", "PendingVectors", "PreprocessCfg", "l2_normalize", "file_digest", "seeded_init", "RANDOM_INIT_SEED",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,24 @@ class PreprocessCfg:
         """A short digest that changes whenever any of the preprocessing changes."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+class PendingVectors:
+    """Vectors that :meth:`Encoder.encode_async` queued on a device; ``result()`` waits for them."""
+
+    def __init__(self, ready: np.ndarray | None, host: torch.Tensor | None = None, done: torch.cuda.Event | None = None):
+        self._ready, self._host, self._done = ready, host, done
+        #: launched on a device queue (CUDA), not computed before :meth:`Encoder.encode_async` returned
+        self.on_device = done is not None
+
+    def result(self) -> np.ndarray:
+        """The L2-normalized float32 vectors (a device fault surfaces here)."""
+        if self._ready is None:
+            assert self._host is not None and self._done is not None
+            self._done.synchronize()
+            self._ready = l2_normalize(self._host.numpy())
+            self._host = self._done = None
+        return self._ready
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -183,6 +203,29 @@ class Encoder(ABC):
             return np.zeros((0, self.dim), dtype=np.float32)
         return self._encode_split(list(pixels))
 
+    def encode_async(self, pixels: Sequence[np.ndarray | torch.Tensor]) -> PendingVectors:
+        """:meth:`encode`, returning as soon as the work is queued on the device: on CUDA the forward
+        pass and the copy of its vectors to (pinned) host memory are launched, and ``result()``
+        waits for them, so the caller can do other work (write the previous batch) while the GPU
+        computes. Elsewhere, and for backends with their own encode, the vectors are computed
+        before it returns. A CUDA out-of-memory error at launch falls back to :meth:`encode`'s
+        halving; a device fault after launch is raised by ``result()``."""
+        self.load()
+        if len(pixels) == 0 or self.device.type != "cuda" or type(self)._encode_now is not Encoder._encode_now:
+            return PendingVectors(self.encode(pixels))
+        import torch
+
+        try:
+            out = self._forward_batch(list(pixels))
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return PendingVectors(self.encode(pixels))
+        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingVectors(None, host, done)
+
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 vectors of ``texts``.
 
@@ -216,6 +259,10 @@ class Encoder(ABC):
             return np.concatenate([self._encode_split(pixels[:half]), self._encode_split(pixels[half:])])
 
     def _encode_now(self, pixels: list[np.ndarray | torch.Tensor]) -> np.ndarray:
+        return l2_normalize(self._forward_batch(pixels).cpu().numpy())
+
+    def _forward_batch(self, pixels: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Raw float32 embeddings on the device (queued there, not waited for, on CUDA)."""
         import torch
 
         x = self._batch(pixels).float().div_(255.0)
@@ -226,7 +273,7 @@ class Encoder(ABC):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             out = self._forward_images(x)
-        return l2_normalize(out.float().cpu().numpy())
+        return out.float()
 
     def _batch(self, pixels: list[np.ndarray | torch.Tensor]) -> torch.Tensor:
         """N×3×H×W uint8 on the device: host H×W×3 arrays are copied in one transfer (pinned on

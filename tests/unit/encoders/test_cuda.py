@@ -47,6 +47,17 @@ def test_cuda_batch_independent_of_batch_size() -> None:
     assert float((alone[0] * together[0]).sum()) >= 0.999
 
 
+def test_cuda_encode_async_returns_before_the_vectors_and_gives_encodes_vectors() -> None:
+    """encode_async queues the forward pass and the copy to pinned memory, returns at once (the
+    vectors still on the device), and two batches queued back to back give encode()'s vectors."""
+    enc = create_encoder(EncoderConfig(spec="open_clip:ViT-B-32", device="cuda", precision="fp16")).load()
+    a, b = _pixels(64, enc.preprocess_cfg.size, seed=2), _pixels(64, enc.preprocess_cfg.size, seed=3)
+    first, second = enc.encode_async(a), enc.encode_async(b)
+    assert first.on_device and second.on_device
+    np.testing.assert_allclose(second.result(), enc.encode(b), atol=2e-3)
+    np.testing.assert_allclose(first.result(), enc.encode(a), atol=2e-3)
+
+
 def test_cuda_text_tower() -> None:
     enc = create_encoder(EncoderConfig(spec="tiny", device="cuda", precision="fp16")).load()
     v = enc.encode_text(["a red shoe", "a blue bag"])

@@ -142,6 +142,45 @@ def test_cuda_oom_on_single_image_is_transient(tiny_encoder, monkeypatch: pytest
     assert err.value.reason is Reason.device_error
 
 
+def test_encode_async_on_cpu_computes_before_it_returns(tiny_encoder) -> None:
+    """Off CUDA there is no device queue: encode_async has the vectors when it returns (nothing to
+    overlap, so write-behind stays off in ``auto``), and they are encode()'s."""
+    pixels = tiny_encoder.preprocess([photo(80, 60, seed=i) for i in range(5)])
+    pending = tiny_encoder.encode_async(pixels)
+    assert not pending.on_device
+    np.testing.assert_array_equal(pending.result(), tiny_encoder.encode(pixels))
+
+
+def test_cuda_oom_at_launch_falls_back_to_the_halving_encode(tiny_encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA OOM when encode_async launches a batch (injected: the encoder is told it is on CUDA,
+    its forward pass refuses more than 2 images) falls back to encode()'s halving: every image gets
+    its vector, computed before it returns."""
+    pixels = tiny_encoder.preprocess([photo(80, 60, seed=i) for i in range(7)])
+    expected = tiny_encoder.encode(pixels)
+    enc = type(tiny_encoder)(tiny_encoder.spec, device="cpu", precision="fp32").load()
+    real = type(enc)._forward_batch
+    sizes: list[int] = []
+    ran: list[int] = []
+
+    def flaky(self, batch):  # type: ignore[no-untyped-def]
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        ran.append(len(batch))
+        self.device = torch.device("cpu")  # the real forward pass runs on this machine's CPU
+        try:
+            return real(self, batch)
+        finally:
+            self.device = torch.device("cuda")
+
+    monkeypatch.setattr(type(enc), "_forward_batch", flaky)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    enc.device = torch.device("cuda")
+    pending = enc.encode_async(pixels)
+    assert not pending.on_device and sizes[:2] == [7, 7] and sum(ran) == 7 and max(ran) <= 2
+    np.testing.assert_allclose(pending.result(), expected, atol=1e-6)
+
+
 def test_vit_b_32_random_weights_on_cpu() -> None:
     """A real architecture (ViT-B-32, random weights) loads and encodes on CPU, 512-d."""
     enc = create_encoder("open_clip:ViT-B-32").load()
