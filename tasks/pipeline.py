@@ -96,17 +96,37 @@ def _start(chunk: list[Any], total: Counter[str]) -> pipeline.StartedEncode | No
 
 def _write(started: pipeline.StartedEncode) -> Counter[str]:
     """Write a started batch (wait for its vectors, upsert, record); its outcomes."""
+    return _record(_upsert(started))
+
+
+def _upsert(started: pipeline.StartedEncode) -> pipeline.UpsertedEncode | Counter[str]:
+    """Write-behind's first stage: wait for the vectors, upsert them (or the outcomes, when the
+    batch had to be re-published)."""
     try:
-        return Counter(pipeline.finish_encode(runtime(), dispatcher(), started).__dict__)
-    except Exception:  # noqa: BLE001 - finish_encode handles group faults; this is the ledger/broker itself
-        log.exception("encode: batch of %d could not be written: re-publishing", len(started.payloads))
-        pipeline.republish_encode(dispatcher(), runtime().settings, started.payloads)
-        return Counter(retried=len(started.payloads))
+        return pipeline.upsert_encode(runtime(), dispatcher(), started)
+    except Exception:  # noqa: BLE001 - upsert_encode handles group faults; this is the ledger/broker itself
+        return _republish(started.payloads)
+
+
+def _record(upserted: pipeline.UpsertedEncode | Counter[str]) -> Counter[str]:
+    """Write-behind's second stage: record the upserted batch in the ledger; its outcomes."""
+    if isinstance(upserted, Counter):
+        return upserted
+    try:
+        return Counter(pipeline.record_encode(runtime(), dispatcher(), upserted).__dict__)
+    except Exception:  # noqa: BLE001 - record_encode handles group faults; this is the ledger/broker itself
+        return _republish(upserted.payloads)
+
+
+def _republish(payloads: list[Any]) -> Counter[str]:
+    log.exception("encode: batch of %d could not be written: re-publishing", len(payloads))
+    pipeline.republish_encode(dispatcher(), runtime().settings, payloads)
+    return Counter(retried=len(payloads))
 
 
 #: the writer of this process (the solo pool's: task bodies run in the consumer's thread), and the
 #: number of encode flushes run so far
-_WRITER = WriteBehind(_write)
+_WRITER = WriteBehind(_upsert, _record)
 _FLUSHES = 0
 
 

@@ -28,6 +28,7 @@ from worker.health import TRIPPING_REASONS, gate, probe_device
 from worker.imaging.decode import decode_and_crop
 from worker.imaging.device_decode import JpegHandoff, decode_batch, plan_handoff
 from worker.index import ImageEntity
+from worker.index.milvus_store import VersionNames
 from worker.ledger import ImageRow, ImageState, IndexedImage, KnownImage, Ledger, VersionRow
 from worker.metrics import Metrics, metrics
 from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
@@ -44,6 +45,9 @@ __all__ = [
     "start_encode",
     "finish_encode",
     "StartedEncode",
+    "upsert_encode",
+    "record_encode",
+    "UpsertedEncode",
     "refresh_skus",
     "prepare_pixels",
     "record_failure",
@@ -377,12 +381,41 @@ def start_encode(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
 
 
 def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> EncodeResult:
-    """The second half of :func:`encode_batch`: wait for the vectors, upsert them into Milvus,
-    record them in the ledger, drop the pixels, ask for the SKU refresh. Never raises for a
-    group's fault (its items are retried alone)."""
-    total = started.settled
+    """The second half of :func:`encode_batch`: :func:`upsert_encode`, then :func:`record_encode`.
+    Never raises for a group's fault (its items are retried alone)."""
+    return record_encode(rt, dispatch, upsert_encode(rt, dispatch, started))
+
+
+@dataclass
+class UpsertedEncode:
+    """A started micro-batch whose vectors are in Milvus (:func:`upsert_encode`): what
+    :func:`record_encode` records. ``settled``: the outcomes known so far (failed groups included)."""
+
+    payloads: list[EncodePayload]
+    groups: list[tuple[StartedGroup, VersionNames]]
+    settled: EncodeResult
+
+
+def upsert_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> UpsertedEncode:
+    """Wait for each group's vectors and upsert them into Milvus; a group that fails (device error,
+    Milvus down) has its items retried alone."""
+    settled = started.settled
+    done: list[tuple[StartedGroup, VersionNames]] = []
     for group in started.groups:
-        total += _finish_group(rt, dispatch, group)
+        names = _upsert_group(rt, dispatch, group)
+        if isinstance(names, EncodeResult):
+            settled += names
+        else:
+            done.append((group, names))
+    return UpsertedEncode(started.payloads, done, settled)
+
+
+def record_encode(rt: Runtime, dispatch: Dispatcher, upserted: UpsertedEncode) -> EncodeResult:
+    """Record upserted groups in the ledger, drop their pixels, ask for the SKU refresh; count the
+    batch's outcomes."""
+    total = upserted.settled
+    for group, names in upserted.groups:
+        total += _record_group(rt, dispatch, group, names)
     _count_encode(indexed=total.indexed, skipped=total.skipped, retried=total.retried, failed=total.failed)
     return total
 
@@ -410,11 +443,11 @@ def _start_group(
     return StartedGroup(model_id, version, live, vectors, launch, EncodeResult(0, 0, retried, failed))
 
 
-def _finish_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup) -> EncodeResult:
-    """Wait for a started group's vectors, upsert and record them."""
+def _upsert_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup) -> VersionNames | EncodeResult:
+    """Wait for a started group's vectors and upsert them: the collections written, or the
+    group's outcome when it failed (each item retried alone)."""
     m = metrics()
     model_id, live = group.model_id, group.live
-    before = group.settled
     try:
         started = time.perf_counter()
         vectors = group.vectors.result()
@@ -441,7 +474,15 @@ def _finish_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup) -> Enc
         )
         m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
     except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-        return before + _group_failed(rt, dispatch, model_id, live, exc)
+        return group.settled + _group_failed(rt, dispatch, model_id, live, exc)
+    return names
+
+
+def _record_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup, names: VersionNames) -> EncodeResult:
+    """Record an upserted group in the ledger (an image deleted meanwhile leaves Milvus again), drop
+    its pixels, observe its lag, ask for its SKUs' refresh."""
+    m = metrics()
+    model_id, live = group.model_id, group.live
     recorded, dirty = rt.ledger.mark_indexed(
         [IndexedImage(p.event.image_id, p.event.version, p.content_hash, model_id, p.request_id) for p in live]
     )
@@ -458,7 +499,7 @@ def _finish_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup) -> Enc
             m.lag_seconds.labels(model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
     if dirty:
         dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
-    return before + EncodeResult(len(recorded), len(overtaken), 0, 0)
+    return group.settled + EncodeResult(len(recorded), len(overtaken), 0, 0)
 
 
 def _group_failed(

@@ -136,8 +136,8 @@ def test_known_images_reads_what_the_per_image_reads_do(ledger: Ledger) -> None:
 
     fresh = events[4]
     row = known[fresh.image_id].row
-    statements: list[str] = []
-    sa.event.listen(ledger.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    statements: list[tuple[str, bool]] = []  # (statement, executemany: one execution per row)
+    sa.event.listen(ledger.engine, "before_cursor_execute", lambda *a: statements.append((a[2], a[5])))
     got = ledger.accept(fresh, "r", row)
     assert got.current and got.previous == row and statements == []  # answered from the known row
     newer = ev(fresh.uri, version=20)
@@ -158,6 +158,28 @@ def test_indexed_marks_sku_dirty_and_refresh_cleans(ledger: Ledger) -> None:
     assert ledger.sku_members("SKU-1", "model-a") == [e.image_id]
     assert ledger.finish_sku("SKU-1", gen, 1, "model-a") is False
     assert ledger.sku_counts() == (1, 0)
+
+
+def test_mark_indexed_records_a_large_batch_with_a_repeat_in_few_statements(ledger: Ledger) -> None:
+    """1,200 images over 150 SKUs, one of them twice in the batch (a message delivered twice): every
+    image is recorded once (a multi-row upsert must not repeat a key: PostgreSQL refuses that),
+    indexed with its own content hash, every SKU dirtied once per call. On PostgreSQL that is one
+    statement per table (over arrays), not one execution per row."""
+    events = [ev(f"s3://b/S{i % 150}/{i}.jpg", sku=f"S{i % 150}") for i in range(1200)]
+    ledger.accept_many(events, "r")
+    gens = {f"S{k}": ledger.sku_generation(f"S{k}")[0] for k in range(150)}
+    statements: list[tuple[str, bool]] = []  # (statement, executemany: one execution per row)
+    sa.event.listen(ledger.engine, "before_cursor_execute", lambda *a: statements.append((a[2], a[5])))
+    items = [indexed(e, h=f"h{i}") for i, e in enumerate(events)] + [indexed(events[7], h="h7")]
+    recorded, dirty = ledger.mark_indexed(items)
+    assert sorted(set(recorded)) == sorted(e.image_id for e in events) and dirty == set(gens)
+    rows = ledger.rows([e.image_id for e in events])
+    assert all(rows[e.image_id].state == "indexed" and rows[e.image_id].content_hash == f"h{i}" for i, e in enumerate(events))
+    assert all(ledger.sku_generation(sku)[0] == gen + 1 for sku, gen in gens.items())
+    assert ledger.sku_members("S7", "model-a") == sorted(e.image_id for e in events if e.sku == "S7")
+    writes = [(s, many) for s, many in statements if s.lstrip().upper().startswith(("INSERT", "UPDATE"))]
+    if ledger.engine.dialect.name == "postgresql":  # SQLite's image updates run per row, in-process
+        assert len(writes) == 3 and not any(many for _, many in writes), writes  # one per table, over arrays
 
 
 def test_refresh_detects_concurrent_change(ledger: Ledger) -> None:

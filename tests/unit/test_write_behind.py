@@ -71,3 +71,29 @@ def test_a_write_that_raises_is_logged_and_the_writer_goes_on(caplog) -> None:  
     wb.drain()
     assert wb.collect() == Counter(indexed=2)
     assert "writing a batch of 2 images failed unexpectedly" in caplog.text
+
+
+def test_two_stages_overlap_batches_and_keep_their_order() -> None:
+    """Stages in a chain, one thread each: batch b's first stage (the Milvus upsert) runs while
+    batch a's second stage (the ledger) runs, and each stage takes the batches in order."""
+    seen: list[str] = []
+    b_upserting = threading.Event()
+
+    def upsert(b):  # type: ignore[no-untyped-def]
+        seen.append(f"upsert {b.name}")
+        if b.name == "b":
+            b_upserting.set()
+        return b
+
+    def record(b):  # type: ignore[no-untyped-def]
+        if b.name == "a":  # only ends once b's upsert has run beside it
+            assert b_upserting.wait(10)
+        seen.append(f"record {b.name}")
+        return Counter(indexed=b.images)
+
+    wb = WriteBehind(upsert, record, depth=3)
+    wb.submit(1, _batch("a"))
+    wb.submit(2, _batch("b"))
+    wb.drain()
+    assert seen.index("upsert b") < seen.index("record a") < seen.index("record b")
+    assert wb.collect() == Counter(indexed=4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -313,47 +314,81 @@ class Ledger(HousekeepingMixin):
                 )
                 for r in conn.execute(q.with_for_update() if self._lock_rows else q):
                     current[r.image_id] = (r.version, r.sku)
-            vector_rows: list[dict] = []
-            serving_rows: list[dict] = []
+            vector_rows: dict[tuple[str, str], dict] = {}  # one per (image, model): a multi-row upsert must not repeat a key
+            serving_rows: dict[str, dict] = {}
             for item in done:
                 row = current.get(item.image_id)
                 if row is None or row[0] != item.version:
                     continue  # overtaken by a newer event, or deleted
-                vector_rows.append({
+                vector_rows[(item.image_id, item.model_id)] = {
                     "image_id": item.image_id, "model_id": item.model_id, "version": item.version, "sku": row[1],
                     "content_hash": item.content_hash, "indexed_at": now,
-                })  # fmt: skip
+                }  # fmt: skip
                 if statuses.get(item.model_id) == VersionStatus.serving:
-                    serving_rows.append({"b_id": item.image_id, "b_hash": item.content_hash, "b_model": item.model_id})
+                    serving_rows[item.image_id] = {"b_id": item.image_id, "b_hash": item.content_hash, "b_model": item.model_id}
                 recorded.append(item.image_id)
                 dirty.add(row[1])
-            if vector_rows:  # one statement, many rows: the write lock is held for as short as possible
-                ins = _dialect_insert(conn)(image_vectors)
-                conn.execute(
-                    ins.on_conflict_do_update(
-                        index_elements=[image_vectors.c.image_id, image_vectors.c.model_id],
-                        set_={c: ins.excluded[c] for c in ("version", "sku", "content_hash", "indexed_at")},
-                    ),
-                    vector_rows,
-                )
+            if vector_rows:
+                self._put_vectors(conn, list(vector_rows.values()))
             if serving_rows:
-                conn.execute(
-                    images.update()
-                    .where(images.c.image_id == sa.bindparam("b_id"))
-                    .values(
-                        state=ImageState.indexed,
-                        outcome="indexed",
-                        reason=None,
-                        detail=None,
-                        content_hash=sa.bindparam("b_hash"),
-                        model_id=sa.bindparam("b_model"),
-                        updated_at=now,
-                        indexed_at=now,
-                    ),
-                    serving_rows,
-                )
+                self._set_indexed(conn, list(serving_rows.values()), now)
             self._mark_dirty(conn, dirty, now)
         return recorded, dirty
+
+    @staticmethod
+    def _put_vectors(conn: Connection, rows: list[dict]) -> None:
+        """Upsert ``image_vectors`` rows (no key twice). PostgreSQL: one statement over arrays
+        (``unnest``), not one execution per row; elsewhere (SQLite, in-process) one per row."""
+        if conn.dialect.name == "postgresql":
+            cols = ("image_id", "model_id", "version", "sku", "content_hash")
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO image_vectors ({', '.join(cols)}, indexed_at) "
+                    f"SELECT {', '.join('u.' + c for c in cols)}, :now FROM unnest("
+                    + ", ".join(f"CAST(:{c} AS varchar[])" for c in cols)
+                    + f") AS u({', '.join(cols)}) ON CONFLICT (image_id, model_id) DO UPDATE SET "
+                    "version = excluded.version, sku = excluded.sku, content_hash = excluded.content_hash, "
+                    "indexed_at = excluded.indexed_at"
+                ),
+                {"now": rows[0]["indexed_at"], **{c: [r[c] for r in rows] for c in cols}},
+            )
+            return
+        ins = _dialect_insert(conn)(image_vectors)
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=[image_vectors.c.image_id, image_vectors.c.model_id],
+                set_={c: ins.excluded[c] for c in ("version", "sku", "content_hash", "indexed_at")},
+            ),
+            rows,
+        )
+
+    @staticmethod
+    def _set_indexed(conn: Connection, rows: list[dict], now: datetime) -> None:
+        """Mark images indexed with their content hash and model (``b_id``, ``b_hash``, ``b_model``).
+        PostgreSQL: one ``UPDATE … FROM unnest(…)``; elsewhere one execution per image."""
+        if conn.dialect.name == "postgresql":
+            conn.execute(
+                sa.text(
+                    "UPDATE images SET state = :state, outcome = 'indexed', reason = NULL, detail = NULL, "
+                    "content_hash = u.h, model_id = u.m, updated_at = :now, indexed_at = :now "
+                    "FROM unnest(CAST(:ids AS varchar[]), CAST(:hashes AS varchar[]), CAST(:models AS varchar[])) "
+                    "AS u(id, h, m) WHERE images.image_id = u.id"
+                ),
+                {
+                    "state": str(ImageState.indexed), "now": now, "ids": [r["b_id"] for r in rows],
+                    "hashes": [r["b_hash"] for r in rows], "models": [r["b_model"] for r in rows],
+                },
+            )  # fmt: skip
+            return
+        conn.execute(
+            images.update()
+            .where(images.c.image_id == sa.bindparam("b_id"))
+            .values(
+                state=ImageState.indexed, outcome="indexed", reason=None, detail=None, content_hash=sa.bindparam("b_hash"),
+                model_id=sa.bindparam("b_model"), updated_at=now, indexed_at=now,
+            ),
+            rows,
+        )  # fmt: skip
 
     def vector_rows(self, image_id: str) -> dict[str, tuple[str, str]]:
         """``model_id -> (content_hash, sku)`` of the vectors each model version holds for an image."""
@@ -889,9 +924,20 @@ class Ledger(HousekeepingMixin):
         return _row(conn.execute(q).first())
 
     def _mark_dirty(self, conn: Connection, sku_ids: Iterable[str], now: datetime) -> None:
-        rows = [{"sku": sku} for sku in sorted(set(sku_ids))]  # sorted: a stable lock order between writers
-        if rows:
-            conn.execute(_sku_upsert(conn, now), rows)
+        ids = sorted(set(sku_ids))  # sorted: a stable lock order between writers
+        if not ids:
+            return
+        if conn.dialect.name == "postgresql":  # one statement over an array, not one execution per SKU
+            conn.execute(
+                sa.text(
+                    "INSERT INTO skus (sku, dirty_gen, clean_gen, image_count, updated_at) "
+                    "SELECT s, 1, 0, 0, :now FROM unnest(CAST(:ids AS varchar[])) WITH ORDINALITY AS u(s, n) ORDER BY n "
+                    "ON CONFLICT (sku) DO UPDATE SET dirty_gen = skus.dirty_gen + 1, updated_at = excluded.updated_at"
+                ),
+                {"ids": ids, "now": now},
+            )
+            return
+        conn.execute(_sku_upsert(conn, now), [{"sku": sku} for sku in ids])
 
 
 def _records(row: ImageRow, event: ImageEvent, request_id: str) -> bool:
@@ -929,6 +975,6 @@ def _sku_upsert(conn: Connection, now: datetime) -> sa.Insert:
     )
 
 
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+def _chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
