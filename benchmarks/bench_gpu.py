@@ -309,7 +309,8 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated sections to leave out")
     ap.add_argument(
         "--runs", default="e2e_big,e2e_small,e2e_big_nvjpeg,e2e_small_nvjpeg",
-        help="end-to-end runs: e2e_<big|small>[_redis][_nvjpeg][_c<CPU worker processes>], comma-separated",
+        help="end-to-end runs: e2e_<big|small>[_redis][_nvjpeg][_serial][_c<CPU worker processes>], comma-separated "
+        "(_serial: IMGSYNC_ENCODE_OVERLAP=off, the encode worker without write-behind)",
     )  # fmt: skip
     ap.add_argument(
         "--redis-server", default="", help="a redis-server binary: also run end to end on a Redis broker (+ pixel store)"
@@ -353,12 +354,14 @@ def main() -> None:
             r["images_per_s"] = round(naive(args.model, big[: args.naive_images], server.uri, "cuda" if cuda else "cpu"), 2)
     runs = []
     redis = None
-    for i, name in enumerate(args.runs.split(",")):  # e2e_<big|small>[_redis][_nvjpeg][_c<CPU worker processes>]
+    for i, name in enumerate(args.runs.split(",")):  # e2e_<big|small>[_redis][_nvjpeg][_serial][_c<CPU workers>]
         parts = name.split("_")
         extra: dict[str, object] = {"worker_concurrency": spare}
         for part in parts[2:]:
             if part == "nvjpeg":
                 extra["jpeg_decode"] = "encoder"
+            elif part == "serial":
+                extra["encode_overlap"] = "off"
             elif part == "redis":
                 if not args.redis_server:
                     raise SystemExit(f"{name}: needs --redis-server")
@@ -366,7 +369,7 @@ def main() -> None:
             elif part.startswith("c") and part[1:].isdigit():
                 extra["worker_concurrency"] = int(part[1:])
             else:
-                raise SystemExit(f"{name}: unknown part {part!r} (redis, nvjpeg, c<N>)")
+                raise SystemExit(f"{name}: unknown part {part!r} (redis, nvjpeg, serial, c<N>)")
         runs.append((name, work / parts[1], extra))
     if args.redis_server:
         redis = subprocess.Popen(
