@@ -208,12 +208,16 @@ class ImageBatches(Batches):
     #: images buffered since the last flush
     _images = 0
     #: the requests of the latest flushes whose writes are still under way, oldest first
-    _held: list[list[Any]] = []  # noqa: RUF012 - set per task in Strategy
+    _held: list[list[Any]]
     #: the consumer's process, when its pool is the solo pool (task bodies run in it)
     _solo_pid: int | None = None
     #: when the oldest message waiting for a flush came (monotonic), and the last message or flush
     _waiting_since: float | None = None
     _last_activity = 0.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held = []
 
     def Strategy(self, task: Batches, app: Any, consumer: Any) -> Any:  # noqa: N802 - celery's name
         handler = super().Strategy(task, app, consumer)
