@@ -20,6 +20,7 @@ from schemas.reasons import Reason
 from schemas.tasks import EncodeBatchPayload, EncodePayload, PreprocessBatchPayload, PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
 from worker.dispatch import IMAGES_HEADER, TASK_ENCODE, GatheringDispatcher
+from worker.encode_flush import even_chunks
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.metrics import metrics
 
@@ -335,21 +336,6 @@ def images_in(headers: Any) -> int:
         return max(1, int((headers or {}).get(IMAGES_HEADER, 1)))
     except (TypeError, ValueError, AttributeError):
         return 1
-
-
-def even_chunks(items: list[Any], most: int) -> list[list[Any]]:
-    """``items`` in as few chunks of at most ``most`` as possible, of sizes that differ by one at
-    most (261 at 256: 131 + 130, not 256 + 5)."""
-    if not items:
-        return []
-    k = -(-len(items) // max(1, most))
-    size, extra = divmod(len(items), k)
-    out, start = [], 0
-    for i in range(k):
-        end = start + size + (i < extra)
-        out.append(items[start:end])
-        start = end
-    return out
 
 
 class SkuTask(Task):

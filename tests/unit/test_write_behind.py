@@ -16,6 +16,8 @@ def _batch(name: str, images: int = 2) -> SimpleNamespace:
 
 
 def test_batches_are_written_in_order_in_one_thread_and_counted() -> None:
+    """One stage: batches are written by the writer thread in the order submitted (the first being
+    the slowest), and their outcome counts are collected once."""
     written: list[tuple[str, str]] = []
 
     def write(b):  # type: ignore[no-untyped-def]
