@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from time import monotonic
 from collections import Counter
+from time import monotonic
 from typing import Any
 
 from celery import Task
@@ -20,11 +20,10 @@ from schemas.reasons import Reason
 from schemas.tasks import EncodeBatchPayload, EncodePayload, PreprocessBatchPayload, PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
 from worker.dispatch import IMAGES_HEADER, TASK_ENCODE, GatheringDispatcher
-from worker.encode_flush import even_chunks
 from worker.errors import ImgsyncError, PermanentError, TransientError
 from worker.metrics import metrics
 
-__all__ = ["ImageTask", "ImageBatchTask", "ImageBatches", "SkuTask", "dead_letter", "encode_payloads", "even_chunks", "images_in"]
+__all__ = ["ImageTask", "ImageBatchTask", "ImageBatches", "SkuTask", "dead_letter", "encode_payloads", "images_in"]
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +256,9 @@ class ImageBatches(Batches):
         messages are acknowledged by a later flush, once written. Older held ones are acknowledged."""
         if not self._held and not self.can_hold():
             return super().flush(requests)
-        self._last_activity = monotonic()  # what the tick measures quiet from (set again on return)
 
         def on_return(result: Any) -> None:
-            self._last_activity = monotonic()
+            self._last_activity = monotonic()  # what the tick measures quiet from
             self._held.append(list(requests))
             keep = int(result.get("held_flushes", 0)) if isinstance(result, dict) else 0
             while len(self._held) > keep:

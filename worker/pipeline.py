@@ -426,6 +426,7 @@ def _start_group(
     """Decode the group's handed-over JPEGs and queue its forward pass; the outcome instead when
     nothing is left to encode or the whole group failed."""
     live = [p for p, _ in entries]  # the items whose outcome is still open
+    failed = retried = 0
     try:
         version = rt.version_for(model_id)
         if version is None:
@@ -439,7 +440,7 @@ def _start_group(
         vectors = encoder.encode_async([px for _, px in items])
         launch = time.perf_counter() - started
     except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-        return _group_failed(rt, dispatch, model_id, live, exc)
+        return EncodeResult(0, 0, retried, failed) + _group_failed(rt, dispatch, model_id, live, exc)
     return StartedGroup(model_id, version, live, vectors, launch, EncodeResult(0, 0, retried, failed))
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from worker.pipeline import StartedEncode
 
@@ -58,7 +58,7 @@ class WriteBehind:
     def submit(self, flush: int, started: StartedEncode) -> None:
         """Queue ``started`` (from flush number ``flush``) for writing after what is queued."""
         while len(self._jobs) >= self._depth:
-            self._settle(self._jobs[0], wait=True)
+            self._settle_oldest()
         if not self._pools:
             self._pools = [
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"imgsync-writer-{i}") for i in range(len(self._stages))
@@ -71,12 +71,12 @@ class WriteBehind:
     def drain(self) -> None:
         """Wait until everything submitted is written."""
         while self._jobs:
-            self._settle(self._jobs[0], wait=True)
+            self._settle_oldest()
 
     def collect(self) -> Counter[str]:
         """The outcomes of the batches written since the last call (finished jobs leave the queue)."""
         while self._jobs and self._jobs[0].future.done():
-            self._settle(self._jobs[0], wait=False)
+            self._settle_oldest()
         out, self._done = self._done, Counter()
         return out
 
@@ -91,9 +91,11 @@ class WriteBehind:
         undone = [j.flush for j in self._jobs if not j.future.done()]
         return current - min(undone) + 1 if undone else 0
 
-    def _settle(self, job: _Job, *, wait: bool) -> None:
+    def _settle_oldest(self) -> None:
+        """Wait for the oldest job, count its outcomes, drop it."""
+        job = self._jobs[0]
         try:
-            self._done.update(job.future.result() if wait else job.future.result(timeout=0))
+            self._done.update(job.future.result())
         except Exception:  # noqa: BLE001 - write() handles its faults; a bug in it must not stop the worker
             # the images stay pending in the ledger, and the redrive sends them again
             log.exception("encode: writing a batch of %d images failed unexpectedly", job.images)

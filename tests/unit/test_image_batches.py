@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import os
 import uuid
-from time import monotonic
 from queue import Queue
+from time import monotonic
 from types import SimpleNamespace
 
 import pytest
 from celery_batches import Batches
 
 import tasks.pipeline  # noqa: F401 - registers the encode task
-from tasks.base import ImageBatches, even_chunks, images_in
+from tasks.base import ImageBatches, images_in
 from worker import celery_app
 from worker.dispatch import IMAGES_HEADER, TASK_ENCODE
+from worker.encode_flush import even_chunks
 
 
 def _req(images: int | None, eta: object = None) -> SimpleNamespace:
