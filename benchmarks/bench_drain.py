@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,7 +162,9 @@ def main() -> None:
 def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy (``pip install py-spy``) sampling ``pid`` until SIGINT, collapsed stacks to ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["py-spy", "record", "-p", str(pid), "-r", "200", "--format", "raw", "-o", str(out), "--nonblocking"]
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    # --idle --threads: waits are samples too, per thread (the writers wait on Milvus and the ledger)
+    cmd = [exe, "record", "-p", str(pid), "-r", "200", "--format", "raw", "-o", str(out), "--nonblocking", "--idle", "--threads"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

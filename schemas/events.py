@@ -9,7 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "Action",
@@ -19,6 +19,7 @@ __all__ = [
     "normalize_uri",
     "normalize_version",
     "path_from_uri",
+    "URI_NORMALIZED",
     "VERSION_WIDTH",
 ]
 
@@ -26,6 +27,12 @@ __all__ = [
 VERSION_WIDTH = 40
 
 _SCHEMES = ("file", "s3", "http", "https")
+#: how a normalized uri starts (:func:`normalize_uri`'s output)
+_NORMAL_PREFIXES = ("file:///", "s3://", "http://", "https://")
+#: validation context key: the uris were normalized where the message was made (a task payload
+#: between stages). A uri in normal form is then taken as it is: re-resolving a ``file://`` path
+#: on the receiving worker costs a ``realpath`` per image and could even name another file there.
+URI_NORMALIZED = "uri_normalized"
 
 
 class Action(StrEnum):
@@ -71,6 +78,16 @@ def normalize_uri(value: str) -> str:
     return Path(value).expanduser().resolve().as_uri()
 
 
+def _looks_normal(uri: str) -> bool:
+    """Whether ``uri`` has the form :func:`normalize_uri` gives (without resolving anything)."""
+    if not uri.startswith(_NORMAL_PREFIXES) or uri != uri.strip():
+        return False
+    if not uri.startswith("file:"):
+        return True
+    path = uri[7:]
+    return "//" not in path and "/./" not in path and "/../" not in path and not path.endswith(("/.", "/.."))
+
+
 def path_from_uri(uri: str) -> Path:
     """The local path of a ``file://`` uri."""
     parsed = urlparse(uri)
@@ -109,7 +126,9 @@ class ImageEvent(BaseModel):
 
     @field_validator("uri")
     @classmethod
-    def _uri(cls, value: str) -> str:
+    def _uri(cls, value: str, info: ValidationInfo) -> str:
+        if info.context and info.context.get(URI_NORMALIZED) and _looks_normal(value):
+            return value
         return normalize_uri(value)
 
     @field_validator("version", mode="before")

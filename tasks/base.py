@@ -16,6 +16,7 @@ from celery_batches import Batches, SimpleRequest, consume_queue
 from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
+from schemas.events import URI_NORMALIZED
 from schemas.reasons import Reason
 from schemas.tasks import EncodeBatchPayload, EncodePayload, PreprocessBatchPayload, PreprocessPayload, SkuRefreshPayload
 from worker import celery_app, pipeline
@@ -50,6 +51,10 @@ def dead_letter(task: str, body: Any, error: str) -> str:
     return "invalid"
 
 
+#: encode payloads are made by the preprocess stage from events whose uris it normalized
+_BETWEEN_STAGES = {URI_NORMALIZED: True}
+
+
 def encode_payloads(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> list[EncodePayload]:
     """The valid encode payloads of one message (one, or a batch's items); a malformed message or
     item is dead-lettered on its own."""
@@ -64,7 +69,7 @@ def encode_payloads(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -
     out: list[EncodePayload] = []
     for item in raw:
         try:
-            out.append(EncodePayload.model_validate(item))
+            out.append(EncodePayload.model_validate(item, context=_BETWEEN_STAGES))
         except ValidationError as exc:
             shown = item if len(raw) > 1 else {"args": list(args), "kwargs": kwargs}
             dead_letter(TASK_ENCODE, shown, str(exc))

@@ -18,6 +18,32 @@ def test_local_paths_become_file_uris(tmp_path: Path) -> None:
     assert normalize_uri(p.resolve().as_uri()) == p.resolve().as_uri()
 
 
+def test_uris_normalized_between_stages_are_not_resolved_again(tmp_path: Path) -> None:
+    """An encode payload's uri was normalized where the message was made: the encode worker takes
+    it as it is (no realpath per image, and the image id stays the one the ledger row has) unless
+    it is not in normal form."""
+    from tasks.base import encode_payloads
+
+    target = tmp_path / "real.jpg"
+    target.write_bytes(b"x")
+    link = tmp_path / "link.jpg"
+    link.symlink_to(target)
+    as_made = link.absolute().as_uri()  # normal form, but resolving would follow the link
+    assert normalize_uri(as_made) == target.resolve().as_uri() != as_made
+
+    item = {"event": {"uri": as_made, "sku": "S"}, "content_hash": "h", "pixel_key": "k"}
+    (payload,) = encode_payloads(({"items": [item]},), {})
+    assert payload.event.uri == as_made
+    assert payload.event.image_id == image_id_for(as_made)
+
+    unusual = [f"file://{tmp_path}/./real.jpg", f"file://{tmp_path}/sub/../real.jpg", f"file:///{tmp_path}/real.jpg",
+               str(target), f" {target.as_uri()}"]  # fmt: skip
+    items = [{"event": {"uri": u, "sku": "S"}, "content_hash": "h", "pixel_key": "k"} for u in unusual]
+    assert [p.event.uri for p in encode_payloads(({"items": items},), {})] == [target.resolve().as_uri()] * len(unusual)
+    # without the context (a source's event), a normal-form uri is resolved as before
+    assert ImageEvent.model_validate({"uri": as_made, "sku": "S"}).uri == target.resolve().as_uri()
+
+
 def test_remote_uris_kept_and_bad_schemes_refused() -> None:
     """s3/http uris are kept as given; unknown schemes and missing hosts are refused."""
     assert normalize_uri("s3://bucket/a/b.jpg") == "s3://bucket/a/b.jpg"
