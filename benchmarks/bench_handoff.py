@@ -106,7 +106,6 @@ def feed_rate(
     the CPU worker node's CPU milliseconds per image meanwhile (prefork parent and children, /proc):
     what sizes the cores a GPU box needs, whatever else shares this machine's cores."""
     from benchmarks.bench_scale import _tree_cpu_seconds
-
     from config.settings import Settings
     from worker.cli.indexing import collect_events
     from worker.cli.stack import EmbeddedStack

@@ -7,7 +7,7 @@ from typing import Any
 from config.settings import BatchConfig
 from schemas.tasks import PreprocessPayload, SkuRefreshPayload
 from tasks.base import ImageBatches, ImageBatchTask, ImageTask, SkuTask, encode_payloads
-from worker import pipeline
+from worker import pipeline, sku_refresh
 from worker.celery_app import app, dispatcher, runtime
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU, Dispatcher
 from worker.encode_flush import EncodeFlusher
@@ -45,7 +45,7 @@ _FLUSHER = EncodeFlusher(runtime, dispatcher)
 
 @app.task(name=TASK_REFRESH_SKU, base=SkuTask, bind=False)
 def refresh_sku(payload: SkuRefreshPayload) -> str:
-    results = pipeline.refresh_skus(runtime(), payload.all_skus)
+    results = sku_refresh.refresh_skus(runtime(), payload.all_skus)
     return ",".join(sorted(set(results.values())))
 
 

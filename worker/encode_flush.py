@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from schemas.tasks import EncodePayload
-from worker import pipeline
+from worker import encode_stage, pipeline
 from worker.dispatch import Dispatcher
 from worker.health import gate
 from worker.runtime import Runtime
@@ -72,29 +72,29 @@ class EncodeFlusher:
                 total["held_flushes"] = behind.open_flushes(self.flushes)
         return dict(total)
 
-    def _start(self, chunk: list[EncodePayload], total: Counter[str]) -> pipeline.StartedEncode | None:
+    def _start(self, chunk: list[EncodePayload], total: Counter[str]) -> encode_stage.StartedEncode | None:
         try:
-            return pipeline.start_encode(self._rt(), self._dispatch(), chunk)
+            return encode_stage.start_encode(self._rt(), self._dispatch(), chunk)
         except Exception:  # noqa: BLE001 - start_encode handles item faults; this is the ledger/broker itself
             log.exception("encode: batch of %d could not be started: re-publishing", len(chunk))
             pipeline.republish_encode(self._dispatch(), self._rt().settings, chunk)
             total["retried"] += len(chunk)
             return None
 
-    def _upsert(self, started: pipeline.StartedEncode) -> pipeline.UpsertedEncode | Counter[str]:
+    def _upsert(self, started: encode_stage.StartedEncode) -> encode_stage.UpsertedEncode | Counter[str]:
         """The first write stage: wait for the vectors, upsert them (or the outcomes, when the batch
         had to be re-published)."""
         try:
-            return pipeline.upsert_encode(self._rt(), self._dispatch(), started)
+            return encode_stage.upsert_encode(self._rt(), self._dispatch(), started)
         except Exception:  # noqa: BLE001 - upsert_encode handles group faults; this is the ledger/broker itself
             return self._republish(started.payloads)
 
-    def _record(self, upserted: pipeline.UpsertedEncode | Counter[str]) -> Counter[str]:
+    def _record(self, upserted: encode_stage.UpsertedEncode | Counter[str]) -> Counter[str]:
         """The second write stage: record the upserted batch in the ledger; its outcomes."""
         if isinstance(upserted, Counter):
             return upserted
         try:
-            return Counter(pipeline.record_encode(self._rt(), self._dispatch(), upserted).__dict__)
+            return Counter(encode_stage.record_encode(self._rt(), self._dispatch(), upserted).__dict__)
         except Exception:  # noqa: BLE001 - record_encode handles group faults; this is the ledger/broker itself
             return self._republish(upserted.payloads)
 
@@ -104,7 +104,7 @@ class EncodeFlusher:
         return Counter(retried=len(payloads))
 
 
-def _on_device(started: pipeline.StartedEncode) -> bool:
+def _on_device(started: encode_stage.StartedEncode) -> bool:
     return any(g.vectors.on_device for g in started.groups)
 
 

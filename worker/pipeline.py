@@ -1,5 +1,7 @@
-"""The pipeline stages as plain functions over a :class:`Runtime` and a :class:`Dispatcher`:
-preprocess one event, encode a micro-batch, refresh one SKU. Tasks call exactly one of these.
+"""The pipeline's preprocess stage and what every stage shares, as plain functions over a
+:class:`Runtime` and a :class:`Dispatcher`: submit events, preprocess them (fetch, decode, crop,
+fit to the model), record a failure or retry. The encode stage is :mod:`worker.encode_stage`, the
+SKU stage :mod:`worker.sku_refresh`. Tasks call exactly one function of these modules.
 """
 
 from __future__ import annotations
@@ -7,11 +9,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -21,46 +20,29 @@ from schemas.events import Action, CropBox, ImageEvent
 from schemas.reasons import Reason
 from schemas.tasks import EncodePayload, PreprocessPayload
 from worker.dispatch import Dispatcher
-from worker.encoders.base import Encoder, PendingVectors, l2_normalize
-from worker.errors import ImgsyncError, PermanentError, TransientError
+from worker.encoders.base import Encoder
+from worker.errors import ImgsyncError, PermanentError
 from worker.fetch import fetch_bytes
-from worker.health import TRIPPING_REASONS, gate, probe_device
 from worker.imaging.decode import decode_and_crop
-from worker.imaging.device_decode import JpegHandoff, decode_batch, plan_handoff
-from worker.index import ImageEntity
-from worker.index.milvus_store import VersionNames
-from worker.ledger import ImageRow, ImageState, IndexedImage, KnownImage, Ledger, VersionRow
-from worker.metrics import Metrics, metrics
-from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
+from worker.imaging.device_decode import JpegHandoff, plan_handoff
+from worker.ledger import ImageRow, ImageState, KnownImage, Ledger, VersionRow
+from worker.metrics import metrics
 from worker.runtime import Runtime
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "submit",
     "preprocess",
     "read_ahead",
-    "encode_batch",
-    "start_encode",
-    "finish_encode",
-    "StartedEncode",
-    "upsert_encode",
-    "record_encode",
-    "UpsertedEncode",
-    "refresh_skus",
     "prepare_pixels",
+    "model_pixels",
     "record_failure",
+    "requeue_encode",
     "republish_encode",
+    "remove_vectors",
     "backoff_seconds",
-    "EncodeResult",
 ]
 
 log = logging.getLogger(__name__)
-
-#: Rounds a SKU refresh repeats while its SKU keeps changing under it.
-SKU_REFRESH_ROUNDS = 5
-
 
 def backoff_seconds(attempt: int, cap: float, base: float = 1.0) -> float:
     """Exponential backoff with jitter: 50–100 % of ``base * 2**attempt`` seconds, capped at ``cap``
@@ -288,360 +270,6 @@ def remove_vectors(rt: Runtime, image_ids: Sequence[str]) -> None:
     """Delete images' vectors from every active version's collection."""
     for v in rt.active_versions():
         rt.store.delete_images(rt.names_for(v).images, image_ids)
-
-
-@dataclass(frozen=True)
-class EncodeResult:
-    indexed: int
-    skipped: int
-    retried: int
-    failed: int
-
-    def __add__(self, other: EncodeResult) -> EncodeResult:
-        return EncodeResult(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values(), strict=True)))
-
-
-@dataclass
-class StartedGroup:
-    """One model version's share of a started micro-batch: its items and their queued vectors."""
-
-    model_id: str
-    version: VersionRow
-    live: list[EncodePayload]
-    vectors: PendingVectors
-    launch_seconds: float
-    #: items of the group failed or retried before the forward pass (JPEGs that would not decode)
-    settled: EncodeResult
-
-
-@dataclass
-class StartedEncode:
-    """A micro-batch whose forward passes are queued (:func:`start_encode`); :func:`finish_encode`
-    writes it. ``settled``: the outcomes known at the start (stale, failed or retried items)."""
-
-    payloads: list[EncodePayload]
-    groups: list[StartedGroup]
-    settled: EncodeResult
-
-    @property
-    def images(self) -> int:
-        return sum(len(g.live) for g in self.groups)
-
-
-def encode_batch(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> EncodeResult:
-    """Encode a micro-batch and write its vectors, grouped by model version. Never raises: a bad item
-    is failed or re-published on its own, and a failure of a whole group (Milvus down, device error)
-    re-publishes each of its items with backoff."""
-    return finish_encode(rt, dispatch, start_encode(rt, dispatch, payloads))
-
-
-def start_encode(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePayload]) -> StartedEncode:
-    """The first half of :func:`encode_batch`: sort out stale items, read the pixels, decode the
-    handed-over JPEGs and queue each model version's forward pass on its device
-    (:meth:`Encoder.encode_async`). On CUDA it returns while the device computes, and the caller
-    can write the previous micro-batch meanwhile; :func:`finish_encode` then writes this one."""
-    versions = rt.ledger.current_versions([p.event.image_id for p in payloads])
-    entries: dict[str, list[tuple[EncodePayload, np.ndarray | JpegHandoff]]] = {}
-    failed = retried = 0
-    wanted: list[EncodePayload] = []
-    stale: list[str] = []
-    for p in payloads:
-        current = versions.get(p.event.image_id)
-        model_id = p.model_id or rt.serving().model_id
-        if (
-            current is None
-            or current[0] != p.event.version
-            or current[1] == ImageState.deleted
-            or rt.version_for(model_id) is None  # a newer event owns the image, or the version retired
-        ):
-            stale.append(p.pixel_key)
-            continue
-        wanted.append(p.model_copy(update={"model_id": model_id}))
-    rt.pixels.delete_many(stale)
-    for p, px in zip(wanted, rt.pixels.get_many([p.pixel_key for p in wanted]), strict=True):
-        if px is None:  # expired or evicted: redo the preprocessing here rather than fail
-            try:
-                digest, px = prepare_pixels(rt, p.event, rt.encoder_for(p.model_id))
-                p = p.model_copy(update={"content_hash": digest})
-            except ImgsyncError as exc:
-                outcome = record_failure(rt, dispatch, p, exc)
-                failed += outcome == "failed"
-                retried += outcome == "retried"
-                continue
-        entries.setdefault(p.model_id, []).append((p, px))
-    settled = EncodeResult(0, len(stale), retried, failed)
-    groups: list[StartedGroup] = []
-    for model_id, items in entries.items():
-        group = _start_group(rt, dispatch, model_id, items)
-        if isinstance(group, StartedGroup):
-            groups.append(group)
-        else:
-            settled += group
-    return StartedEncode(list(payloads), groups, settled)
-
-
-def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> EncodeResult:
-    """The second half of :func:`encode_batch`: :func:`upsert_encode`, then :func:`record_encode`.
-    Never raises for a group's fault (its items are retried alone)."""
-    return record_encode(rt, dispatch, upsert_encode(rt, dispatch, started))
-
-
-@dataclass
-class UpsertedEncode:
-    """A started micro-batch whose vectors are in Milvus (:func:`upsert_encode`): what
-    :func:`record_encode` records. ``settled``: the outcomes known so far (failed groups included)."""
-
-    payloads: list[EncodePayload]
-    groups: list[tuple[StartedGroup, VersionNames]]
-    settled: EncodeResult
-
-
-def upsert_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> UpsertedEncode:
-    """Wait for each group's vectors and upsert them into Milvus; a group that fails (device error,
-    Milvus down) has its items retried alone."""
-    settled = started.settled
-    done: list[tuple[StartedGroup, VersionNames]] = []
-    for group in started.groups:
-        names = _upsert_group(rt, dispatch, group)
-        if isinstance(names, EncodeResult):
-            settled += names
-        else:
-            done.append((group, names))
-    return UpsertedEncode(started.payloads, done, settled)
-
-
-def record_encode(rt: Runtime, dispatch: Dispatcher, upserted: UpsertedEncode) -> EncodeResult:
-    """Record upserted groups in the ledger, drop their pixels, ask for the SKU refresh; count the
-    batch's outcomes."""
-    total = upserted.settled
-    for group, names in upserted.groups:
-        total += _record_group(rt, dispatch, group, names)
-    _count_encode(indexed=total.indexed, skipped=total.skipped, retried=total.retried, failed=total.failed)
-    return total
-
-
-def _start_group(
-    rt: Runtime, dispatch: Dispatcher, model_id: str, entries: list[tuple[EncodePayload, np.ndarray | JpegHandoff]]
-) -> StartedGroup | EncodeResult:
-    """Decode the group's handed-over JPEGs and queue its forward pass; the outcome instead when
-    nothing is left to encode or the whole group failed."""
-    live = [p for p, _ in entries]  # the items whose outcome is still open
-    failed = retried = 0
-    try:
-        version = rt.version_for(model_id)
-        if version is None:
-            raise TransientError(Reason.index_unavailable, f"model version {model_id} is no longer active")
-        encoder = rt.encoder_for(model_id)
-        items, failed, retried = _decode_handoffs(rt, dispatch, encoder, entries)
-        live = [p for p, _ in items]
-        if not items:
-            return EncodeResult(0, 0, retried, failed)
-        started = time.perf_counter()
-        vectors = encoder.encode_async([px for _, px in items])
-        launch = time.perf_counter() - started
-    except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-        return EncodeResult(0, 0, retried, failed) + _group_failed(rt, dispatch, model_id, live, exc)
-    return StartedGroup(model_id, version, live, vectors, launch, EncodeResult(0, 0, retried, failed))
-
-
-def _upsert_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup) -> VersionNames | EncodeResult:
-    """Wait for a started group's vectors and upsert them: the collections written, or the
-    group's outcome when it failed (each item retried alone)."""
-    m = metrics()
-    model_id, live = group.model_id, group.live
-    try:
-        started = time.perf_counter()
-        vectors = group.vectors.result()
-        m.stage_seconds.labels("encode").observe(group.launch_seconds + time.perf_counter() - started)
-        names = rt.names_for(group.version)
-        m.batch_size.labels(model_id).observe(len(live))
-        record_gpu_memory(m)
-        now_ms = int(time.time() * 1000)
-        started = time.perf_counter()
-        rt.store.upsert_images(
-            names,
-            [
-                ImageEntity(
-                    image_id=p.event.image_id,
-                    sku=p.event.sku,
-                    uri=p.event.uri,
-                    vector=v,
-                    content_hash=p.content_hash,
-                    model_id=model_id,
-                    indexed_at=now_ms,
-                )
-                for p, v in zip(live, vectors, strict=True)
-            ],
-        )
-        m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
-    except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-        return group.settled + _group_failed(rt, dispatch, model_id, live, exc)
-    return names
-
-
-def _record_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup, names: VersionNames) -> EncodeResult:
-    """Record an upserted group in the ledger (an image deleted meanwhile leaves Milvus again), drop
-    its pixels, observe its lag, ask for its SKUs' refresh."""
-    m = metrics()
-    model_id, live = group.model_id, group.live
-    recorded, dirty = rt.ledger.mark_indexed(
-        [IndexedImage(p.event.image_id, p.event.version, p.content_hash, model_id, p.request_id) for p in live]
-    )
-    done = set(recorded)
-    overtaken = [p.event.image_id for p in live if p.event.image_id not in done]
-    if overtaken:  # a delete may have run while we encoded: never resurrect a deleted image
-        now = rt.ledger.current_versions(overtaken)
-        gone = [i for i in overtaken if now.get(i, ("", ImageState.deleted))[1] == ImageState.deleted]
-        rt.store.delete_images(names.images, gone)
-    now = time.time()
-    rt.pixels.delete_many([p.pixel_key for p in live])
-    for p in live:
-        if p.event.image_id in done:
-            m.lag_seconds.labels(model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
-    if dirty:
-        dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
-    return group.settled + EncodeResult(len(recorded), len(overtaken), 0, 0)
-
-
-def _group_failed(
-    rt: Runtime, dispatch: Dispatcher, model_id: str, live: list[EncodePayload], exc: Exception
-) -> EncodeResult:
-    """A whole group failed (Milvus down, device error): each of its open items retries alone, and
-    a device or index fault pauses the worker."""
-    err = exc if isinstance(exc, ImgsyncError) else TransientError(Reason.device_error, repr(exc))
-    if err.reason in TRIPPING_REASONS:
-        gate().trip(f"{err.reason}: {err}")  # stop taking work until a probe passes
-    log.warning("encode batch of %d (%s) failed (%s): re-publishing each item", len(live), model_id, exc)
-    failed = retried = 0
-    for p in live:
-        outcome = record_failure(rt, dispatch, p, err, keep_pixels=True)
-        failed += outcome == "failed"
-        retried += outcome == "retried"
-    return EncodeResult(0, 0, retried, failed)
-
-
-def _decode_handoffs(
-    rt: Runtime, dispatch: Dispatcher, encoder: Encoder, entries: list[tuple[EncodePayload, np.ndarray | JpegHandoff]]
-) -> tuple[list[tuple[EncodePayload, np.ndarray | torch.Tensor]], int, int]:
-    """The group's model inputs: handed-over JPEGs decoded in one batch on the encoder's device; a
-    picture the device refuses is decoded from the same bytes on the CPU, and a file that fails
-    there too is recorded with its reason. Returns ``(items, failed, retried)``."""
-    jpegs = [(i, e) for i, (_, e) in enumerate(entries) if isinstance(e, JpegHandoff)]
-    if not jpegs:
-        return list(entries), 0, 0  # type: ignore[arg-type]
-    limits = rt.settings.imaging
-    with metrics().stage_seconds.labels("device_decode").time():
-        decoded = decode_batch(
-            [(e, entries[i][0].event.crop) for i, e in jpegs],
-            encoder.preprocess_cfg,
-            encoder.load().device,
-            auto_trim=limits.auto_trim,
-            max_chunk_pixels=limits.device_chunk_pixels,
-        )
-    refused = [px for px in decoded if isinstance(px, Exception)]
-    if len(refused) == len(decoded) and (broken := probe_device(str(encoder.device))) is not None:
-        # not the files: the device itself (the whole group retries, and the worker pauses)
-        raise TransientError(Reason.device_error, f"JPEG decode on {broken}") from refused[0]
-    items: list[tuple[EncodePayload, np.ndarray | torch.Tensor] | None] = list(entries)  # type: ignore[arg-type]
-    failed = retried = fallbacks = 0
-    for (i, handoff), px in zip(jpegs, decoded, strict=True):
-        p = entries[i][0]
-        if isinstance(px, Exception):
-            fallbacks += 1
-            log.info("device decode of %s failed (%s: %s): decoding it on the CPU", p.event.uri, type(px).__name__, px)
-            try:
-                px = model_pixels(rt, handoff.data, p.event.crop, encoder)
-            except ImgsyncError as exc:
-                outcome = record_failure(rt, dispatch, p, exc)
-                failed += outcome == "failed"
-                retried += outcome == "retried"
-                items[i] = None
-                continue
-        items[i] = (p, px)
-    counter = metrics().images
-    counter.labels("device_decode", "decoded").inc(len(jpegs) - fallbacks)
-    if fallbacks:
-        counter.labels("device_decode", "fallback").inc(fallbacks)
-    return [it for it in items if it is not None], failed, retried
-
-
-def _count_encode(**outcomes: int) -> None:
-    for outcome, n in outcomes.items():
-        if n:
-            metrics().images.labels("encode", outcome).inc(n)
-
-
-def record_gpu_memory(m: Metrics) -> None:
-    """Set the GPU memory gauges from torch (nothing without CUDA)."""
-    snapshot = gpu_memory_snapshot()
-    for device, kinds in snapshot.items():
-        for kind, value in kinds.items():
-            m.gpu_memory.labels(device, kind).set(value)
-    if snapshot:  # NVML only where torch sees a GPU
-        for device, reading in nvml_snapshot().items():
-            m.gpu_utilization.labels(device).set(reading["utilization"])
-            m.gpu_temperature.labels(device).set(reading["temperature"])
-
-
-def refresh_skus(rt: Runtime, sku_ids: Sequence[str]) -> dict[str, str]:
-    """Recompute SKU vectors as the normalized mean of their current image vectors (fetched by primary
-    key), for many SKUs at once: one membership query, one vector fetch and one upsert per version for
-    all of them. Repeats for the SKUs that changed under it, so the last write reads the newest
-    membership. Returns ``sku -> clean|written|deleted``."""
-    with metrics().stage_seconds.labels("sku_refresh").time():
-        results = _refresh_skus(rt, sorted(set(sku_ids)))
-    for result in results.values():
-        metrics().images.labels("sku", result).inc()
-    return results
-
-
-def _refresh_skus(rt: Runtime, sku_ids: list[str]) -> dict[str, str]:
-    results = dict.fromkeys(sku_ids, "clean")
-    gens = rt.ledger.sku_generations(sku_ids)
-    todo = [s for s in sku_ids if gens[s][0] > gens[s][1]]  # the others are clean already
-    for _ in range(SKU_REFRESH_ROUNDS):
-        if not todo:
-            return results
-        versions = rt.active_versions()
-        counts: dict[str, dict[str, int]] = {}
-        for version in versions:  # every active version keeps its SKU vectors true
-            outcome, counts[version.model_id] = _refresh_skus_in(rt, version, todo)
-            results.update(outcome)
-        serving = versions[0]
-        todo = rt.ledger.finish_skus(
-            [(s, gens[s][0], counts[serving.model_id][s]) for s in todo], serving.model_id
-        )
-        if todo:
-            gens.update(rt.ledger.sku_generations(todo))
-    raise TransientError(
-        Reason.index_unavailable, f"sku(s) {', '.join(todo[:5])} kept changing during {SKU_REFRESH_ROUNDS} refreshes"
-    )
-
-
-def _refresh_skus_in(rt: Runtime, version: VersionRow, sku_ids: list[str]) -> tuple[dict[str, str], dict[str, int]]:
-    """Write (or delete) one version's vectors of ``sku_ids``; returns what happened and image counts."""
-    names = rt.names_for(version)
-    members = rt.ledger.sku_members_many(sku_ids, version.model_id)
-    wanted = [i for ids in members.values() for i in ids]
-    vectors = rt.store.image_vectors(names.images, wanted) if wanted else {}
-    outcome: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    rows: list[tuple[str, np.ndarray, int]] = []
-    for sku in sku_ids:
-        held = [vectors[i] for i in members[sku] if i in vectors]  # members are sorted by image id
-        if len(held) < len(members[sku]):
-            log.warning(
-                "sku %s: %d of %d member vectors missing in %s",
-                sku, len(members[sku]) - len(held), len(members[sku]), names.images,
-            )  # fmt: skip
-        counts[sku] = len(held)
-        outcome[sku] = "written" if held else "deleted"
-        if held:
-            rows.append((sku, l2_normalize(np.mean(np.stack(held), axis=0)), len(held)))
-    if rows:
-        rt.store.upsert_skus(names, rows)
-    rt.store.delete_skus(names, [s for s in sku_ids if outcome[s] == "deleted"])
-    return outcome, counts
 
 
 def record_failure(

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from worker.pipeline import StartedEncode
+from worker.encode_stage import StartedEncode
 
 __all__ = ["WriteBehind"]
 

@@ -20,7 +20,7 @@ from schemas.events import CropBox, ImageEvent
 from schemas.tasks import EncodePayload, PreprocessPayload
 from tests.helpers import photo
 from tests.integration.test_pipeline import RecordingDispatcher, run_until_idle
-from worker import pipeline
+from worker import encode_stage, pipeline
 from worker.dispatch import TASK_ENCODE
 from worker.imaging.device_decode import JpegHandoff
 from worker.ledger import upgrade
@@ -88,7 +88,7 @@ def test_jpegs_are_handed_over_and_indexed_like_the_cpu_path(handoff_env, tmp_pa
     assert entries[1].orientation == 6  # type: ignore[union-attr]
     decoded_before = _count("decoded")
 
-    result = pipeline.encode_batch(rt, d, sent)
+    result = encode_stage.encode_batch(rt, d, sent)
     run_until_idle(rt, d)
 
     assert (result.indexed, result.failed) == (4, 0)
@@ -118,7 +118,7 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(handoff_env, tmp_path: 
     monkeypatch.setattr(device_decode, "_decode_chunk", refuse_the_second)
     before = (_count("decoded"), _count("fallback"))
 
-    result = pipeline.encode_batch(rt, d, sent)
+    result = encode_stage.encode_batch(rt, d, sent)
 
     assert (result.indexed, result.failed) == (3, 0)
     assert (_count("decoded") - before[0], _count("fallback") - before[1]) == (2, 1)
@@ -144,7 +144,7 @@ def test_a_broken_jpeg_is_recorded_with_its_reason_and_spares_its_batch(handoff_
     assert isinstance(rt.pixels.get(sent[1].pixel_key), JpegHandoff)
     failures_before = metrics().failures.labels("corrupt")._value.get()
 
-    result = pipeline.encode_batch(rt, d, sent)
+    result = encode_stage.encode_batch(rt, d, sent)
 
     assert (result.indexed, result.failed) == (2, 1)
     row = rt.ledger.get(events[1].image_id)
@@ -179,7 +179,7 @@ def test_a_lost_handoff_entry_is_prepared_again(handoff_env, tmp_path: Path) -> 
     (body, _), = d.take(TASK_ENCODE)
     payload = EncodePayload.model_validate(body)
     rt.pixels.delete(payload.pixel_key)
-    assert pipeline.encode_batch(rt, d, [payload]).indexed == 1
+    assert encode_stage.encode_batch(rt, d, [payload]).indexed == 1
 
 
 def test_a_device_refusing_every_picture_is_a_device_fault(handoff_env, tmp_path: Path, monkeypatch) -> None:
@@ -192,10 +192,10 @@ def test_a_device_refusing_every_picture_is_a_device_fault(handoff_env, tmp_path
     settings, rt, d = handoff_env
     events, sent = _three_handed_over(rt, d, tmp_path, seed=50)
     monkeypatch.setattr(device_decode, "_decode_chunk", lambda handoffs, device: [RuntimeError("CUDA error: an illegal memory access")] * len(handoffs))
-    monkeypatch.setattr(pipeline, "probe_device", lambda device: f"device {device}: CUDA error: an illegal memory access")
+    monkeypatch.setattr(encode_stage, "probe_device", lambda device: f"device {device}: CUDA error: an illegal memory access")
     monkeypatch.setattr(health, "_gate", health.Gate())  # this test's own gate
     fallbacks_before = _count("fallback")
-    result = pipeline.encode_batch(rt, d, sent)
+    result = encode_stage.encode_batch(rt, d, sent)
     assert (result.indexed, result.retried, result.failed) == (0, 3, 0)
     assert not health.gate().is_open()
     assert _count("fallback") == fallbacks_before

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from worker.celery_app import configure
 from worker import embedded_broker
+from worker.celery_app import configure
 from worker.embedded_broker import broker_url
 from worker.procs import start_time
 

@@ -4,12 +4,11 @@ or over-long body) come from a small local HTTP server speaking S3's error forma
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 

@@ -16,7 +16,7 @@ from config.settings import Settings
 from schemas.events import Action, ImageEvent
 from schemas.tasks import EncodePayload, PreprocessPayload, SkuRefreshPayload
 from tests.helpers import photo
-from worker import pipeline
+from worker import encode_stage, pipeline, sku_refresh
 from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_REFRESH_SKU, Dispatcher
 from worker.index.lite_server import free_port
 from worker.ledger import upgrade
@@ -66,9 +66,9 @@ def run_until_idle(rt: Runtime, d: RecordingDispatcher) -> None:
             pipeline.preprocess(rt, d, PreprocessPayload.model_validate(body))
         enc = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
         if enc:
-            pipeline.encode_batch(rt, d, enc)
+            encode_stage.encode_batch(rt, d, enc)
         for body, _ in d.take(TASK_REFRESH_SKU):
-            pipeline.refresh_skus(rt, SkuRefreshPayload.model_validate(body).all_skus)
+            sku_refresh.refresh_skus(rt, SkuRefreshPayload.model_validate(body).all_skus)
         if not d.sent:
             return
 
@@ -102,7 +102,7 @@ def test_missing_pixels_are_recomputed(env, tmp_path: Path) -> None:
     (body, _), = d.take(TASK_ENCODE)
     payload = EncodePayload.model_validate(body)
     rt.pixels.delete(payload.pixel_key)
-    result = pipeline.encode_batch(rt, d, [payload])
+    result = encode_stage.encode_batch(rt, d, [payload])
     assert result.indexed == 1
     assert rt.ledger.get(e.image_id).state == "indexed"  # type: ignore[union-attr]
 
@@ -118,7 +118,7 @@ def test_bad_item_does_not_fail_batch_mates(env, tmp_path: Path) -> None:
     payloads = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
     rt.pixels.delete(payloads[1].pixel_key)
     files[1].unlink()
-    result = pipeline.encode_batch(rt, d, payloads)
+    result = encode_stage.encode_batch(rt, d, payloads)
     assert (result.indexed, result.failed) == (3, 1)
     row = rt.ledger.get(events[1].image_id)
     assert row is not None and (row.state, row.reason) == ("failed", "not_found")
@@ -139,13 +139,13 @@ def test_milvus_down_retries_with_backoff_then_gives_up(env, tmp_path: Path, mak
     retries = metrics().retries.labels("index_unavailable")
     before = retries._value.get()
     for attempt in range(2):
-        result = pipeline.encode_batch(dead, d, [payload])
+        result = encode_stage.encode_batch(dead, d, [payload])
         assert result.retried == 1
         (body, countdown), = d.take(TASK_ENCODE)
         payload = EncodePayload.model_validate(body)
         assert payload.attempt == attempt + 1 and countdown and countdown > 0
         assert dead.ledger.get(e.image_id).state == "pending"  # type: ignore[union-attr]
-    result = pipeline.encode_batch(dead, d, [payload])
+    result = encode_stage.encode_batch(dead, d, [payload])
     assert result.failed == 1
     row = dead.ledger.get(e.image_id)
     assert row is not None and (row.state, row.reason) == ("failed", "retries_exhausted")
@@ -198,7 +198,7 @@ def test_encode_after_delete_does_not_resurrect(env, tmp_path: Path) -> None:
     pipeline.preprocess(rt, d, PreprocessPayload(event=e))
     (body, _), = d.take(TASK_ENCODE)
     pipeline.preprocess(rt, d, PreprocessPayload(event=ImageEvent(uri=e.uri, sku=sku, action=Action.delete)))
-    result = pipeline.encode_batch(rt, d, [EncodePayload.model_validate(body)])
+    result = encode_stage.encode_batch(rt, d, [EncodePayload.model_validate(body)])
     assert result.indexed == 0
     assert rt.store.image_vectors(rt.names().images, [e.image_id]) == {}
 
@@ -298,7 +298,7 @@ def test_one_encode_batch_refreshes_its_skus_with_one_message(env, tmp_path: Pat
     for e in events:
         pipeline.preprocess(rt, d, PreprocessPayload(event=e))
     enc = [EncodePayload.model_validate(b) for b, _ in d.take(TASK_ENCODE)]
-    assert pipeline.encode_batch(rt, d, enc).indexed == len(events)
+    assert encode_stage.encode_batch(rt, d, enc).indexed == len(events)
     ((body, countdown),) = d.take(TASK_REFRESH_SKU)
     payload = SkuRefreshPayload.model_validate(body)
     assert payload.all_skus == sorted(skus) and countdown == pytest.approx(0.5)
@@ -309,7 +309,7 @@ def test_one_encode_batch_refreshes_its_skus_with_one_message(env, tmp_path: Pat
     for name in ("image_vectors", "upsert_skus", "upsert_sku"):
         original = getattr(rt.store, name)
         setattr(rt.store, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
-    assert pipeline.refresh_skus(rt, payload.all_skus) == dict.fromkeys(skus, "written")
+    assert sku_refresh.refresh_skus(rt, payload.all_skus) == dict.fromkeys(skus, "written")
     assert sorted(calls) == ["image_vectors", "sku_members_many", "upsert_skus"]
     names = rt.names()
     vecs = rt.store.image_vectors(names.images, [e.image_id for e in events])
@@ -322,7 +322,7 @@ def test_one_encode_batch_refreshes_its_skus_with_one_message(env, tmp_path: Pat
     assert rt.ledger.sku_counts()[1] == 0
     # again: every SKU is clean, nothing is read or written
     calls.clear()
-    assert pipeline.refresh_skus(rt, skus) == dict.fromkeys(skus, "clean")
+    assert sku_refresh.refresh_skus(rt, skus) == dict.fromkeys(skus, "clean")
     assert calls == []
 
 
@@ -336,7 +336,7 @@ def _two_skus_indexed(
         e = ImageEvent(uri=str(write_image(root / sku / f"{name}.jpg", seed)), sku=sku)
         pipeline.preprocess(rt, d, PreprocessPayload(event=e))
         out.append((sku, e))
-    pipeline.encode_batch(rt, d, [EncodePayload.model_validate(x) for x, _ in d.take(TASK_ENCODE)])
+    encode_stage.encode_batch(rt, d, [EncodePayload.model_validate(x) for x, _ in d.take(TASK_ENCODE)])
     return out
 
 
@@ -349,7 +349,7 @@ def test_a_batch_refresh_writes_some_skus_and_deletes_emptied_ones(env, tmp_path
     assert pipeline.preprocess(rt, d, PreprocessPayload(event=ImageEvent(uri=b.uri, sku=empty, action=Action.delete))) == "deleted"
     d.take(TASK_REFRESH_SKU)
     rt.ledger.mark_dirty([keep])  # both dirty, refreshed together
-    assert pipeline.refresh_skus(rt, [keep, empty]) == {keep: "written", empty: "deleted"}
+    assert sku_refresh.refresh_skus(rt, [keep, empty]) == {keep: "written", empty: "deleted"}
     assert [r["sku"] for r in rt.store.get_skus(names.skus, [keep, empty])] == [keep]
     assert rt.ledger.sku_counts()[1] == 0
 
@@ -370,6 +370,6 @@ def test_a_sku_changing_during_a_batch_refresh_is_computed_again(env, tmp_path: 
         return original(sku_ids, model_id)
 
     rt.ledger.sku_members_many = members  # type: ignore[method-assign]
-    assert pipeline.refresh_skus(rt, [one, two]) == {one: "written", two: "written"}
+    assert sku_refresh.refresh_skus(rt, [one, two]) == {one: "written", two: "written"}
     assert rounds == [sorted([one, two]), [two]]
     assert rt.ledger.sku_counts()[1] == 0

@@ -17,14 +17,13 @@ from schemas.events import ImageEvent
 from schemas.tasks import EncodePayload, PreprocessPayload
 from tests.conftest import REDIS_URL
 from tests.integration.test_pipeline import RecordingDispatcher, write_image
-from worker import pipeline
+from worker import encode_stage, pipeline
 from worker.dispatch import TASK_ENCODE
 from worker.errors import TransientError
 from worker.index.lite_server import free_port
 from worker.ledger import upgrade
 from worker.pixels import DirectoryPixelStore, RedisPixelStore, open_pixel_store
 from worker.runtime import Runtime
-
 
 
 def _pixels(seed: int) -> np.ndarray:
@@ -147,7 +146,7 @@ def test_evicted_entry_is_recomputed_to_the_same_vector(redis_env, tmp_path: Pat
     keys = [RedisPixelStore.prefix + p.pixel_key for p in payloads]
     assert all(0 < client.ttl(k) <= 300 for k in keys)
     client.delete(keys[1])  # evicted
-    result = pipeline.encode_batch(rt, d, payloads)
+    result = encode_stage.encode_batch(rt, d, payloads)
     assert result.indexed == 2 and result.failed == 0
     assert client.exists(*keys) == 0  # consumed entries are removed, not left to expire
     vecs = rt.store.image_vectors(rt.names().images, [e.image_id for e in events])

@@ -19,7 +19,7 @@ from kombu.exceptions import OperationalError
 from schemas.events import ImageEvent
 from schemas.tasks import PreprocessPayload
 from tests.helpers import photo
-from worker import celery_app, health, pipeline
+from worker import celery_app, encode_stage, health, pipeline
 from worker.dispatch import IMAGES_HEADER, TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, Dispatcher, preprocess_chunk
 from worker.ledger import Ledger, make_engine, upgrade
 
@@ -200,8 +200,8 @@ def test_one_encode_message_carries_a_batchs_images_into_milvus_in_model_batches
     Milvus, equal to the model's vector of the image, and every ledger row says indexed."""
     events, body = _batch_encode_message(batch_env, tmp_path, 5)
     sizes: list[int] = []
-    real = pipeline.start_encode
-    monkeypatch.setattr(pipeline, "start_encode", lambda rt, d, ps: sizes.append(len(ps)) or real(rt, d, ps))
+    real = encode_stage.start_encode
+    monkeypatch.setattr(encode_stage, "start_encode", lambda rt, d, ps: sizes.append(len(ps)) or real(rt, d, ps))
     task = celery_app.app.tasks[TASK_ENCODE]
     monkeypatch.setattr(task, "flush_images", 2)
 
@@ -232,14 +232,14 @@ def test_write_behind_writes_in_its_thread_while_the_flush_returns(
     monkeypatch.setattr(task, "overlap", "on")
     monkeypatch.setattr(task, "_solo_pid", os.getpid())
     gate, writer_threads = threading.Event(), set()
-    real = pipeline.upsert_encode
+    real = encode_stage.upsert_encode
 
     def held_up(rt, d, started):  # type: ignore[no-untyped-def]
         writer_threads.add(threading.current_thread().name)
         assert gate.wait(30)
         return real(rt, d, started)
 
-    monkeypatch.setattr(pipeline, "upsert_encode", held_up)
+    monkeypatch.setattr(encode_stage, "upsert_encode", held_up)
     rt = celery_app.runtime()
     names = rt.names_for(rt.version_for(rt.serving().model_id))  # type: ignore[arg-type]
     ids = [e.image_id for e in events]

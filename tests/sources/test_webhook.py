@@ -24,8 +24,8 @@ import pytest
 from typer.testing import CliRunner
 
 from schemas.events import image_id_for
-from tests.sources.test_s3events import minio_body
 from tests.sources.conftest import REGION
+from tests.sources.test_s3events import minio_body
 from tests.sources.test_sqs import jpeg, state, wait_for
 from tests.stack import Stack
 from worker.cli.main import app as cli_app

@@ -81,9 +81,7 @@ def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
 
 def publish(settings: Settings, events: Sequence[ImageEvent], *, force: bool = False) -> str:
     """Publish preprocess tasks for ``events``; returns the request id that tags them in the ledger."""
-    from worker.celery_app import configure, dispatcher
-
-    from worker.celery_app import runtime
+    from worker.celery_app import configure, dispatcher, runtime
     from worker.pipeline import settle_unchanged, submit
 
     configure(settings)

@@ -16,11 +16,6 @@ from rich.table import Table
 
 from config.settings import Settings
 from schemas.outputs import SearchHit, SearchOutput, StatusOutput
-from worker.cli.failures import failures_app
-from worker.cli.reindex import reindex
-from worker.cli.sources import sources_app
-from worker.cli.evaluate import evaluate
-from worker.cli.versions import cutover, retire, rollback
 from worker.cli.common import (
     EXIT_FAILURES,
     State,
@@ -33,6 +28,11 @@ from worker.cli.common import (
     plain,
     settings_from,
 )
+from worker.cli.evaluate import evaluate
+from worker.cli.failures import failures_app
+from worker.cli.reindex import reindex
+from worker.cli.sources import sources_app
+from worker.cli.versions import cutover, retire, rollback
 from worker.encoders.hub import check_weights_available
 from worker.encoders.spec import parse_spec
 from worker.errors import ConfigError

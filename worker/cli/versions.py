@@ -252,8 +252,7 @@ def _ledger_session(ctx: typer.Context) -> Iterator[tuple[Settings, Ledger]]:
 
 
 def _switch(settings: Settings, ledger: Ledger, target: VersionRow, *, force: bool, json_out: bool, verb: str) -> None:
-    from worker.index.milvus_store import store_for
-    from worker.index.milvus_store import VersionNames
+    from worker.index.milvus_store import VersionNames, store_for
 
     before = ledger.serving_version()
     cov = ledger.coverage(target.model_id)

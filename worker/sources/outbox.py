@@ -46,6 +46,7 @@ from sqlalchemy.engine import Connection, Row
 from config.settings import Settings
 from schemas.events import Action, CropBox, ImageEvent, normalize_uri
 from worker.cli.common import err_console, handle_errors, settings_from
+from worker.ledger.db import safe_url
 from worker.sources.catalog_db import (
     NOTIFY_CHANNEL,
     SETTING,
@@ -57,7 +58,6 @@ from worker.sources.catalog_db import (
     same_database,
     upgrade_catalog,
 )
-from worker.ledger.db import safe_url
 
 __all__ = ["OutboxRelay", "RelayStats", "command"]
 
