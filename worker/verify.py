@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,15 +45,6 @@ class VerifyReport:
         return len(self.missing) + len(self.orphans) + len(self.stale) + len(self.sku_mismatch)
 
 
-def _milvus_rows(store: MilvusStore, collection: str, fields: list[str]) -> Iterator[dict]:
-    it = store.client.query_iterator(collection, batch_size=_PAGE, filter="", output_fields=fields)
-    try:
-        while batch := it.next():
-            yield from batch
-    finally:
-        it.close()
-
-
 def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
     """Compare every ledger row with the serving collections (fetching vectors by primary key)."""
     report = VerifyReport()
@@ -69,7 +59,7 @@ def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
     report.model_id = model_id
     in_milvus = {
         r["image_id"]: (r.get("content_hash"), r.get("model_id"))
-        for r in _milvus_rows(store, IMAGES_ALIAS, ["image_id", "content_hash", "model_id"])
+        for r in store.rows(IMAGES_ALIAS, ["image_id", "content_hash", "model_id"], _PAGE)
     }
     members: dict[str, list[str]] = defaultdict(list)
     indexed: set[str] = set()
@@ -99,7 +89,7 @@ def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
 
 
 def _check_skus(store: MilvusStore, members: dict[str, list[str]], present: set[str]) -> list[str]:
-    stored = {r["sku"]: r for r in _milvus_rows(store, SKUS_ALIAS, ["sku", "vector", "image_count"])}
+    stored = {r["sku"]: r for r in store.rows(SKUS_ALIAS, ["sku", "vector", "image_count"], _PAGE)}
     bad = set(stored) - set(members)  # SKU vectors whose SKU has no images left
     for sku, ids in members.items():
         row = stored.get(sku)

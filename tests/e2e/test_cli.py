@@ -136,7 +136,9 @@ def test_status_json(home: Path, milvus_uri: str, monkeypatch: pytest.MonkeyPatc
 
 def test_demo_runs_and_prints_search(tmp_path: Path) -> None:
     """`imgsync demo` on a fresh home (no hub here) falls back to tiny with a notice, indexes the
-    synthetic catalog, prints a search table, and stops its stack cleanly."""
+    synthetic catalog, prints a search table, and stops its stack cleanly; then, with nothing
+    running, `search` and `verify` serve the data it left (their own server loads the collections
+    it finds released)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
     env["IMGSYNC_HOME"] = str(tmp_path / "demo-home")
     proc = subprocess.run(
@@ -158,6 +160,25 @@ def test_demo_runs_and_prints_search(tmp_path: Path) -> None:
     )
     doc = json.loads(status.stdout)
     assert doc["ledger"]["indexed"] == 24
+
+    photo_file = next((tmp_path / "demo-home" / "demo-catalog").rglob("*.jpg"))
+    for args in (["--image", str(photo_file)], ["--image", str(photo_file), "--skus"], ["--text", "a red shoe"]):
+        found = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "search", *args, "--limit", "3", "--json"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert found.returncode == 0, found.stderr[-3000:]
+        hits = json.loads(found.stdout)["hits"]
+        assert len(hits) == 3 and all(-1.0 <= h["score"] <= 1.0 + 1e-6 for h in hits)
+        if args == ["--image", str(photo_file)]:  # the indexed photo itself comes first, as itself
+            assert hits[0]["uri"] == photo_file.resolve().as_uri() and hits[0]["score"] > 0.999
+        if "--skus" in args:
+            assert hits[0]["sku"] == photo_file.parent.name
+    checked = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "verify", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert json.loads(checked.stdout)["problems"] == 0
 
 
 @pytest.mark.parametrize("args", [["up"], ["worker", "--queues", "encode"]])

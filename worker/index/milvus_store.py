@@ -12,8 +12,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from worker.errors import ServiceUnavailable, TransientError
 __all__ = ["MilvusStore", "store_for", "IMAGES_ALIAS", "SKUS_ALIAS", "version_names", "ImageEntity", "VersionNames"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IMAGES_ALIAS = "imgsync_images"
 SKUS_ALIAS = "imgsync_skus"
@@ -84,6 +86,8 @@ class MilvusStore:
         self._client = None
         self._lock = threading.Lock()
         self._ready: set[str] = set()
+        #: collections (or aliases) this store has loaded for reading
+        self._loaded: set[str] = set()
 
     # --- connection ----------------------------------------------------------------------------
 
@@ -116,6 +120,7 @@ class MilvusStore:
             finally:
                 self._client = None
                 self._ready.clear()
+                self._loaded.clear()
 
     # --- versions and aliases ------------------------------------------------------------------
 
@@ -148,6 +153,7 @@ class MilvusStore:
             if names.images not in self._ready:
                 for coll in (names.images, names.skus):
                     c.load_collection(coll)  # after a server restart collections come back released
+                    self._loaded.add(coll)
             if serve_if_unset:
                 aliases = set(c.list_aliases().get("aliases", []))
                 if IMAGES_ALIAS not in aliases:
@@ -223,20 +229,21 @@ class MilvusStore:
         ids = list(image_ids)
         with _wrap("get images"):
             for i in range(0, len(ids), 500):
-                for r in self.client.get(
-                    collection, ids=ids[i : i + 500], output_fields=["vector"], consistency_level=CONSISTENCY
+                chunk = ids[i : i + 500]
+                for r in self._read(
+                    collection,
+                    lambda c: c.get(collection, ids=chunk, output_fields=["vector"], consistency_level=CONSISTENCY),
                 ):
                     out[r["image_id"]] = np.asarray(r["vector"], dtype=np.float32)
         return out
 
     def get_images(self, collection: str, image_ids: Sequence[str]) -> list[dict]:
+        fields = ["image_id", "sku", "uri", "vector", "content_hash", "model_id", "indexed_at"]
         with _wrap("get images"):
             return list(
-                self.client.get(
+                self._read(
                     collection,
-                    ids=list(image_ids),
-                    output_fields=["image_id", "sku", "uri", "vector", "content_hash", "model_id", "indexed_at"],
-                    consistency_level=CONSISTENCY,
+                    lambda c: c.get(collection, ids=list(image_ids), output_fields=fields, consistency_level=CONSISTENCY),
                 )
             )
 
@@ -274,13 +281,12 @@ class MilvusStore:
                 self.client.delete(names.skus, ids=[s[:SKU_MAX] for s in sku_ids])
 
     def get_skus(self, collection: str, sku_ids: Sequence[str]) -> list[dict]:
+        fields = ["sku", "vector", "image_count", "model_id"]
         with _wrap("get skus"):
             return list(
-                self.client.get(
+                self._read(
                     collection,
-                    ids=list(sku_ids),
-                    output_fields=["sku", "vector", "image_count", "model_id"],
-                    consistency_level=CONSISTENCY,
+                    lambda c: c.get(collection, ids=list(sku_ids), output_fields=fields, consistency_level=CONSISTENCY),
                 )
             )
 
@@ -294,13 +300,16 @@ class MilvusStore:
         coll = collection or (SKUS_ALIAS if skus else IMAGES_ALIAS)
         fields = ["sku", "image_count"] if skus else ["image_id", "sku", "uri"]
         with _wrap("search"):
-            res = self.client.search(
+            res = self._read(
                 coll,
-                data=[np.asarray(vector, dtype=np.float32).tolist()],
-                limit=limit,
-                output_fields=fields,
-                search_params={"metric_type": "COSINE", "params": self._search_params},
-                consistency_level=CONSISTENCY,
+                lambda c: c.search(
+                    coll,
+                    data=[np.asarray(vector, dtype=np.float32).tolist()],
+                    limit=limit,
+                    output_fields=fields,
+                    search_params={"metric_type": "COSINE", "params": self._search_params},
+                    consistency_level=CONSISTENCY,
+                ),
             )
         hits = []
         for h in res[0]:
@@ -313,8 +322,45 @@ class MilvusStore:
 
     def count(self, collection: str) -> int:
         with _wrap("count"):
-            res = self.client.query(collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY)
+            res = self._read(
+                collection,
+                lambda c: c.query(collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY),
+            )
         return int(res[0]["count(*)"]) if res else 0
+
+    def rows(self, collection: str, fields: list[str], page: int = 1000) -> Iterator[dict]:
+        """Every row of ``collection`` with ``fields``, a page at a time (a query iterator)."""
+        with _wrap("query"):
+            it = self._read(
+                collection, lambda c: c.query_iterator(collection, batch_size=page, filter="", output_fields=fields)
+            )
+        try:
+            while True:
+                with _wrap("query"):
+                    batch = it.next()
+                if not batch:
+                    return
+                yield from batch
+        finally:
+            it.close()
+
+    def _read(self, collection: str, call: Callable[[Any], T]) -> T:
+        """``call(client)`` on a loaded ``collection`` (or alias). A collection comes back released
+        after a server restart, and a command that starts its own embedded server finds every
+        collection released: it is loaded (once per store) before the first read, and again when a
+        read finds it released."""
+        c = self.client
+        if collection not in self._loaded:
+            c.load_collection(collection)
+            self._loaded.add(collection)
+        try:
+            return call(c)
+        except Exception as exc:
+            if not _not_loaded(exc):
+                raise
+            log.info("Milvus collection %s was released: loading it again", collection)
+            c.load_collection(collection)
+            return call(c)
 
     def flush(self) -> None:
         """Persist everything written so far (the Milvus Lite server loses unflushed rows when several
@@ -367,6 +413,14 @@ def store_for(settings, uri: str, *, timeout: float = 30.0) -> MilvusStore:  # t
         index_params=settings.milvus_index_params,
         search_params=settings.milvus_search_params,
     )
+
+
+#: pymilvus error code of a read on a released collection (``call load() before search/get/query``)
+_NOT_LOADED = 101
+
+
+def _not_loaded(exc: Exception) -> bool:
+    return getattr(exc, "code", None) == _NOT_LOADED or "call load()" in str(exc)
 
 
 class _wrap:
