@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -30,8 +31,7 @@ _SCHEMES = ("file", "s3", "http", "https")
 #: how a normalized uri starts (:func:`normalize_uri`'s output)
 _NORMAL_PREFIXES = ("file:///", "s3://", "http://", "https://")
 #: validation context key: the uris were normalized where the message was made (a task payload
-#: between stages). A uri in normal form is then taken as it is: re-resolving a ``file://`` path
-#: on the receiving worker costs a ``realpath`` per image and could even name another file there.
+#: between stages). A uri in normal form is then taken as it is, without parsing it again.
 URI_NORMALIZED = "uri_normalized"
 
 
@@ -60,8 +60,13 @@ class CropBox(BaseModel):
 def normalize_uri(value: str) -> str:
     """Canonical form of an image location: ``file:///abs/path``, ``s3://b/k`` or ``http(s)://…``.
 
+    A local path is made absolute and normalized lexically (``.``, ``..``, repeated ``/``), not
+    resolved: a symbolic link is an image of its own, named by where it lies (in a catalog laid out
+    ``<sku>/<image>``, a link in another SKU's folder is that SKU's image). Reading the file follows
+    the link, and IMGSYNC_FILE_ROOTS is checked on the file it reaches.
+
     Raises:
-        ValueError: an unknown scheme or an empty location.
+        ValueError: an unknown scheme, a ``file://`` uri naming another host, or an empty location.
     """
     value = value.strip()
     if not value:
@@ -69,13 +74,23 @@ def normalize_uri(value: str) -> str:
     parsed = urlparse(value)
     if parsed.scheme in _SCHEMES:
         if parsed.scheme == "file":
-            return Path(unquote(parsed.path)).resolve().as_uri()
+            if parsed.netloc not in ("", "localhost"):
+                raise ValueError(f"uri {value!r} names host {parsed.netloc!r}: file:// uris must be local")
+            return _local_uri(unquote(parsed.path))
         if not parsed.netloc:
             raise ValueError(f"uri {value!r} has no host or bucket")
         return value
     if parsed.scheme and len(parsed.scheme) > 1:  # a Windows drive letter is not a scheme
         raise ValueError(f"uri {value!r} has scheme {parsed.scheme!r}; expected one of {', '.join(_SCHEMES)}")
-    return Path(value).expanduser().resolve().as_uri()
+    return _local_uri(os.path.expanduser(value))
+
+
+def _local_uri(path: str) -> str:
+    """``file://`` uri of a local path: absolute, normalized lexically, links not followed."""
+    path = os.path.normpath(os.path.abspath(path))
+    if path.startswith("//"):  # POSIX keeps a leading "//" apart; a catalog path never means it
+        path = "/" + path.lstrip("/")
+    return Path(path).as_uri()
 
 
 def _looks_normal(uri: str) -> bool:

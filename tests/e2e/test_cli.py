@@ -120,6 +120,42 @@ def test_index_missing_path_is_exit_2(home: Path) -> None:
     assert result.exit_code == 2 and "/no/such/folder" in result.output
 
 
+def test_index_refuses_what_it_cannot_read_as_usage_errors(home: Path) -> None:
+    """An unsupported scheme or a file:// uri naming another host is a usage error saying so."""
+    for target, words in (("ftp://host/S/d.jpg", "not supported"), ("file://fileserver/S/d.jpg", "local file")):
+        result = runner.invoke(app, ["index", target, "--json"])
+        assert result.exit_code == 2 and words in result.output, result.output
+
+
+def test_index_lists_a_catalog_as_it_lies(tmp_path: Path) -> None:
+    """A linked image is its own image in the SKU folder it lies in; a linked SKU folder is walked;
+    a link back up the tree ends there; a file:// uri in imgsync's own percent-encoded form names
+    its file."""
+    from worker.cli.indexing import collect_events
+
+    root = tmp_path / "cat"
+    (root / "SKU-A").mkdir(parents=True)
+    (root / "SKU-A" / "real.jpg").write_bytes(b"a")
+    (root / "SKU-B").mkdir()
+    (root / "SKU-B" / "alias.jpg").symlink_to("../SKU-A/real.jpg")
+    (root / "SKU-A" / "up").symlink_to(root)  # a loop
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "c é.jpg").write_bytes(b"c")
+    (root / "SKU-C").symlink_to(outside)
+    events = {(e.uri, e.sku) for e in collect_events([str(root)], None)}
+    assert events == {
+        ((root / "SKU-A" / "real.jpg").as_uri(), "SKU-A"),
+        ((root / "SKU-B" / "alias.jpg").as_uri(), "SKU-B"),
+        ((root / "SKU-C" / "c é.jpg").as_uri(), "SKU-C"),
+    }
+    single = collect_events([(root / "SKU-B" / "alias.jpg").as_uri(), f"file://localhost{root}/SKU-C/c%20%C3%A9.jpg"], None)
+    assert [(e.uri, e.sku) for e in single] == [
+        ((root / "SKU-B" / "alias.jpg").as_uri(), "SKU-B"),
+        ((root / "SKU-C" / "c é.jpg").as_uri(), "SKU-C"),
+    ]
+
+
 def test_status_json(home: Path, milvus_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """status --json is one valid document; ready when DB, broker and Milvus answer, exit 3 when not."""
     result = runner.invoke(app, ["status", "--json"])

@@ -7,8 +7,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -50,6 +49,8 @@ def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
 
 
 def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
+    from worker.fetch.local import local_path, walk_tree
+
     parsed = urlparse(target)
     if parsed.scheme in ("s3", "http", "https"):
         parts = [p for p in parsed.path.split("/") if p]
@@ -58,24 +59,31 @@ def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
             raise ConfigError(f"{target}: cannot tell its SKU from the key; pass --sku")
         yield target, image_sku
         return
-    path = Path(target[7:] if target.startswith("file://") else target).expanduser()
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"{target}: a file:// uri must name a local file (host {parsed.netloc!r} given)")
+        given = unquote(parsed.path)
+    elif len(parsed.scheme) > 1 and "://" in target:
+        raise ConfigError(f"{target}: scheme {parsed.scheme!r} is not supported; give a path, file://, s3:// or http(s)://")
+    else:
+        given = target
+    path = local_path(given)
     if not path.exists():
         raise ConfigError(f"{target}: no such file or folder")
-    if path.is_file():
-        yield str(path.resolve()), sku or path.resolve().parent.name
+    if path.is_file():  # its SKU is the folder it lies in (not the folder a symbolic link points to)
+        yield str(path), sku or path.parent.name
         return
-    root = path.resolve()
-    for file in sorted(root.rglob("*")):
-        if not file.is_file() or file.suffix.lower() not in IMAGE_SUFFIXES or file.name.startswith("."):
+    for file in walk_tree(path):
+        if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
             continue
-        rel = file.relative_to(root)
+        rel = file.relative_to(path)
         if sku:
             yield str(file), sku
         elif len(rel.parts) >= 2:
             yield str(file), rel.parts[0]
         else:
             raise ConfigError(
-                f"{file}: images directly in {root} have no SKU folder (layout <sku>/<image>); pass --sku"
+                f"{file}: images directly in {path} have no SKU folder (layout <sku>/<image>); pass --sku"
             )
 
 

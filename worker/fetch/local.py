@@ -1,8 +1,9 @@
-"""Fetch from local files, confined to the configured roots."""
+"""Fetch from local files, confined to the configured roots; list a local catalog tree."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from config.settings import FetchConfig
@@ -10,7 +11,7 @@ from schemas.events import path_from_uri
 from schemas.reasons import Reason
 from worker.errors import PermanentError, TransientError
 
-__all__ = ["fetch_local"]
+__all__ = ["fetch_local", "walk_tree", "local_path"]
 
 
 def fetch_local(uri: str, cfg: FetchConfig) -> bytes:
@@ -58,3 +59,29 @@ def fetch_local(uri: str, cfg: FetchConfig) -> bytes:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
+
+
+def local_path(path: str | Path) -> Path:
+    """``path`` made absolute and normalized lexically (links not followed), as image uris name files."""
+    return Path(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
+
+
+def walk_tree(top: Path) -> Iterator[Path]:
+    """Every file under ``top``, sorted, skipping hidden files and folders. Symbolically linked
+    folders are followed (a catalog may link a SKU's folder in), each real folder once, so a link
+    back up the tree ends the walk there instead of looping."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name

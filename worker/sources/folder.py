@@ -35,6 +35,7 @@ import typer
 from config.settings import Settings
 from schemas.events import Action, ImageEvent, path_from_uri
 from worker.cli.common import err_console, handle_errors, settings_from
+from worker.fetch.local import local_path, walk_tree
 
 __all__ = ["FolderSource", "FolderStats", "command"]
 
@@ -83,7 +84,7 @@ class FolderSource:
         from worker.sources.common import publish_events
 
         self.settings = settings
-        self.root = Path(root or settings.effective_watch_folder).expanduser().resolve()
+        self.root = local_path(root or settings.effective_watch_folder)  # as image uris name it
         self._publish = publish or publish_events
         self._pending: dict[Path, tuple[float, bool]] = {}  # path -> (publish after, is a folder)
         self._lock = threading.Lock()
@@ -140,12 +141,10 @@ class FolderSource:
         return stats
 
     def _files(self, top: Path) -> Iterator[ImageEvent]:
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                event = self.upsert_for(Path(dirpath) / name)
-                if event is not None:
-                    yield event
+        for path in walk_tree(top):
+            event = self.upsert_for(path)
+            if event is not None:
+                yield event
 
     def _gone(self, top: Path) -> Iterator[ImageEvent]:
         for row in self.ledger.select(uri_prefix=top.as_uri() + "/"):

@@ -18,30 +18,49 @@ def test_local_paths_become_file_uris(tmp_path: Path) -> None:
     assert normalize_uri(p.resolve().as_uri()) == p.resolve().as_uri()
 
 
-def test_uris_normalized_between_stages_are_not_resolved_again(tmp_path: Path) -> None:
+def test_a_symbolic_link_is_named_by_where_it_lies(tmp_path: Path) -> None:
+    """Local paths are normalized lexically: a link keeps its own uri (its own image, in its own
+    SKU folder), `.`/`..`/repeated slashes and file://localhost are folded, a remote host refused."""
+    target = tmp_path / "SKU-A" / "real.jpg"
+    target.parent.mkdir()
+    target.write_bytes(b"x")
+    link = tmp_path / "SKU-B" / "alias.jpg"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    assert normalize_uri(str(link)) == link.as_uri() != target.as_uri()
+    for form in (f"{tmp_path}/SKU-B/./alias.jpg", f"{tmp_path}/SKU-A/../SKU-B/alias.jpg", f"/{tmp_path}//SKU-B/alias.jpg",
+                 link.as_uri(), f"file://localhost{link}", f"file:///{tmp_path}/SKU-B/alias.jpg"):  # fmt: skip
+        assert normalize_uri(form) == link.as_uri(), form
+    assert normalize_uri(f"file://{tmp_path}/a%20b/caf%C3%A9.jpg") == (tmp_path / "a b" / "café.jpg").as_uri()
+    with pytest.raises(ValueError, match="local"):
+        normalize_uri("file://fileserver/share/x.jpg")
+
+
+def test_uris_normalized_between_stages_are_taken_as_they_are(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An encode payload's uri was normalized where the message was made: the encode worker takes
-    it as it is (no realpath per image, and the image id stays the one the ledger row has) unless
-    it is not in normal form."""
+    a uri in normal form as it is (the image id stays the one the ledger row has), and normalizes
+    one that is not."""
+    from schemas import events
     from tasks.base import encode_payloads
 
     target = tmp_path / "real.jpg"
-    target.write_bytes(b"x")
-    link = tmp_path / "link.jpg"
-    link.symlink_to(target)
-    as_made = link.absolute().as_uri()  # normal form, but resolving would follow the link
-    assert normalize_uri(as_made) == target.resolve().as_uri() != as_made
-
+    as_made = target.as_uri()
+    calls: list[str] = []
+    real = events.normalize_uri
+    monkeypatch.setattr(events, "normalize_uri", lambda v: calls.append(v) or real(v))
     item = {"event": {"uri": as_made, "sku": "S"}, "content_hash": "h", "pixel_key": "k"}
     (payload,) = encode_payloads(({"items": [item]},), {})
-    assert payload.event.uri == as_made
-    assert payload.event.image_id == image_id_for(as_made)
+    assert payload.event.uri == as_made and payload.event.image_id == image_id_for(as_made)
+    assert calls == []  # not parsed again
 
     unusual = [f"file://{tmp_path}/./real.jpg", f"file://{tmp_path}/sub/../real.jpg", f"file:///{tmp_path}/real.jpg",
-               str(target), f" {target.as_uri()}"]  # fmt: skip
+               str(target), f" {as_made}"]  # fmt: skip
     items = [{"event": {"uri": u, "sku": "S"}, "content_hash": "h", "pixel_key": "k"} for u in unusual]
-    assert [p.event.uri for p in encode_payloads(({"items": items},), {})] == [target.resolve().as_uri()] * len(unusual)
-    # without the context (a source's event), a normal-form uri is resolved as before
-    assert ImageEvent.model_validate({"uri": as_made, "sku": "S"}).uri == target.resolve().as_uri()
+    assert [p.event.uri for p in encode_payloads(({"items": items},), {})] == [as_made] * len(unusual)
+    assert len(calls) == len(unusual)
+    # without the context (a source's event), every uri is normalized
+    assert ImageEvent.model_validate({"uri": as_made, "sku": "S"}).uri == as_made
+    assert len(calls) == len(unusual) + 1
 
 
 def test_remote_uris_kept_and_bad_schemes_refused() -> None:
