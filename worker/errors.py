@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from schemas.reasons import Reason
 
 __all__ = [
@@ -10,7 +12,16 @@ __all__ = [
     "TransientError",
     "ConfigError",
     "ServiceUnavailable",
+    "hide_passwords",
 ]
+
+#: ``scheme://user:password@`` in a URL: the password part
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)(?P<secret>[^@/\s]+)@")
+
+
+def hide_passwords(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``: for messages and logs."""
+    return _PASSWORD.sub(lambda m: f"{m['head']}***@", text)
 
 
 class ImgsyncError(Exception):
@@ -43,6 +54,7 @@ class ServiceUnavailable(TransientError):
 
     def __init__(self, service: str, setting: str, target: str, cause: str) -> None:
         reason = Reason.index_unavailable if service.lower().startswith("milvus") else Reason.internal_error
+        target, cause = hide_passwords(target), hide_passwords(cause)
         super().__init__(reason, f"{service} unreachable at {target} ({setting}): {cause}")
         self.service = service
         self.setting = setting

@@ -48,6 +48,32 @@ def test_bad_setting_is_exit_2_one_line(home: Path, monkeypatch: pytest.MonkeyPa
     assert "IMGSYNC_BATCH_MAX" in result.output and "Traceback" not in result.output
 
 
+def test_setting_errors_show_no_secret_and_name_the_variable(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check across settings names them without dumping every value (no token, no password); an
+    unknown .env key keeps its own name; a database password never reaches stderr."""
+    monkeypatch.setenv("IMGSYNC_BROKER_VISIBILITY_TIMEOUT", "10")
+    monkeypatch.setenv("IMGSYNC_MILVUS_TOKEN", "tok-s3cr3t")
+    monkeypatch.setenv("IMGSYNC_DATABASE_URL", f"postgresql+psycopg://u:PGs3cr3t@127.0.0.1:{free_port()}/x")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2 and "IMGSYNC_BROKER_VISIBILITY_TIMEOUT" in result.output, result.output
+    assert "s3cr3t" not in result.output and "IMGSYNC_:" not in result.output
+    monkeypatch.delenv("IMGSYNC_BROKER_VISIBILITY_TIMEOUT")
+    result = runner.invoke(app, ["failures", "list"])
+    assert result.exit_code == 3 and "IMGSYNC_DATABASE_URL" in result.output and "u:***@" in result.output
+    assert "s3cr3t" not in result.output
+    monkeypatch.delenv("IMGSYNC_DATABASE_URL")
+    (home.parent / ".env").write_text("IMGSYNC_NO_SUCH_THING=1\n")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2 and "IMGSYNC_NO_SUCH_THING: " in result.output and "IMGSYNC_IMGSYNC" not in result.output
+
+
+def test_error_text_is_shown_as_given(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error message is not read as rich markup or emoji codes: the value given is shown as it is."""
+    monkeypatch.setenv("IMGSYNC_BATCH_MAX", "x:abc:[red]y[/]")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 2 and "x:abc:[red]y[/]" in result.output, result.output
+
+
 def test_bad_model_spec_is_exit_2(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`worker` with an unknown backend fails at startup naming IMGSYNC_MODEL and the backends."""
     monkeypatch.setenv("IMGSYNC_MODEL", "nope:thing")

@@ -38,8 +38,9 @@ EXIT_FAILURES = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji off: ":abc:" in a model spec, a path or a SKU is text, not an emoji code
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 log = logging.getLogger("imgsync")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,11 +67,32 @@ def settings_from(ctx: typer.Context) -> Settings:
     return state.settings
 
 
+#: words in a setting's name that mark its value as a secret, never shown back
+_SECRET_WORDS = ("token", "secret", "password", "key")
+
+
 def _settings_error(exc: ValidationError) -> str:
+    """One line per invalid setting: its variable, what is wrong, and the value given (passwords in
+    URLs and secret settings hidden; nothing when the check spans several settings)."""
+    from worker.errors import hide_passwords
+
     parts = []
     for err in exc.errors():
         loc = "_".join(str(p) for p in err["loc"]).upper()
-        parts.append(f"IMGSYNC_{loc}: {err['msg']} (got {err.get('input')!r})")
+        if not loc:  # a check across settings: its message names them
+            parts.append(str(err["msg"]).removeprefix("Value error, "))
+            continue
+        name = loc if loc.startswith("IMGSYNC_") else f"IMGSYNC_{loc}"  # a .env key keeps its own name
+        given = err.get("input")
+        if err["type"] == "extra_forbidden":
+            shown = " (not a setting of imgsync)"
+        elif any(w in loc.lower() for w in _SECRET_WORDS):
+            shown = ""
+        elif isinstance(given, (str, int, float, bool)):
+            shown = f" (got {hide_passwords(repr(given))})"
+        else:
+            shown = ""
+        parts.append(f"{name}: {str(err['msg']).removeprefix('Value error, ')}{shown}")
     return "invalid settings: " + "; ".join(parts)
 
 
@@ -115,7 +137,7 @@ def _broker_unreachable(exc: Exception) -> ServiceUnavailable | None:
 def _fail(exc: Exception, code: int, debug: bool) -> None:
     if debug:
         err_console.print_exception()
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
     raise typer.Exit(code)
 
 
