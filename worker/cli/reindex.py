@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from schemas.events import normalize_uri
+from schemas.outputs import IndexOutput
 from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, settings_from
 from worker.errors import ConfigError
 from worker.ledger import ImageState, Ledger, make_engine
@@ -73,12 +74,18 @@ def reindex(
         "estimated_seconds": estimate,
         "measured_images_per_second": round(rate, 3) if rate else None,
     }
-    if dry_run or not rows:
+    if dry_run:
         if json_out:
             emit_json(plan)
         else:
             eta = f"~{estimate:.0f}s at the last hour's {rate:.2f} images/s" if estimate else "unknown (no recent throughput)"
-            console.print(f"{'would re-index' if dry_run else 're-index'} {len(rows)} image(s) over {len(skus)} SKU(s); estimated time {eta}")
+            console.print(f"would re-index {len(rows)} image(s) over {len(skus)} SKU(s); estimated time {eta}")
+        return
+    if not rows:  # answered like `index --wait` (and `failures replay`) with no image: nothing failed
+        if json_out:
+            emit_json(IndexOutput(results=[]))
+        else:
+            console.print(f"nothing to re-index: no image in {' '.join(x for x in (chosen[0], sku or prefix) if x)}")
         return
     events = [r.event("reindex") for r in rows]
     if not json_out:

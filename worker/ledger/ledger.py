@@ -724,19 +724,37 @@ class Ledger(HousekeepingMixin):
                 ).scalar_one()
             )
 
+    #: consecutive indexed images further apart than this (seconds) belong to separate bursts, and
+    #: the idle time between bursts is left out of :meth:`indexing_rate`
+    RATE_BURST_GAP_SECONDS = 30.0
+    #: :meth:`indexing_rate` reads at most this many of the most recently indexed images
+    RATE_SAMPLE_IMAGES = 10_000
+
     def indexing_rate(self, since: datetime) -> float | None:
-        """Images per second while indexing ran since ``since``: the images indexed, over the span
-        from the first to the last of them (at least a second), not over the whole window (a burst
-        of a minute an hour ago is no rate of one image in 4 minutes); None when none was indexed."""
+        """Images per second while indexing ran since ``since``: the most recent images indexed (at
+        most ``RATE_SAMPLE_IMAGES``), over the time indexing was busy. Busy time is the span of each
+        burst (split wherever consecutive images are more than ``RATE_BURST_GAP_SECONDS`` apart; at
+        least a second each), never the window or the idle gaps (two bursts 4 minutes apart are the
+        bursts' rate, not 13 images in 4 minutes); None when none was indexed."""
         with self._reader.connect() as conn:
-            n, first, last = conn.execute(
-                sa.select(sa.func.count(), sa.func.min(images.c.indexed_at), sa.func.max(images.c.indexed_at)).where(
-                    images.c.indexed_at >= since
-                )
-            ).one()
-        if not n:
+            stamps = list(
+                conn.execute(
+                    sa.select(images.c.indexed_at)
+                    .where(images.c.indexed_at >= since)
+                    .order_by(images.c.indexed_at.desc())
+                    .limit(self.RATE_SAMPLE_IMAGES)
+                ).scalars()
+            )
+        if not stamps:
             return None
-        return n / max(1.0, (last - first).total_seconds())
+        busy, burst_end, newer = 0.0, stamps[0], stamps[0]  # newest first: walk back in time
+        for older in stamps[1:]:
+            if (newer - older).total_seconds() > self.RATE_BURST_GAP_SECONDS:  # idle gap: a burst began at `newer`
+                busy += max(1.0, (burst_end - newer).total_seconds())
+                burst_end = older
+            newer = older
+        busy += max(1.0, (burst_end - stamps[-1]).total_seconds())
+        return len(stamps) / busy
 
     # --- reads for the CLI ---------------------------------------------------------------------
 
