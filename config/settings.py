@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
@@ -25,10 +25,24 @@ __all__ = [
     "QueueNames",
     "Settings",
     "DEFAULT_MODEL",
+    "DEVICE_PATTERN",
 ]
 
 #: The serving model of a fresh install: a real pretrained CLIP.
 DEFAULT_MODEL = "open_clip:ViT-B-32@openai"
+
+#: IMGSYNC_DEVICE values (any case); whether the device exists is checked when the model loads.
+DEVICE_PATTERN = r"auto|cpu|cuda(?::\d+)?"
+
+#: pip packages of DBAPI drivers named in SQLAlchemy URLs (``<dialect>+<driver>://``), for install hints
+_DRIVER_PACKAGES = {
+    "psycopg": "'psycopg[binary]'",
+    "psycopg2": "psycopg2-binary",
+    "asyncpg": "asyncpg",
+    "pg8000": "pg8000",
+    "mysqldb": "mysqlclient",
+    "pymysql": "pymysql",
+}
 
 
 @dataclass(frozen=True)
@@ -343,6 +357,38 @@ class Settings(BaseSettings):
             raise ValueError(f"must be redis://… or a directory path, got {value!r}")
         return value
 
+    # The URL checks raise ConfigError, not ValueError: pydantic would echo the raw value, password and all.
+
+    @field_validator("database_url", "catalog_url", mode="after")
+    @classmethod
+    def _database_url(cls, value: str, info: ValidationInfo) -> str:
+        if value:
+            _check_database_url(value, f"IMGSYNC_{str(info.field_name).upper()}")
+        return value
+
+    @field_validator("broker_url", mode="after")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        if value:
+            _check_broker_url(value)
+        return value
+
+    @field_validator("milvus_uri", mode="after")
+    @classmethod
+    def _milvus_uri(cls, value: str) -> str:
+        if value:
+            _check_milvus_uri(value)
+        return value
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(DEVICE_PATTERN, value.strip().lower()):
+            raise ValueError("must be one of auto, cpu, cuda, cuda:N")
+        return value
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
@@ -465,3 +511,96 @@ class Settings(BaseSettings):
                 value = json.dumps(value)
             env[f"IMGSYNC_{name.upper()}"] = str(value)
         return env
+
+
+def _masked(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (also when the URL does not parse), for messages."""
+    from worker.errors import hide_passwords
+
+    return hide_passwords(url)
+
+
+def _check_database_url(url: str, setting: str) -> None:
+    """Refuse a database URL SQLAlchemy cannot parse or whose dialect or driver is not installed.
+
+    Raises:
+        ConfigError: naming ``setting``, with the password masked (and an install hint for a driver).
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from worker.errors import ConfigError
+
+    shown = _masked(url)
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError as exc:
+        raise ConfigError(
+            f"{setting}={shown!r}: unknown database dialect {url.partition(':')[0]!r} "
+            "(imgsync runs on postgresql+psycopg:// and sqlite:///)"
+        ) from exc
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(
+            f"{setting}={shown!r} is not a SQLAlchemy URL ({exc}); e.g. "
+            "postgresql+psycopg://user:password@host:5432/db or sqlite:////absolute/path/state.db"
+        ) from exc
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        driver = parsed.get_driver_name()
+        package = _DRIVER_PACKAGES.get(driver, exc.name or driver)
+        raise ConfigError(
+            f"{setting}={shown!r}: its database driver {driver!r} is not installed ({exc}); "
+            f"install it (pip install {package}) or name an installed one, e.g. postgresql+psycopg://…"
+        ) from exc
+
+
+def _check_broker_url(url: str) -> None:
+    """Refuse a broker URL (or ``;``-separated failover list) with a scheme kombu has no transport for.
+
+    Raises:
+        ConfigError: naming IMGSYNC_BROKER_URL and the valid schemes, with the password masked.
+    """
+    from kombu.transport import TRANSPORT_ALIASES
+
+    from worker.embedded_broker import SCHEME  # noqa: F401 - importing it registers imgsync's own transport
+    from worker.errors import ConfigError
+
+    for one in url.split(";"):
+        scheme, sep, _ = one.strip().partition("://")
+        if sep and scheme.split("+", 1)[0] in TRANSPORT_ALIASES:  # kombu reads sqla+sqlite:// as transport sqla
+            continue
+        problem = f"unknown broker transport {scheme!r}" if sep else "not a URL <scheme>://…"
+        raise ConfigError(
+            f"IMGSYNC_BROKER_URL={_masked(url)!r}: {problem}; valid schemes: "
+            f"{', '.join(sorted(TRANSPORT_ALIASES, key=str.lower))} (e.g. redis://host:6379/0, "
+            "amqp://user:password@host:5672//); empty: the embedded broker under IMGSYNC_HOME"
+        )
+
+
+def _check_milvus_uri(uri: str) -> None:
+    """Refuse a Milvus URI pymilvus would not take: ``http(s)://`` or ``tcp://`` with a host (and a
+    valid port, if any), ``unix:<socket>``, or a local Milvus Lite file ending in ``.db``.
+
+    Raises:
+        ConfigError: naming IMGSYNC_MILVUS_URI and the valid forms.
+    """
+    from urllib.parse import urlsplit
+
+    from worker.errors import ConfigError
+
+    if uri.startswith("unix:") or uri.endswith(".db"):
+        return
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:  # also a malformed IPv6 host
+        pass
+    else:
+        if parts.scheme.lower() in ("http", "https", "tcp") and parts.hostname:
+            return
+    raise ConfigError(
+        f"IMGSYNC_MILVUS_URI={_masked(uri)!r} is not a Milvus URI: use http(s)://host:19530, tcp://host:19530, "
+        "unix:/path/to/socket or a local Milvus Lite file ending in .db; empty: the embedded server under IMGSYNC_HOME"
+    )

@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 #: ``scheme://user:password@`` in a URL: the password part
-_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)(?P<secret>[^@/\s]+)@")
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)(?P<secret>\S*)@")
 
 
 def hide_passwords(text: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from worker.encoders.base import ModelSpec
+from worker.encoders.random_backend import RANDOM_DIM_MAX
 from worker.errors import ConfigError
 
 __all__ = ["parse_spec", "BACKENDS"]
@@ -14,13 +15,14 @@ BACKENDS = ("open_clip", "hf", "timm", "tiny", "random")
 def parse_spec(text: str) -> ModelSpec:
     """Parse ``IMGSYNC_MODEL``.
 
-    ``tiny`` alone is the test model and ``random:<dim>`` the control of ``imgsync evaluate``;
-    otherwise ``backend:name`` with an optional ``@weights`` (a pretrained tag, a hub id or a local
-    path). The name may itself contain ``:`` (open_clip's ``hf-hub:org/repo`` and
-    ``local-dir:/path``).
+    ``tiny`` (or ``tiny@<weights file>``) is the test model and ``random:<dim>`` the control of
+    ``imgsync evaluate``; otherwise ``backend:name`` with an optional ``@weights`` (a pretrained tag,
+    a hub id or a local path). The name may itself contain ``:`` (open_clip's ``hf-hub:org/repo``
+    and ``local-dir:/path``).
 
     Raises:
-        ConfigError: empty parts or an unknown backend; the message lists the valid backends.
+        ConfigError: empty parts, an unknown backend (the message lists the valid backends), a name
+            given to ``tiny``, or a ``random`` spec that is not ``random:<dim>``.
     """
     raw = text.strip()
     if raw == "tiny" or raw.startswith("tiny@"):
@@ -39,4 +41,13 @@ def parse_spec(text: str) -> ModelSpec:
         raise ConfigError(f"IMGSYNC_MODEL={text!r}: empty weights after '@'")
     if not name:
         raise ConfigError(f"IMGSYNC_MODEL={text!r}: empty model name")
+    if backend == "tiny":
+        raise ConfigError(
+            f"IMGSYNC_MODEL={text!r}: the tiny test model takes no name; write tiny (or tiny@/path/to/weights.pt)"
+        )
+    if backend == "random" and (at or not (name.isascii() and name.isdecimal() and 2 <= int(name) <= RANDOM_DIM_MAX)):
+        raise ConfigError(
+            f"IMGSYNC_MODEL={text!r}: the random control is random:<dim>, dim an integer in 2..{RANDOM_DIM_MAX} "
+            "and no @weights, e.g. random:64"
+        )
     return ModelSpec(backend, name, weights or None)
