@@ -1,6 +1,15 @@
 """S3 / MinIO event records → :class:`~schemas.events.ImageEvent`: the part the SQS and webhook
 sources share.
 
+Shapes understood: an S3 ``Records`` body, MinIO's webhook body, S3's ``s3:TestEvent``, an Amazon
+EventBridge S3 event (``"source": "aws.s3"``), and any of these inside an SNS envelope. An EventBridge
+event is first translated into the ``Records`` entry S3 sends for the same change
+(:meth:`schemas.s3.EventBridgeS3Event.to_record`), so every rule below applies to it unchanged:
+``Object Created`` is an upsert, ``Object Deleted`` a delete, other detail types (restore, tags, ACL,
+storage class) are skipped as ``other_event``; its key, sent unencoded, gives the same uri, and its
+``sequencer`` the same version, as the ``Records`` entry of the same change. An EventBridge event from
+another service is not a notification; one from S3 with fields missing is an invalid record.
+
 Rules, in the order they apply to a record:
 
 - **Event kind.** ``ObjectCreated:*`` is an upsert; ``ObjectRemoved:*`` (``Delete``,
@@ -32,6 +41,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -43,7 +53,13 @@ from pydantic import ValidationError
 
 from config.settings import Settings
 from schemas.events import Action, ImageEvent
-from schemas.s3 import MinioWebhookBody, S3EventRecord, S3TestEvent, SnsEnvelope
+from schemas.s3 import (
+    EventBridgeS3Event,
+    MinioWebhookBody,
+    S3EventRecord,
+    S3TestEvent,
+    SnsEnvelope,
+)
 from worker.cli.indexing import IMAGE_SUFFIXES
 
 __all__ = [
@@ -191,7 +207,8 @@ def convert_record(record: S3EventRecord, rules: KeyRules, source: str) -> Image
 
 
 def convert_document(doc: Any, rules: KeyRules, source: str) -> Conversion:
-    """A decoded notification (S3 body, SNS envelope, MinIO webhook body, S3 test event).
+    """A decoded notification (S3 body, SNS envelope, MinIO webhook body, S3 test event, EventBridge
+    S3 event).
 
     Raises:
         InvalidNotification: the document is none of these.
@@ -216,8 +233,15 @@ def convert_document(doc: Any, rules: KeyRules, source: str) -> Conversion:
     if doc.get("Event") == "s3:TestEvent":
         S3TestEvent.model_validate(doc)
         return Conversion(skipped=Counter({Skip.test_event.value: 1}))
+    if "detail-type" in doc or doc.get("source") == "aws.s3":
+        if doc.get("source") != "aws.s3":
+            raise InvalidNotification(
+                f"EventBridge event from source {doc.get('source')!r}: only 'aws.s3' events are S3 notifications"
+            )
+        return _convert_records([doc], rules, source, _eventbridge_record)
     raise InvalidNotification(
-        f"not an S3 event notification: no 'Records', SNS 'Message' or s3:TestEvent (keys: {sorted(doc)[:10]})"
+        "not an S3 event notification: no 'Records', SNS 'Message', s3:TestEvent or EventBridge 'detail-type'"
+        f" (keys: {sorted(doc)[:10]})"
     )
 
 
@@ -230,11 +254,21 @@ def parse_notification(body: str | bytes, rules: KeyRules, source: str) -> Conve
     return convert_document(_loads(body, "body"), rules, source)
 
 
-def _convert_records(records: list[Any], rules: KeyRules, source: str) -> Conversion:
+def _eventbridge_record(raw: Any) -> S3EventRecord:
+    return EventBridgeS3Event.model_validate(raw).to_record()
+
+
+def _convert_records(
+    records: list[Any],
+    rules: KeyRules,
+    source: str,
+    parse: Callable[[Any], S3EventRecord] = S3EventRecord.model_validate,
+) -> Conversion:
+    """Each raw record → parsed by ``parse`` → converted; bad ones set apart, the rest kept."""
     out = Conversion()
     for index, raw in enumerate(records):
         try:
-            record = S3EventRecord.model_validate(raw)
+            record = parse(raw)
             result = convert_record(record, rules, source)
         except ValidationError as exc:
             out.invalid.append(InvalidRecord(index, raw, _first_error(exc)))
