@@ -2,8 +2,8 @@
 
 Long-polls the queue for S3 notifications (plain, Amazon EventBridge S3 events, or either wrapped
 in an SNS envelope) and turns their records into events with :mod:`worker.sources.s3events`. At
-least once: a message is deleted only after its events were published; one whose events could not be published stays in the queue and
-comes back after the visibility timeout. A poison message (not JSON, not a notification) goes to the
+least once: a message is deleted only after its events were published; one whose events could not
+be published stays in the queue and comes back after the visibility timeout. A poison message (not JSON, not a notification) goes to the
 ledger's dead letters with reason ``invalid_event`` and is then deleted, so it can never loop; an
 invalid record is dead-lettered on its own while the valid records of its message are published.
 
