@@ -1,11 +1,12 @@
 """``imgsync sources sqs``: S3 event notifications from an SQS queue → image events.
 
-Long-polls the queue for S3 notifications (plain, Amazon EventBridge S3 events, or either wrapped
-in an SNS envelope) and turns their records into events with :mod:`worker.sources.s3events`. At
-least once: a message is deleted only after its events were published; one whose events could not
-be published stays in the queue and comes back after the visibility timeout. A poison message (not JSON, not a notification) goes to the
-ledger's dead letters with reason ``invalid_event`` and is then deleted, so it can never loop; an
-invalid record is dead-lettered on its own while the valid records of its message are published.
+Long-polls the queue for S3 notifications (plain, Amazon EventBridge S3 events, or either wrapped in
+an SNS envelope) and turns their records into events with :mod:`worker.sources.s3events`. At least
+once: a message is deleted only after its events were published; one whose events could not be
+published stays in the queue and comes back after the visibility timeout. A poison message (not
+JSON, not a notification) goes to the ledger's dead letters with reason ``invalid_event`` and is
+then deleted, so it can never loop; an invalid record is dead-lettered on its own while the valid
+records of its message are published.
 
 The SQS client uses ``IMGSYNC_S3_ENDPOINT_URL`` and ``IMGSYNC_S3_REGION`` (moto and LocalStack serve
 S3 and SQS on one endpoint); with no endpoint set, a queue URL outside AWS (ElasticMQ, LocalStack) is
