@@ -66,11 +66,14 @@ def normalize_uri(value: str) -> str:
     the link, and IMGSYNC_FILE_ROOTS is checked on the file it reaches.
 
     Raises:
-        ValueError: an unknown scheme, a ``file://`` uri naming another host, or an empty location.
+        ValueError: an unknown scheme, a ``file://`` uri naming another host, a NUL character, or an
+            empty location.
     """
     value = value.strip()
     if not value:
         raise ValueError("empty image uri")
+    if "\x00" in value:  # no file or key name can hold it, and PostgreSQL's text refuses it
+        raise ValueError(f"uri {value!r} contains a NUL character")
     parsed = urlparse(value)
     if parsed.scheme in _SCHEMES:
         if parsed.scheme == "file":

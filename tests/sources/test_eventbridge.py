@@ -38,10 +38,14 @@ from worker.sources.s3events import (
 
 def eventbridge_event(key: str, detail_type: str = "Object Created", *, bucket: str = "catalog-bucket",
                       sequencer: str | None = "0055AED6DCD90281E5", time: str = "2026-11-24T10:00:00Z",
-                      reason: str | None = None, deletion_type: str | None = None) -> dict:
+                      reason: str | None = None, deletion_type: str | None = None,
+                      version_id: str | None = "IYV3p45BT0ac8hjHg1houSdS1a.Mc8cE") -> dict:
     """An S3 event as EventBridge sends it (AWS's documented examples); ``key`` is the raw key. A delete's
-    object has no size or etag; ``reason`` defaults to PutObject / DeleteObject."""
-    obj: dict = {"key": key, "version-id": "IYV3p45BT0ac8hjHg1houSdS1a.Mc8cE"}
+    object has no size or etag; ``reason`` defaults to PutObject / DeleteObject; ``version_id`` None:
+    an unversioned bucket."""
+    obj: dict = {"key": key}
+    if version_id is not None:
+        obj["version-id"] = version_id
     if detail_type != "Object Deleted":
         obj.update({"size": 5, "etag": "b1946ac92492d2347c6235b4d2611184"})
     if sequencer is not None:
@@ -155,14 +159,21 @@ def test_key_rules_are_the_records_rules(key: str, reason: Skip) -> None:
 )
 def test_object_deleted_is_a_delete(deletion_type: str, reason: str, twin: str) -> None:
     """Object Deleted (permanently or by a delete marker, by a request or by lifecycle) → delete of the
-    created image, named as the Records entry of the same change."""
+    created image, named as the Records entry of the same change; on a versioned bucket a version
+    deleted for good (not a delete marker) has the key read again, as its Records twin does."""
     key = "catalog/SKU 1/a+b:c.jpg"
-    event = eventbridge_event(key, "Object Deleted", deletion_type=deletion_type, reason=reason)
+    event = eventbridge_event(key, "Object Deleted", deletion_type=deletion_type, reason=reason, version_id=None)
     assert EventBridgeS3Event.model_validate(event).event_name == twin
     (gone,) = one(event).events
     (made,) = one(eventbridge_event(key)).events
     assert gone.action is Action.delete and gone.image_id == made.image_id and gone.sku == "SKU 1"
-    assert one(records_twin(key, twin)).events == [gone]
+    assert one(records_twin(key, twin, version_id=None)).events == [gone]
+
+    versioned = eventbridge_event(key, "Object Deleted", deletion_type=deletion_type, reason=reason)
+    (one_version,) = one(versioned).events
+    expected = Action.delete if deletion_type == "Delete Marker Created" else Action.upsert
+    assert one_version.action is expected and one_version.image_id == made.image_id
+    assert one(records_twin(key, twin, version_id="IYV3p45BT0ac8hjHg1houSdS1a.Mc8cE")).events == [one_version]
 
 
 @pytest.mark.parametrize(

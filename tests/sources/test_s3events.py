@@ -37,10 +37,13 @@ DEFAULT_RULES = KeyRules.from_settings(Settings(_env_file=None))  # type: ignore
 
 
 def aws_record(key: str, event: str = "ObjectCreated:Put", *, bucket: str = "catalog-bucket",
-               sequencer: str | None = "0055AED6DCD90281E5", time: str = "2026-11-24T10:00:00.000Z") -> dict:
-    """A record shaped like AWS's documented s3:ObjectCreated:Put example (``key`` already encoded)."""
-    obj: dict = {"key": key, "size": 1024, "eTag": "d41d8cd98f00b204e9800998ecf8427e",
-                 "versionId": "096fKKXTRTtl3on89fVO.nfljtsv6qko"}
+               sequencer: str | None = "0055AED6DCD90281E5", time: str = "2026-11-24T10:00:00.000Z",
+               version_id: str | None = "096fKKXTRTtl3on89fVO.nfljtsv6qko") -> dict:
+    """A record shaped like AWS's documented s3:ObjectCreated:Put example (``key`` already encoded);
+    ``version_id`` None: an unversioned bucket's record (no ``versionId``)."""
+    obj: dict = {"key": key, "size": 1024, "eTag": "d41d8cd98f00b204e9800998ecf8427e"}
+    if version_id is not None:
+        obj["versionId"] = version_id
     if sequencer is not None:
         obj["sequencer"] = sequencer
     return {
@@ -206,6 +209,14 @@ def test_custom_key_pattern_places_the_sku() -> None:
 # --- actions and envelopes ----------------------------------------------------------------------
 
 
+def test_a_key_with_a_nul_is_an_invalid_record_on_its_own() -> None:
+    """A key that decodes to a NUL (which no ledger can store) is an invalid record; its message's
+    other records are still converted."""
+    conv = convert_document({"Records": [aws_record("c%2FSKU-1%2Fbad%00.jpg"), aws_record("c%2FSKU-1%2Fgood.jpg")]}, DEFAULT_RULES, "sqs")
+    assert [e.uri for e in conv.events] == ["s3://catalog-bucket/c/SKU-1/good.jpg"]
+    assert len(conv.invalid) == 1 and "NUL" in conv.invalid[0].error
+
+
 @pytest.mark.parametrize(
     ("name", "action"),
     [
@@ -228,11 +239,33 @@ def test_custom_key_pattern_places_the_sku() -> None:
 def test_event_names_map_to_actions(name: str, action: Action | None) -> None:
     """Created → upsert, Removed/expired → delete (with or without MinIO's s3: prefix), anything else → none."""
     assert action_for(name) == action
-    conv = one({"Records": [aws_record("c%2FSKU-1%2Fa.jpg", name)]})
+    conv = one({"Records": [aws_record("c%2FSKU-1%2Fa.jpg", name, version_id=None)]})
     if action is None:
         assert conv.events == [] and conv.skipped == {Skip.other_event.value: 1}
     else:
         assert [e.action for e in conv.events] == [action]
+
+
+@pytest.mark.parametrize(
+    ("name", "version_id", "action"),
+    [
+        ("ObjectRemoved:Delete", "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY", Action.upsert),  # one version deleted for good
+        ("s3:ObjectRemoved:Delete", "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY", Action.upsert),
+        ("LifecycleExpiration:Delete", "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY", Action.upsert),  # noncurrent expiry
+        ("ObjectRemoved:Delete", "null", Action.delete),  # versioning suspended: the null version
+        ("ObjectRemoved:Delete", "", Action.delete),
+        ("ObjectRemoved:DeleteMarkerCreated", "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY", Action.delete),
+        ("LifecycleExpiration:DeleteMarkerCreated", "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY", Action.delete),
+    ],
+)
+def test_a_deleted_version_rereads_the_key(name: str, version_id: str, action: Action) -> None:
+    """On a versioned bucket a Delete naming a versionId removed one version (an expired noncurrent one,
+    a delete marker): the key may still hold an object, so it is read again (upsert, same image); a
+    delete marker, or no version id, is a delete."""
+    assert action_for(name, version_id) == action
+    (made,) = one({"Records": [aws_record("c%2FSKU-1%2Fa.jpg")]}).events
+    (event,) = one({"Records": [aws_record("c%2FSKU-1%2Fa.jpg", name, version_id=version_id, sequencer="0055AED6DCD90281F0")]}).events
+    assert event.action is action and event.image_id == made.image_id and event.version > made.version
 
 
 def test_test_event_is_skipped_plain_and_in_sns() -> None:

@@ -117,18 +117,27 @@ def test_health_and_minio_probe(url: str) -> None:
     [
         {},
         {"Authorization": "Bearer wrong-token"},
-        {"Authorization": f"bearer {TOKEN}"},  # the scheme is compared exactly, as MinIO sends it
+        {"Authorization": f"Bearer{TOKEN}"},
+        {"Authorization": f"Basic {TOKEN}"},
         {"Authorization": TOKEN},
         {"Authorization": f"Bearer {TOKEN}x"},
     ],
 )
 def test_missing_or_wrong_token_is_401_and_publishes_nothing(url: str, recorder: Recorder, headers: dict) -> None:
-    """Without the exact `Bearer <token>` header: 401 with WWW-Authenticate, nothing published."""
+    """Without a `Bearer <token>` header carrying the exact token: 401 with WWW-Authenticate, nothing published."""
     before = len(recorder.calls)
     status, doc, got = post_event(url, minio_body("catalog/SKU-1/a.jpg"), token=None, headers=headers)
     assert status == 401 and "token" in doc["error"]
     assert got.get("www-authenticate", got.get("WWW-Authenticate")) == "Bearer"
     assert len(recorder.calls) == before
+
+
+def test_the_scheme_is_read_in_any_case(url: str, recorder: Recorder) -> None:
+    """`bearer`, `BEARER` and `Bearer` with the right token are accepted (RFC 7235: the scheme is case-insensitive)."""
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        status, doc, _ = post_event(url, minio_body("catalog/SKU-1/a.jpg"), token=None,
+                                    headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert status == 200 and doc["published"] == 1, (scheme, doc)
 
 
 def test_announced_oversize_body_is_413(url: str, recorder: Recorder) -> None:
@@ -158,16 +167,28 @@ def test_chunked_oversize_body_is_cut_at_the_limit(url: str, recorder: Recorder)
     ("body", "why"),
     [(b"{not json", "not JSON"), (b'{"hello": "world"}', "not an S3 event notification")],
 )
-def test_invalid_body_is_400_and_a_dead_letter(url: str, ledger: Ledger, recorder: Recorder, body: bytes,
-                                               why: str) -> None:
-    """Not JSON, or JSON that is no notification: 400, kept in dead letters (invalid_event), nothing published."""
+def test_invalid_body_is_a_dead_letter_answered_200(url: str, ledger: Ledger, recorder: Recorder, body: bytes,
+                                                    why: str) -> None:
+    """Not JSON, or JSON that is no notification: kept in dead letters (invalid_event), nothing
+    published, answered 200 with the error (any other answer makes MinIO retry it forever)."""
     before, calls = ledger.dead_letter_count(), len(recorder.calls)
     status, doc, _ = request(url + EVENTS_PATH, body=body)
-    assert status == 400 and why in doc["error"]
+    assert status == 200 and why in doc["error"] and (doc["published"], doc["dead_letters"]) == (0, 1)
     assert ledger.dead_letter_count() == before + 1
     (letter,) = ledger.dead_letter_rows(limit=1)
     assert (letter["task"], letter["reason"], letter["body"]) == (TASK, "invalid_event", body.decode())
     assert len(recorder.calls) == calls
+
+
+def test_an_invalid_body_that_cannot_be_kept_is_503(stack: Stack, recorder: Recorder) -> None:
+    """When the state database cannot keep the dead letter (here: a PostgreSQL port nobody listens
+    on), an invalid body is answered 503, so that MinIO keeps it and retries."""
+    settings = stack.settings.model_copy(update={"webhook_token": TOKEN, "webhook_max_body": MAX_BODY})
+    down = Ledger(make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none"))
+    with serving(create_app(settings, ledger=down, publish=recorder)) as base:
+        status, doc, headers = request(base + EVENTS_PATH, body=b"{not json")
+    assert status == 503 and "state database" in doc["error"]
+    assert headers.get("retry-after", headers.get("Retry-After")) == "5"
 
 
 # --- events end to end ----------------------------------------------------------------------------

@@ -14,7 +14,11 @@ Rules, in the order they apply to a record:
 
 - **Event kind.** ``ObjectCreated:*`` is an upsert; ``ObjectRemoved:*`` (``Delete``,
   ``DeleteMarkerCreated``) and ``LifecycleExpiration:*`` (an expiry deletes the object just the same)
-  are deletes. Other kinds (``ObjectAccessed``, tagging, ACL, restore, replication) and S3's
+  are deletes, except a ``Delete`` that names a ``versionId``: on a versioned bucket that is one
+  version deleted for good (a noncurrent version expired, a delete marker removed), and the object
+  may well still be there. It becomes an upsert, which reads the key's current version: unchanged
+  content costs no forward pass, an older version that became current is encoded, a restored object
+  comes back, and a key with no version left fails as ``not_found`` (its vector removed). Other kinds (``ObjectAccessed``, tagging, ACL, restore, replication) and S3's
   ``s3:TestEvent`` are skipped. The ``s3:`` prefix MinIO puts on record names is ignored.
 - **Key.** Record keys are form-encoded (``/`` as ``%2F``, space as ``+``, ``+`` as ``%2B``, UTF-8
   percent-encoded): decoded with :func:`urllib.parse.unquote_plus`; a key that is not valid UTF-8
@@ -164,13 +168,20 @@ def decode_key(raw: str) -> str:
         raise ValueError(f"key {raw!r} does not decode as UTF-8: {exc}") from exc
 
 
-def action_for(kind: str) -> Action | None:
-    """The action of an event kind (``ObjectCreated:Put``; an ``s3:`` prefix is ignored), or None."""
+#: ``versionId`` values that name no version (an unversioned or versioning-suspended bucket)
+_NO_VERSION = frozenset({"", "null"})
+
+
+def action_for(kind: str, version_id: str | None = None) -> Action | None:
+    """The action of an event kind (``ObjectCreated:Put``; an ``s3:`` prefix is ignored), or None.
+    A ``Delete`` of one version (``version_id`` given) is an upsert: the key's current version, if
+    any is left, is what the index must hold."""
     kind = kind.removeprefix("s3:")
     if kind.startswith("ObjectCreated:"):
         return Action.upsert
     if kind.startswith(("ObjectRemoved:", "LifecycleExpiration:")):
-        return Action.delete
+        one_version = (version_id or "") not in _NO_VERSION and not kind.endswith(":DeleteMarkerCreated")
+        return Action.upsert if one_version else Action.delete
     return None
 
 
@@ -188,7 +199,7 @@ def convert_record(record: S3EventRecord, rules: KeyRules, source: str) -> Image
         ValueError: the key does not decode, or the event contract refuses a value (pydantic's
             ValidationError is a ValueError).
     """
-    action = action_for(record.kind)
+    action = action_for(record.kind, record.s3.object_.version_id)
     if action is None:
         return Skip.other_event
     key = decode_key(record.s3.object_.key)

@@ -4,13 +4,16 @@ MinIO's webhook target POSTs ``{"EventName", "Key", "Records": [...]}`` (S3-shap
 ``POST /events``, with ``Authorization: Bearer <token>``; it probes the endpoint with ``HEAD`` first.
 Answers:
 
-- 401: missing or wrong token (nothing read, nothing published);
+- 401: missing or wrong token (nothing read, nothing published); the scheme ``Bearer`` is read in
+  any case (RFC 7235), the token exactly;
 - 413: body over ``IMGSYNC_WEBHOOK_MAX_BODY`` (announced or counted while reading);
-- 400: not JSON or not a notification (kept as a dead letter, reason ``invalid_event``);
+- 400: a ``Content-Length`` that is not a number;
 - 503: the broker (or the state database, for a dead letter) is down — MinIO keeps the event and
   retries (with a queue directory configured on its side);
 - 200: every event published (records that cannot become events were dead-lettered, skipped keys
-  counted), with a JSON summary.
+  counted), with a JSON summary. A body that is not JSON or not a notification is kept as a dead
+  letter (reason ``invalid_event``) and answered 200 too, with its ``error``: MinIO retries anything
+  else forever, holding back every event queued behind it and adding a dead letter per retry.
 
 ``GET /health`` answers 200 without a token. Records are read by :mod:`worker.sources.s3events`,
 shared with the SQS source.
@@ -80,7 +83,7 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
     token = settings.webhook_token
     if not token:
         raise ConfigError("IMGSYNC_WEBHOOK_TOKEN is empty: the webhook refuses to run without a bearer token")
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
     limit = settings.webhook_max_body
     rules = KeyRules.from_settings(settings)
     store = ledger or Ledger(make_engine(settings.effective_database_url))
@@ -97,8 +100,8 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
         log.warning("webhook: dead-lettered: %s", error.splitlines()[0] if error else "")
 
     def authorized(request: Request) -> bool:
-        given = request.headers.get("authorization", "").encode()
-        return hmac.compare_digest(given, expected)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), expected)
 
     async def read_capped(request: Request) -> bytes | None:
         """The body, or None once it grows past ``limit`` (whatever Content-Length said)."""
@@ -140,9 +143,10 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
         except InvalidNotification as exc:
             try:
                 await run_in_threadpool(dead_letter, body.decode("utf-8", "replace"), str(exc))
-            except Exception:  # noqa: BLE001 - the client error stands; the loss is logged
+            except Exception:  # noqa: BLE001 - kept nowhere yet: MinIO must retry
                 log.exception("webhook: could not record a dead letter")
-            return JSONResponse({"error": str(exc)}, 400)
+                return _unavailable("state database unreachable; retry later")
+            return JSONResponse({"published": 0, "skipped": {}, "dead_letters": 1, "error": str(exc)})
         if conv.events:
             try:
                 await run_in_threadpool(publish_locked, conv.events)
