@@ -428,3 +428,26 @@ def test_worker_heartbeats(ledger: Ledger) -> None:
     ledger.forget_worker("h:2")
     assert [w["name"] for w in ledger.live_workers(60)] == ["h:1"]
     assert ledger.live_workers(-1) == []  # everything is older than "the future"
+
+
+def test_a_bucket_indexed_by_hand_still_takes_its_events(ledger: Ledger, tmp_path: Path) -> None:
+    """`imgsync index s3://…` (a backfill) stamps an object with the ledger's version, or the lowest
+    one for an object never seen, never a clock time: the bucket's later events (S3 sequencers) stay
+    newer, so an upload or delete after the backfill is taken, not dropped as stale."""
+    from schemas.events import normalize_version
+    from worker.cli.indexing import in_bucket_order
+
+    by_hand = [ImageEvent(uri="s3://b/SKU-1/a.jpg", sku="SKU-1", source="cli"),
+               ImageEvent(uri=str(tmp_path / "SKU-1" / "x.jpg"), sku="SKU-1", source="cli")]  # fmt: skip
+    stamped = in_bucket_order(ledger, by_hand)
+    assert stamped[0].version == normalize_version(0) and stamped[1] == by_hand[1]  # a file keeps its clock
+    assert ledger.accept_many(stamped).current == stamped
+
+    deleted = ImageEvent(uri="s3://b/SKU-1/a.jpg", sku="SKU-1", action=Action.delete, version="0055AED6DCD90281E5")
+    assert ledger.accept_many([deleted]).current == [deleted]  # the bucket's delete is not stale
+    again = in_bucket_order(ledger, by_hand[:1])  # indexed by hand again: the ledger's version, re-read
+    assert again[0].version == deleted.version and ledger.accept_many(again).current == again
+    upload = ImageEvent(uri="s3://b/SKU-1/a.jpg", sku="SKU-1", version="0055AED6DCD90281F0")
+    assert ledger.accept_many([upload]).current == [upload]
+    old = ImageEvent(uri="s3://b/SKU-1/a.jpg", sku="SKU-1", version="0055AED6DCD90281E0")
+    assert ledger.accept_many([old]).current == []  # sequencer order still holds

@@ -12,12 +12,12 @@ from urllib.parse import unquote, urlparse
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from config.settings import Settings
-from schemas.events import ImageEvent
+from schemas.events import ImageEvent, normalize_version
 from schemas.outputs import IndexResult
 from worker.errors import ConfigError
 from worker.ledger import Ledger, make_engine
 
-__all__ = ["collect_events", "publish", "wait_for", "submit_and_report", "print_results", "IMAGE_SUFFIXES"]
+__all__ = ["collect_events", "publish", "in_bucket_order", "wait_for", "submit_and_report", "print_results", "IMAGE_SUFFIXES"]
 
 #: File name endings picked up when a folder is indexed (the bytes decide the format later).
 IMAGE_SUFFIXES = frozenset(
@@ -95,9 +95,34 @@ def publish(settings: Settings, events: Sequence[ImageEvent], *, force: bool = F
     configure(settings)
     rt = runtime()
     request_id = uuid.uuid4().hex
+    events = in_bucket_order(rt.ledger, events)
     todo = list(events) if force else settle_unchanged(rt, events, request_id)
     submit(rt.ledger, dispatcher(), todo, request_id, force=force)
     return request_id
+
+
+def in_bucket_order(ledger: Ledger, events: Sequence[ImageEvent]) -> list[ImageEvent]:
+    """``events`` with each ``s3://`` object's version set to the one the ledger holds for it, or to
+    the lowest version for an object it has not seen.
+
+    The bucket's own events (SQS, webhook) are ordered by S3's ``sequencer``, a number of another
+    scale than the clock a manual ``index`` would stamp: a clock version outranks every sequencer,
+    so a bucket backfilled with ``imgsync index s3://…`` would then take each later upload or delete
+    from the bucket's events as stale. Keeping the ledger's version re-reads the object now and
+    leaves the next event of the bucket newer, whatever it is.
+    """
+    keyed = [e.image_id for e in events if e.uri.startswith("s3://")]
+    if not keyed:
+        return list(events)
+    known = ledger.known_images(keyed)
+    lowest = normalize_version(0)
+    out = []
+    for event in events:
+        if event.uri.startswith("s3://"):
+            row = known[event.image_id].row
+            event = event.model_copy(update={"version": row.version if row is not None else lowest})
+        out.append(event)
+    return out
 
 
 def wait_for(
