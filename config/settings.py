@@ -366,18 +366,11 @@ class Settings(BaseSettings):
             _check_database_url(value, f"IMGSYNC_{str(info.field_name).upper()}")
         return value
 
-    @field_validator("broker_url", mode="after")
+    @field_validator("broker_url", "milvus_uri", mode="after")
     @classmethod
-    def _broker_url(cls, value: str) -> str:
+    def _service_url(cls, value: str, info: ValidationInfo) -> str:
         if value:
-            _check_broker_url(value)
-        return value
-
-    @field_validator("milvus_uri", mode="after")
-    @classmethod
-    def _milvus_uri(cls, value: str) -> str:
-        if value:
-            _check_milvus_uri(value)
+            {"broker_url": _check_broker_url, "milvus_uri": _check_milvus_uri}[str(info.field_name)](value)
         return value
 
     @field_validator("device", mode="after")
