@@ -18,7 +18,9 @@ COPY schemas ./schemas
 COPY migrations ./migrations
 COPY tasks ./tasks
 COPY worker ./worker
-RUN pip install .
+# the project itself, with its GPU extra (NVML binding); versions are pinned in pyproject.toml
+# hadolint ignore=DL3013
+RUN pip install ".[gpu]"
 
 USER 10001
 VOLUME ["/models", "/data"]

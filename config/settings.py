@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 __all__ = [
     "BatchConfig",
@@ -106,8 +112,34 @@ class QueueNames:
         return (self.preprocess, self.encode, self.sku)
 
 
+class _ImgsyncDotEnv(DotEnvSettingsSource):
+    """The ``.env`` file's ``IMGSYNC_*`` keys only: the same file may hold other services' variables
+    (docker compose reads it too: ``POSTGRES_PASSWORD``, ``MINIO_ROOT_USER`` …). An unknown
+    ``IMGSYNC_*`` key is still refused."""
+
+    def _load_env_vars(self):  # type: ignore[no-untyped-def]
+        prefix = self.env_prefix.lower()
+        return {k: v for k, v in super()._load_env_vars().items() if k.lower().startswith(prefix)}
+
+
 class Settings(BaseSettings):
     """imgsync settings. Each field is the environment variable ``IMGSYNC_<FIELD>``."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        dotenv = _ImgsyncDotEnv(
+            settings_cls,
+            env_file=getattr(dotenv_settings, "env_file", ".env"),
+            env_file_encoding=getattr(dotenv_settings, "env_file_encoding", "utf-8"),
+        )
+        return init_settings, env_settings, dotenv, file_secret_settings
 
     model_config = SettingsConfigDict(
         env_prefix="IMGSYNC_",

@@ -33,6 +33,17 @@ def test_env_overrides_dotenv_and_kwargs_override_env(tmp_path: Path, monkeypatc
     assert Settings(batch_max=3).batch_max == 3  # keyword beats env
 
 
+def test_dotenv_shared_with_compose_keeps_only_imgsync_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .env that also holds other services' variables (docker compose reads the same file) loads its
+    IMGSYNC_* keys and leaves the others alone; an unknown IMGSYNC_* key is still refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("POSTGRES_PASSWORD=secret\nMINIO_ROOT_USER=minio\nIMGSYNC_BATCH_MAX=7\n")
+    assert Settings().batch_max == 7  # type: ignore[call-arg]
+    (tmp_path / ".env").write_text("POSTGRES_PASSWORD=secret\nIMGSYNC_BATCH_MAXX=7\n")
+    with pytest.raises(ValidationError, match="imgsync_batch_maxx"):
+        Settings()  # type: ignore[call-arg]
+
+
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     """An out-of-range value is refused with the setting's name."""
     monkeypatch.setenv("IMGSYNC_BATCH_MAX", "0")
