@@ -44,6 +44,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: the ``source`` label values of ``imgsync_events_total``: imgsync's own sources and CLI paths;
+#: any other producer's name counts as ``other`` (a label must come from a small fixed set)
+EVENT_SOURCES = frozenset(
+    {"cli", "sqs", "webhook", "outbox", "folder", "reindex", "redrive", "replay", "repair"}
+)
+
+
+def event_source_label(source: str) -> str:
+    """``source`` as a metrics label: one of :data:`EVENT_SOURCES`, else ``other``."""
+    return source if source in EVENT_SOURCES else "other"
+
+
 def backoff_seconds(attempt: int, cap: float, base: float = 1.0) -> float:
     """Exponential backoff with jitter: 50–100 % of ``base * 2**attempt`` seconds, capped at ``cap``
     (IMGSYNC_RETRY_BACKOFF_MAX)."""
@@ -158,7 +170,7 @@ def preprocess(
     event = payload.event
     build = bool(payload.models)
     if payload.attempt == 0 and not build:
-        metrics().events.labels(event.source, str(event.action)).inc()
+        metrics().events.labels(event_source_label(event.source), str(event.action)).inc()
     if build:
         prev = rt.ledger.get(event.image_id)
         if (

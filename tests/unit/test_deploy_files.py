@@ -57,6 +57,25 @@ def test_alert_rules_pass_promtool() -> None:
     assert "7 rules found" in out.stdout
 
 
+def test_scrape_config_passes_promtool_and_finds_every_replica(tmp_path: Path) -> None:
+    """prometheus.yml is valid for promtool, and its imgsync job finds every replica of both worker
+    services through Docker's DNS (a static target would scrape one replica at a time)."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    text = (ROOT / "config/prometheus/prometheus.yml").read_text()
+    conf = yaml.safe_load(text)
+    (job,) = [j for j in conf["scrape_configs"] if j["job_name"] == "imgsync"]
+    (sd,) = job["dns_sd_configs"]
+    assert set(sd["names"]) == {"worker-cpu", "worker-gpu"} and sd["type"] == "A" and sd["port"] == 9464
+    local = tmp_path / "prometheus.yml"  # the rule file where this checkout has it, not in the container
+    local.write_text(text.replace("/etc/prometheus/alerts.yml", str(ROOT / "config/prometheus/alerts.yml")))
+    out = subprocess.run([shutil.which("promtool") or "promtool", "check", "config", str(local)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_grafana_dashboard_provisioned() -> None:
     """The dashboard JSON loads, has the panels ops need, and compose mounts it with its provisioning."""
     import json
