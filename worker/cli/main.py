@@ -181,8 +181,10 @@ def worker(
     argv = ["worker", "-Q", ",".join(chosen), "--loglevel", loglevel, "-n", f"imgsync-{'-'.join(chosen)}-{os.getpid()}@%h"]
     if encode_only:
         from worker.health import BackPressure
+        from worker.metrics.gpu_gauges import GpuGauges
 
         app_.steps["consumer"].add(BackPressure)  # stop consuming while Milvus or the device is down
+        app_.steps["consumer"].add(GpuGauges)  # an idle GPU reads idle, not its last busy batch
         # solo pool: the model lives in this process; prefetch enough for a full batch to form
         argv += ["--pool", "solo", "--prefetch-multiplier", str(max(4, settings.batch_max * 2))]
     else:

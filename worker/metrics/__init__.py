@@ -3,7 +3,8 @@
 Metric objects are built on first use (``metrics()``), after the entry point chose the mode: a
 worker node calls :func:`enable_multiprocess` before its pool forks, so every child writes its samples
 to one directory and the node's single exporter (:func:`start_exporter`) merges them. Labels come
-only from small fixed sets: stage, outcome, reason, queue, source, state, model_id.
+only from small fixed sets: stage, outcome, reason, queue, source, action, state, task, kind,
+device, model_id, version (and ``pid`` on ``liveall`` gauges, added by the multiprocess mode).
 """
 
 from __future__ import annotations

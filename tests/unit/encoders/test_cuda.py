@@ -134,3 +134,17 @@ def test_nvjpeg_batch_decode_gives_the_cpu_paths_vectors() -> None:
     )
     cos = (gpu * cpu).sum(axis=1)
     assert cos.min() >= 0.999, cos
+
+
+def test_gpu_gauges_step_sets_the_memory_gauges_while_idle() -> None:
+    """The encode worker's timer step sets the GPU memory gauges with no batch running."""
+    from prometheus_client import REGISTRY
+
+    from worker.metrics import metrics
+    from worker.metrics.gpu_gauges import GpuGauges
+
+    torch.zeros(1024, device="cuda")  # a CUDA context and some allocation to read
+    metrics()
+    GpuGauges.sample(object.__new__(GpuGauges))
+    total = REGISTRY.get_sample_value("imgsync_gpu_memory_bytes", {"device": "cuda:0", "kind": "total"})
+    assert total is not None and total > 0
