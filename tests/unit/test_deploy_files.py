@@ -57,6 +57,18 @@ def test_alert_rules_pass_promtool() -> None:
     assert "7 rules found" in out.stdout
 
 
+def test_alerts_fire_when_they_should() -> None:
+    """promtool's rule unit tests (tests/unit/prometheus/alerts_test.yml): the backlog alert fires
+    with two workers exporting the depth and no encode series after a restart, and not while images
+    get indexed; the failure ratio counts outcomes, not retried attempts."""
+    import shutil
+    import subprocess
+
+    tests = ROOT / "tests/unit/prometheus/alerts_test.yml"
+    out = subprocess.run([shutil.which("promtool") or "promtool", "test", "rules", str(tests)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_scrape_config_passes_promtool_and_finds_every_replica(tmp_path: Path) -> None:
     """prometheus.yml is valid for promtool, and its imgsync job finds every replica of both worker
     services through Docker's DNS (a static target would scrape one replica at a time)."""
