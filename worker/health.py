@@ -112,9 +112,11 @@ class BackPressure(bootsteps.StartStopStep):
 
     def start(self, c) -> None:  # type: ignore[no-untyped-def]
         from worker.celery_app import settings
+        from worker.metrics import metrics
 
         s = settings()
         self.queue = s.queues.encode
+        metrics().encode_paused.set(0)  # the series exists from the start: an alert can tell 0 from absent
         self.tref = c.timer.call_repeatedly(s.health_probe_seconds, self.tick, (c,), priority=10)
 
     def tick(self, c, probe: Callable[[], str | None] = probe_runtime) -> None:  # type: ignore[no-untyped-def]

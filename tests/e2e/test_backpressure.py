@@ -11,15 +11,32 @@ from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.conftest import REDIS_URL
-from tests.stack import images_waiting, running_stack
+from tests.stack import Stack, images_waiting, running_stack
 from worker.index import IMAGES_ALIAS, MilvusStore
 from worker.ledger import Ledger, make_engine
 
 pytestmark = pytest.mark.e2e
 
 N = 24
+
+
+def paused_gauge(st: Stack) -> float | None:
+    """imgsync_encode_paused as the encode worker (``st.procs[1]``) exports it; None: no series yet."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(st.settings.home / "metrics" / f"worker-{st.procs[1].pid}"))
+    values = [s.value for f in registry.collect() for s in f.samples if s.name == "imgsync_encode_paused"]
+    return max(values) if values else None
+
+
+def wait_gauge(st: Stack, want: float, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while paused_gauge(st) != want:
+        assert time.monotonic() < deadline, f"imgsync_encode_paused is {paused_gauge(st)}, not {want}"
+        time.sleep(0.2)
 
 
 def test_encode_pauses_while_milvus_is_down_and_resumes(tmp_path: Path, catalog, pg_database) -> None:
@@ -29,6 +46,7 @@ def test_encode_pauses_while_milvus_is_down_and_resumes(tmp_path: Path, catalog,
         ledger = Ledger(make_engine(st.settings.effective_database_url))
         broker = redis.Redis.from_url(REDIS_URL)
         encode_q = st.settings.queues.encode
+        wait_gauge(st, 0)  # exported from the start, so that an alert tells "not paused" from "no data"
         st.server.proc.kill()  # Milvus dies before the images arrive
         st.server.proc.wait(30)
         proc = st.cli("index", str(root), "--json")
@@ -41,6 +59,7 @@ def test_encode_pauses_while_milvus_is_down_and_resumes(tmp_path: Path, catalog,
             time.sleep(0.2)
         encode_log = (st.logs / "encode.log").read_text()
         assert "encode paused: index_unavailable" in encode_log
+        assert paused_gauge(st) == 1
         time.sleep(6)  # far longer than the backoff of two attempts: nothing may fail meanwhile
         counts = ledger.counts()
         assert counts["failed"] == 0 and counts["indexed"] == 0 and counts["pending"] == N, counts
@@ -53,6 +72,7 @@ def test_encode_pauses_while_milvus_is_down_and_resumes(tmp_path: Path, catalog,
             assert ledger.counts()["failed"] == 0, ledger.failure_counts()
             time.sleep(0.5)
         assert "encode resumed after" in (st.logs / "encode.log").read_text()
+        assert paused_gauge(st) == 0
         assert broker.llen(encode_q) == 0
         store = MilvusStore(st.uri)
         ids = [r.image_id for r in ledger.select()]

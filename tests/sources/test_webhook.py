@@ -167,13 +167,12 @@ def test_chunked_oversize_body_is_cut_at_the_limit(url: str, recorder: Recorder)
     ("body", "why"),
     [(b"{not json", "not JSON"), (b'{"hello": "world"}', "not an S3 event notification")],
 )
-def test_invalid_body_is_a_dead_letter_answered_200(url: str, ledger: Ledger, recorder: Recorder, body: bytes,
-                                                    why: str) -> None:
-    """Not JSON, or JSON that is no notification: kept in dead letters (invalid_event), nothing
-    published, answered 200 with the error (any other answer makes MinIO retry it forever)."""
+def test_invalid_body_is_400_and_a_dead_letter(url: str, ledger: Ledger, recorder: Recorder, body: bytes,
+                                               why: str) -> None:
+    """Not JSON, or JSON that is no notification: 400, kept in dead letters (invalid_event), nothing published."""
     before, calls = ledger.dead_letter_count(), len(recorder.calls)
     status, doc, _ = request(url + EVENTS_PATH, body=body)
-    assert status == 200 and why in doc["error"] and (doc["published"], doc["dead_letters"]) == (0, 1)
+    assert status == 400 and why in doc["error"]
     assert ledger.dead_letter_count() == before + 1
     (letter,) = ledger.dead_letter_rows(limit=1)
     assert (letter["task"], letter["reason"], letter["body"]) == (TASK, "invalid_event", body.decode())

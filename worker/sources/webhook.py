@@ -7,13 +7,13 @@ Answers:
 - 401: missing or wrong token (nothing read, nothing published); the scheme ``Bearer`` is read in
   any case (RFC 7235), the token exactly;
 - 413: body over ``IMGSYNC_WEBHOOK_MAX_BODY`` (announced or counted while reading);
-- 400: a ``Content-Length`` that is not a number;
+- 400: not JSON or not a notification (kept as a dead letter, reason ``invalid_event``), or a
+  ``Content-Length`` that is not a number. MinIO only ever sends notifications, so this is another
+  client (or a proxy) talking to the endpoint;
 - 503: the broker (or the state database, for a dead letter) is down — MinIO keeps the event and
   retries (with a queue directory configured on its side);
 - 200: every event published (records that cannot become events were dead-lettered, skipped keys
-  counted), with a JSON summary. A body that is not JSON or not a notification is kept as a dead
-  letter (reason ``invalid_event``) and answered 200 too, with its ``error``: MinIO retries anything
-  else forever, holding back every event queued behind it and adding a dead letter per retry.
+  counted), with a JSON summary.
 
 ``GET /health`` answers 200 without a token. Records are read by :mod:`worker.sources.s3events`,
 shared with the SQS source.
@@ -146,7 +146,7 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
             except Exception:  # noqa: BLE001 - kept nowhere yet: MinIO must retry
                 log.exception("webhook: could not record a dead letter")
                 return _unavailable("state database unreachable; retry later")
-            return JSONResponse({"published": 0, "skipped": {}, "dead_letters": 1, "error": str(exc)})
+            return JSONResponse({"error": str(exc)}, 400)
         if conv.events:
             try:
                 await run_in_threadpool(publish_locked, conv.events)
