@@ -53,10 +53,16 @@ class HfEncoder(Encoder):
                 f"IMGSYNC_MODEL={self.spec}: model type {family!r} is not supported; valid: {', '.join(HF_FAMILIES)}"
             )
         try:
-            model = AutoModel.from_pretrained(path, local_files_only=is_local)
+            model, info = AutoModel.from_pretrained(path, local_files_only=is_local, output_loading_info=True)
             processor = AutoImageProcessor.from_pretrained(path, local_files_only=is_local)
         except Exception as exc:  # noqa: BLE001
             raise ConfigError(f"IMGSYNC_MODEL={self.spec}: cannot load model or image processor: {exc}") from exc
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers would fill them with random values and only print a report
+            raise ConfigError(
+                f"IMGSYNC_MODEL={self.spec}: the checkpoint lacks {len(missing)} weight(s) of the model "
+                f"(e.g. {', '.join(missing[:3])}); they would be random"
+            )
         self.family = family
         self.capabilities = frozenset({"image", "text"} if HF_FAMILIES[family] else {"image"})
         self.weights_identity = f"dir-{file_digest(local)}" if is_local else source

@@ -44,6 +44,13 @@ class OpenClipEncoder(Encoder):
                     raise ConfigError(
                         f"IMGSYNC_MODEL: {name!r} has no pretrained tag {weights!r}; valid: {', '.join(tags)}"
                     )
+        elif name.startswith("local-dir:"):  # the folder holds the weights: its content is their identity
+            folder = Path(name.removeprefix("local-dir:")).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(f"IMGSYNC_MODEL: model folder {str(folder)!r} does not exist")
+            self.weights_identity = f"dir-{file_digest(folder)}"
+        elif name.startswith("hf-hub:"):  # the hub repository holds the weights
+            self.weights_identity = "hub"
         elif self.spec.backend != "tiny":
             log.warning(
                 "MODEL %s HAS RANDOM WEIGHTS (no @weights given): vectors are for tests, not for search",
@@ -62,7 +69,7 @@ class OpenClipEncoder(Encoder):
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.tokenizer = open_clip.get_tokenizer(name)
+        self._tokenizer = None  # read on the first text: image-only use never needs it (nor the hub)
         cfg = model.visual.preprocess_cfg
         size = cfg["size"]
         self.preprocess_cfg = PreprocessCfg(
@@ -87,6 +94,22 @@ class OpenClipEncoder(Encoder):
     def _forward_text(self, texts: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(texts).to(self.device)
         return self.model.encode_text(tokens)
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        """open_clip's tokenizer of the model, loaded on first use.
+
+        Raises:
+            ConfigError: it cannot be loaded (an architecture whose tokenizer lives on the hub, offline).
+        """
+        if self._tokenizer is None:
+            import open_clip
+
+            try:
+                self._tokenizer = open_clip.get_tokenizer(self.spec.name)
+            except Exception as exc:  # noqa: BLE001 - OSError/ValueError from the hub or a folder
+                raise ConfigError(f"IMGSYNC_MODEL={self.spec}: no tokenizer for text search: {exc}") from exc
+        return self._tokenizer
 
 
 def _triple(v: object) -> tuple[float, ...]:

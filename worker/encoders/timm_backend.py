@@ -32,10 +32,10 @@ class TimmEncoder(Encoder):
             raise ConfigError(
                 f"IMGSYNC_MODEL: timm has no model {name!r} (`python -c 'import timm; print(timm.list_models())'` lists them)"
             )
-        kwargs: dict = {"num_classes": 0}
+        checkpoint: Path | None = None
         if weights and Path(weights).expanduser().exists():
-            kwargs["checkpoint_path"] = str(Path(weights).expanduser().resolve())
-            self.weights_identity = f"file-{file_digest(Path(weights).expanduser())}"
+            checkpoint = Path(weights).expanduser().resolve()
+            self.weights_identity = f"file-{file_digest(checkpoint)}"
             pretrained = False
         elif weights and ("/" in weights or weights.startswith((".", "~"))):
             raise ConfigError(f"IMGSYNC_MODEL: weights file {weights!r} does not exist")
@@ -46,7 +46,9 @@ class TimmEncoder(Encoder):
             log.warning("MODEL %s HAS RANDOM WEIGHTS (no @weights given): vectors are for tests, not for search", self.spec)
         try:
             with seeded_init():
-                model = timm.create_model(name, pretrained=pretrained, **kwargs)
+                model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+            if checkpoint is not None:
+                _load_checkpoint(model, checkpoint)
         except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/OSError/KeyError here
             raise ConfigError(f"IMGSYNC_MODEL={self.spec}: cannot load weights: {exc}") from exc
         model.eval().to(self.device)
@@ -74,3 +76,17 @@ class TimmEncoder(Encoder):
 
     def _forward_images(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+
+def _load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a timm checkpoint (``.pth``/``.safetensors``, bare or under ``state_dict``/``model``)
+    into the head-less feature model. Its classifier weights, which training and the hub keep, are
+    dropped; every other weight must match exactly (strict), so a checkpoint of another
+    architecture fails instead of leaving random weights behind."""
+    from timm.models import load_state_dict
+
+    state = load_state_dict(str(path))
+    classifier = model.pretrained_cfg.get("classifier")  # type: ignore[union-attr]
+    heads = [classifier] if isinstance(classifier, str) else list(classifier or ())
+    state = {k: v for k, v in state.items() if not any(k == h or k.startswith(f"{h}.") for h in heads)}
+    model.load_state_dict(state, strict=True)

@@ -97,6 +97,22 @@ def test_dinov2_has_no_text_tower(tmp_path: Path) -> None:
         enc.encode_text(["a shoe"])
 
 
+@pytest.mark.parametrize("family", ["clip", "dinov2"])
+def test_hf_checkpoint_missing_weights_is_refused(family: str, tmp_path: Path) -> None:
+    """A checkpoint lacking some of the model's weights (here the vision tower's last layer) is a
+    ConfigError naming them: transformers would load it with those weights random, printing a report only."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_family(family, tmp_path / family)
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    gone = [k for k in state if ".layer.1." in k or ".layers.1." in k]  # the last of the 2 layers
+    assert gone
+    save_file({k: v for k, v in state.items() if k not in gone}, weights, metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=r"lacks \d+ weight"):
+        create_encoder(f"hf:{folder}").load()
+
+
 def test_hf_missing_folder_and_unsupported_type(tmp_path: Path) -> None:
     """A missing folder, or a model type we do not embed with, fails naming the setting."""
     with pytest.raises(ConfigError, match="IMGSYNC_MODEL"):
@@ -129,6 +145,35 @@ def test_timm_matches_timm_reference(tmp_path: Path) -> None:
     assert "@file-" in enc.model_id
     with pytest.raises(ConfigError, match="no text tower"):
         enc.encode_text(["x"])
+
+
+@pytest.mark.parametrize("form", ["pth", "safetensors", "state_dict"])
+def test_timm_checkpoint_with_its_classifier_loads(tmp_path: Path, form: str) -> None:
+    """A checkpoint as timm training and the hub keep it (classifier head included; .pth,
+    .safetensors or under "state_dict") loads into the feature model: the pooled features of the
+    same weights. A checkpoint of another architecture is refused, never left as random weights."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    full = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()  # with its 1000-class head
+    state = full.state_dict()
+    ckpt = tmp_path / f"vit.{'safetensors' if form == 'safetensors' else 'pth'}"
+    if form == "safetensors":
+        save_file(state, ckpt)
+    else:
+        torch.save({"state_dict": state} if form == "state_dict" else state, ckpt)
+    enc = create_encoder(f"timm:vit_tiny_patch16_224@{ckpt}").load()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = full.forward_head(full.forward_features(x), pre_logits=True)
+        ours = enc.model(x)
+    assert torch.nn.functional.cosine_similarity(ours, ref).min() > 0.9999
+
+    other = tmp_path / "resnet.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
+    with pytest.raises(ConfigError, match="cannot load weights"):
+        create_encoder(f"timm:vit_tiny_patch16_224@{other}").load()
 
 
 def test_timm_cnn_and_unknown_model() -> None:

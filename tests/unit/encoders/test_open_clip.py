@@ -79,6 +79,60 @@ def test_local_checkpoint_loads_and_matches(tmp_path: Path) -> None:
     assert "@file-" in enc.model_id and enc.model_id != seeded.model_id
 
 
+def _local_dir(folder: Path, seed: int) -> Path:
+    """An open_clip ``local-dir:`` folder (its config and weights) of the tiny architecture."""
+    import json
+
+    import open_clip
+
+    from worker.encoders.tiny import register_tiny_config
+
+    register_tiny_config()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip.get_model_config("imgsync-tiny")}))
+    torch.manual_seed(seed)
+    torch.save(open_clip.create_model("imgsync-tiny", pretrained=None).state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+def test_local_dir_weights_are_part_of_the_model_id(tmp_path: Path, caplog) -> None:
+    """`open_clip:local-dir:/folder`: the folder's weights are loaded (no random-weights warning) and
+    their content is the model's identity, so new weights in the same folder are another model."""
+    folder = _local_dir(tmp_path / "model", seed=1)
+    first = create_encoder(f"open_clip:local-dir:{folder}")
+    with caplog.at_level("WARNING"):
+        first_id = first.model_id
+    assert "@dir-" in first_id and "RANDOM WEIGHTS" not in caplog.text
+    files = varied_files(tmp_path)
+    ref = reference_open_clip(f"local-dir:{folder}", seed=999)([Image.open(f).convert("RGB") for f in files])
+    assert (imgsync_vectors(first, files) * ref).sum(axis=1).min() >= 0.9999
+    _local_dir(folder, seed=2)  # the same folder, other weights
+    assert create_encoder(f"open_clip:local-dir:{folder}").model_id != first_id
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_encoder(f"open_clip:local-dir:{tmp_path / 'nope'}").load()
+
+
+def test_the_tokenizer_is_read_on_first_text_only(tiny_encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image-only use never loads the tokenizer (for some architectures it lives on the hub); one that
+    cannot be loaded is a ConfigError naming the setting, not a raw OSError. (The hub is faked: there
+    is none here.)"""
+    import open_clip
+
+    enc = create_encoder("tiny").load()
+    assert enc._tokenizer is None
+    enc.encode(enc.preprocess([photo(80, 60, seed=3)]))
+    assert enc._tokenizer is None
+
+    def offline(name):  # type: ignore[no-untyped-def]
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    with pytest.raises(ConfigError, match="IMGSYNC_MODEL=.*no tokenizer"):
+        enc.encode_text(["a red shoe"])
+    monkeypatch.undo()
+    assert enc.encode_text(["a red shoe"]).shape == (1, enc.dim)
+
+
 def test_model_id_changes_with_preprocessing(tiny_encoder) -> None:
     """model_id covers backend, name, weights and the preprocessing hash."""
     from dataclasses import replace
