@@ -15,6 +15,7 @@ from functools import cached_property
 from config.settings import Settings
 from schemas.reasons import Reason
 from worker.encoders import Encoder, create_encoder
+from worker.encoders.spec import anchored_spec
 from worker.errors import ServiceUnavailable, TransientError
 from worker.index import MilvusStore, running_server_uri
 from worker.index.milvus_store import VersionNames, store_for, version_names
@@ -129,7 +130,8 @@ class Runtime:
             row = self.ledger.version(model_id)
             if row is None:
                 raise TransientError(Reason.device_error, f"model version {model_id} is unknown to the ledger")
-            if not row.spec or row.spec == self.settings.model:  # versions made before specs were kept
+            # the configured model (its spec as written or anchored), or a version made before specs were kept
+            if not row.spec or row.spec in (self.settings.model, anchored_spec(self.settings.model)):
                 enc = self.encoder
             else:
                 enc = create_encoder(replace(self.settings.encoder, spec=row.spec)).load()
@@ -158,7 +160,7 @@ class Runtime:
         enc = self.encoder
         names = version_names(enc.model_id)
         row = self.ledger.register_version(
-            enc.model_id, self.settings.model, names.images, names.skus, enc.dim, serve_if_first=True
+            enc.model_id, anchored_spec(self.settings.model), names.images, names.skus, enc.dim, serve_if_first=True
         )
         if row.status == VersionStatus.serving:
             log.info("model version %s serves (first version of this index)", enc.model_id)
@@ -167,6 +169,7 @@ class Runtime:
         """Register ``spec``'s model as a version to build next to the serving one (``reindex --model``).
 
         Loads the model once to learn its id and dim; creates its collections."""
+        spec = anchored_spec(spec)  # recorded for workers that may run in another folder
         enc = create_encoder(replace(self.settings.encoder, spec=spec)).load()
         self.active_versions()  # a fresh install serves the configured model first
         names = self.store.ensure_version(enc.model_id, enc.dim)

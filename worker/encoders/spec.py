@@ -6,7 +6,7 @@ from worker.encoders.base import ModelSpec
 from worker.encoders.random_backend import RANDOM_DIM_MAX
 from worker.errors import ConfigError
 
-__all__ = ["parse_spec", "BACKENDS"]
+__all__ = ["parse_spec", "anchored_spec", "BACKENDS"]
 
 #: Backends this build can load.
 BACKENDS = ("open_clip", "hf", "timm", "tiny", "random")
@@ -51,3 +51,25 @@ def parse_spec(text: str) -> ModelSpec:
             "and no @weights, e.g. random:64"
         )
     return ModelSpec(backend, name, weights or None)
+
+
+def anchored_spec(text: str) -> str:
+    """``text`` with each local path in it (a weights file, an ``hf`` or open_clip ``local-dir:``
+    folder) made absolute, so that a spec recorded in the ledger means the same model to a worker
+    started in another folder. Hub ids, tags and paths that do not exist stay as written."""
+    from pathlib import Path
+
+    spec = parse_spec(text)
+
+    def absolute(value: str) -> str:
+        local = Path(value).expanduser()
+        return str(local.absolute()) if local.exists() else value
+
+    name, weights = spec.name, spec.weights
+    if name.startswith("local-dir:"):
+        name = "local-dir:" + absolute(name.removeprefix("local-dir:"))
+    elif spec.backend == "hf" and not weights:
+        name = absolute(name)
+    if weights:
+        weights = absolute(weights)
+    return str(ModelSpec(spec.backend, name, weights))

@@ -247,3 +247,20 @@ def test_random_init_is_the_same_under_concurrent_builds() -> None:
         t.join()
     for enc in built:
         assert float(np.dot(enc.encode(px)[0], want)) > 0.99999
+
+
+def test_a_relative_path_names_the_same_model_from_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spec with a relative folder or checkpoint is anchored where it is read: `hf:./m` and
+    `hf:/abs/m` are one model_id, and the spec kept for other workers is the absolute one."""
+    from worker.encoders.spec import anchored_spec
+
+    folder = save_family("dinov2", tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    assert anchored_spec("hf:./m") == f"hf:{folder}"
+    assert create_encoder("hf:./m").model_id == create_encoder(f"hf:{folder}").model_id
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"x")
+    assert anchored_spec("timm:vit_tiny_patch16_224@w.pth") == f"timm:vit_tiny_patch16_224@{ckpt}"
+    assert anchored_spec("open_clip:local-dir:m") == f"open_clip:local-dir:{folder}"
+    for kept in ("open_clip:ViT-B-32@openai", "hf:openai/clip-vit-base-patch32", "tiny", "random:64"):
+        assert anchored_spec(kept) == kept  # tags and hub ids stay as written
