@@ -115,6 +115,11 @@ class HfEncoder(Encoder):
 
 def _cfg_from_processor(processor, spec) -> PreprocessCfg:  # type: ignore[no-untyped-def]
     d = processor.to_dict()
+    if "max_num_patches" in d:  # SigLIP2 NaFlex: patches at the image's own aspect ratio, no fixed input
+        raise ConfigError(
+            f"IMGSYNC_MODEL={spec}: variable-resolution (NaFlex) image processors are not supported; "
+            "use a fixed-resolution checkpoint of the model"
+        )
     if d.get("do_rescale", True) and abs(float(d.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-9:
         raise ConfigError(f"IMGSYNC_MODEL={spec}: image processor rescale_factor {d.get('rescale_factor')} is not 1/255")
     size, crop = d.get("size") or {}, d.get("crop_size") or {}

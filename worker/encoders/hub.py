@@ -12,14 +12,20 @@ from worker.errors import ConfigError
 __all__ = ["hub_reachable", "weights_cached", "check_weights_available"]
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the model hub answers on HTTPS (never when HF_HUB_OFFLINE is set)."""
+def hub_reachable(host: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether the model hub answers (never when HF_HUB_OFFLINE is set): ``HF_ENDPOINT``'s host and
+    port (a mirror) when set, else huggingface.co:443."""
+    from urllib.parse import urlsplit
+
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
+    endpoint = urlsplit(constants.ENDPOINT)
+    host = host or endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
@@ -35,6 +41,8 @@ def weights_cached(spec_text: str) -> bool:
         if Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
             return True  # a local folder (a missing one is the backend's own clear error)
         return _in_hub_cache(source, ("config.json",))
+    if spec.backend == "open_clip" and spec.name.startswith("hf-hub:") and not spec.weights:
+        return _in_hub_cache(spec.name.removeprefix("hf-hub:"), ("open_clip_config.json",))
     if spec.backend not in ("open_clip", "timm") or not spec.weights:
         return True
     if Path(spec.weights).expanduser().exists():

@@ -16,7 +16,7 @@ def parse_spec(text: str) -> ModelSpec:
     """Parse ``IMGSYNC_MODEL``.
 
     ``tiny`` (or ``tiny@<weights file>``) is the test model and ``random:<dim>`` the control of
-    ``imgsync evaluate``; otherwise ``backend:name`` with an optional ``@weights`` (a pretrained tag,
+    ``imgsync evaluate``; ``timm:<model>.<tag>`` (timm's own naming) is ``timm:<model>@<tag>``; otherwise ``backend:name`` with an optional ``@weights`` (a pretrained tag,
     a hub id or a local path). The name may itself contain ``:`` (open_clip's ``hf-hub:org/repo``
     and ``local-dir:/path``).
 
@@ -50,6 +50,8 @@ def parse_spec(text: str) -> ModelSpec:
             f"IMGSYNC_MODEL={text!r}: the random control is random:<dim>, dim an integer in 2..{RANDOM_DIM_MAX} "
             "and no @weights, e.g. random:64"
         )
+    if backend == "timm" and not weights and "." in name:  # timm's own <model>.<pretrained tag> naming
+        name, _, weights = name.partition(".")
     return ModelSpec(backend, name, weights or None)
 
 

@@ -113,6 +113,17 @@ def test_hf_checkpoint_missing_weights_is_refused(family: str, tmp_path: Path) -
         create_encoder(f"hf:{folder}").load()
 
 
+def test_siglip2_naflex_processor_is_refused_clearly() -> None:
+    """A SigLIP2 NaFlex (variable-resolution) image processor is a ConfigError saying so, not a
+    puzzle about the input size."""
+    import transformers as tf
+
+    from worker.encoders.hf_backend import _cfg_from_processor
+
+    with pytest.raises(ConfigError, match="NaFlex"):
+        _cfg_from_processor(tf.Siglip2ImageProcessor(), "hf:siglip2")
+
+
 def test_hf_missing_folder_and_unsupported_type(tmp_path: Path) -> None:
     """A missing folder, or a model type we do not embed with, fails naming the setting."""
     with pytest.raises(ConfigError, match="IMGSYNC_MODEL"):

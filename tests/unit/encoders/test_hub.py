@@ -38,6 +38,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("hf:openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32", "config.json"),
         ("hf:clip@openai/clip-vit-base-patch32", "openai/clip-vit-base-patch32", "config.json"),
         ("timm:resnet50@a1_in1k", "timm/resnet50.a1_in1k", "model.safetensors"),
+        ("timm:resnet50.a1_in1k", "timm/resnet50.a1_in1k", "model.safetensors"),
+        ("open_clip:hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+         "open_clip_config.json"),
         ("open_clip:ViT-B-32@laion2b_s34b_b79k", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", "open_clip_model.safetensors"),
     ],
 )
@@ -61,6 +64,25 @@ def test_an_hf_model_missing_offline_fails_at_once(cache: Path) -> None:
 @pytest.mark.parametrize("spec", ["tiny", "timm:resnet18", "open_clip:ViT-B-32", "random:64"])
 def test_specs_without_downloads_need_nothing(cache: Path, spec: str) -> None:
     assert hub.weights_cached(spec)
+
+
+def test_the_hub_checked_is_hf_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mirror in HF_ENDPOINT is the hub asked (its host and port), not huggingface.co:443."""
+    import socket
+
+    from huggingface_hub import constants
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    try:
+        assert hub.hub_reachable()
+    finally:
+        listener.close()
+    assert not hub.hub_reachable()  # nobody listens there any more
 
 
 def test_local_weights_are_available(cache: Path, tmp_path: Path) -> None:

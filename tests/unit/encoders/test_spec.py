@@ -17,6 +17,8 @@ from worker.errors import ConfigError
         ("open_clip:ViT-B-32@openai", ModelSpec("open_clip", "ViT-B-32", "openai")),
         ("open_clip:ViT-B-32@/models/a@b.pt", ModelSpec("open_clip", "ViT-B-32@/models/a", "b.pt")),
         ("open_clip:hf-hub:org/repo", ModelSpec("open_clip", "hf-hub:org/repo", None)),
+        ("timm:resnet50.a1_in1k", ModelSpec("timm", "resnet50", "a1_in1k")),  # timm's own naming of a tag
+        ("timm:resnet50@a1_in1k", ModelSpec("timm", "resnet50", "a1_in1k")),
     ],
 )
 def test_parse(text: str, expected: ModelSpec) -> None:
