@@ -10,6 +10,7 @@ nothing outside this module reads ``os.environ``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -372,8 +373,6 @@ class Settings(BaseSettings):
     @field_validator("s3_key_pattern", mode="after")
     @classmethod
     def _key_pattern(cls, value: str) -> str:
-        import re
-
         try:
             compiled = re.compile(value)
         except re.error as exc:
@@ -408,8 +407,6 @@ class Settings(BaseSettings):
     @field_validator("device", mode="after")
     @classmethod
     def _device_form(cls, value: str) -> str:
-        import re
-
         if not re.fullmatch(DEVICE_PATTERN, value.strip().lower()):
             raise ValueError("must be one of auto, cpu, cuda, cuda:N")
         return value
@@ -538,13 +535,6 @@ class Settings(BaseSettings):
         return env
 
 
-def _masked(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (also when the URL does not parse), for messages."""
-    from worker.errors import hide_passwords
-
-    return hide_passwords(url)
-
-
 def _check_database_url(url: str, setting: str) -> None:
     """Refuse a database URL SQLAlchemy cannot parse or whose dialect or driver is not installed.
 
@@ -554,9 +544,9 @@ def _check_database_url(url: str, setting: str) -> None:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-    from worker.errors import ConfigError
+    from worker.errors import ConfigError, hide_passwords
 
-    shown = _masked(url)
+    shown = hide_passwords(url)
     try:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
@@ -590,7 +580,7 @@ def _check_broker_url(url: str) -> None:
     from kombu.transport import TRANSPORT_ALIASES
 
     from worker.embedded_broker import SCHEME  # noqa: F401 - importing it registers imgsync's own transport
-    from worker.errors import ConfigError
+    from worker.errors import ConfigError, hide_passwords
 
     for one in url.split(";"):
         scheme, sep, _ = one.strip().partition("://")
@@ -598,7 +588,7 @@ def _check_broker_url(url: str) -> None:
             continue
         problem = f"unknown broker transport {scheme!r}" if sep else "not a URL <scheme>://…"
         raise ConfigError(
-            f"IMGSYNC_BROKER_URL={_masked(url)!r}: {problem}; valid schemes: "
+            f"IMGSYNC_BROKER_URL={hide_passwords(url)!r}: {problem}; valid schemes: "
             f"{', '.join(sorted(TRANSPORT_ALIASES, key=str.lower))} (e.g. redis://host:6379/0, "
             "amqp://user:password@host:5672//); empty: the embedded broker under IMGSYNC_HOME"
         )
@@ -613,7 +603,7 @@ def _check_milvus_uri(uri: str) -> None:
     """
     from urllib.parse import urlsplit
 
-    from worker.errors import ConfigError
+    from worker.errors import ConfigError, hide_passwords
 
     if uri.startswith("unix:") or uri.endswith(".db"):
         return
@@ -626,6 +616,6 @@ def _check_milvus_uri(uri: str) -> None:
         if parts.scheme.lower() in ("http", "https", "tcp") and parts.hostname:
             return
     raise ConfigError(
-        f"IMGSYNC_MILVUS_URI={_masked(uri)!r} is not a Milvus URI: use http(s)://host:19530, tcp://host:19530, "
+        f"IMGSYNC_MILVUS_URI={hide_passwords(uri)!r} is not a Milvus URI: use http(s)://host:19530, tcp://host:19530, "
         "unix:/path/to/socket or a local Milvus Lite file ending in .db; empty: the embedded server under IMGSYNC_HOME"
     )

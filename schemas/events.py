@@ -78,13 +78,15 @@ def normalize_uri(value: str) -> str:
     if parsed.scheme in _SCHEMES:
         if parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
-                raise ValueError(f"uri {value!r} names host {parsed.netloc!r}: file:// uris must be local")
+                raise ValueError(f"uri {value!r} names host {parsed.netloc!r}: a file:// uri must name a local file")
             return _local_uri(unquote(parsed.path))
         if not parsed.netloc:
             raise ValueError(f"uri {value!r} has no host or bucket")
         return value
     if parsed.scheme and len(parsed.scheme) > 1:  # a Windows drive letter is not a scheme
-        raise ValueError(f"uri {value!r} has scheme {parsed.scheme!r}; expected one of {', '.join(_SCHEMES)}")
+        raise ValueError(
+            f"uri {value!r} has scheme {parsed.scheme!r}, which is not supported; expected one of {', '.join(_SCHEMES)}"
+        )
     return _local_uri(os.path.expanduser(value))
 
 

@@ -24,8 +24,8 @@ from worker.imaging.device_decode import JpegHandoff, decode_batch
 from worker.index import ImageEntity
 from worker.index.milvus_store import VersionNames
 from worker.ledger import ImageState, IndexedImage, VersionRow
-from worker.metrics import Metrics, metrics
-from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
+from worker.metrics import metrics
+from worker.metrics.gpu_gauges import record_gpu_memory
 from worker.pipeline import model_pixels, prepare_pixels, record_failure
 from worker.runtime import Runtime
 
@@ -42,7 +42,6 @@ __all__ = [
     "record_encode",
     "UpsertedEncode",
     "EncodeResult",
-    "record_gpu_memory",
 ]
 
 log = logging.getLogger(__name__)
@@ -327,15 +326,3 @@ def _count_encode(**outcomes: int) -> None:
     for outcome, n in outcomes.items():
         if n:
             metrics().images.labels("encode", outcome).inc(n)
-
-
-def record_gpu_memory(m: Metrics) -> None:
-    """Set the GPU memory gauges from torch (nothing without CUDA)."""
-    snapshot = gpu_memory_snapshot()
-    for device, kinds in snapshot.items():
-        for kind, value in kinds.items():
-            m.gpu_memory.labels(device, kind).set(value)
-    if snapshot:  # NVML only where torch sees a GPU
-        for device, reading in nvml_snapshot().items():
-            m.gpu_utilization.labels(device).set(reading["utilization"])
-            m.gpu_temperature.labels(device).set(reading["temperature"])

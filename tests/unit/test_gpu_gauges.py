@@ -8,7 +8,7 @@ import time
 import pytest
 from kombu.asynchronous.timer import Timer
 
-from worker import encode_stage
+from worker.metrics import gpu_gauges
 from worker.metrics.gpu_gauges import SAMPLE_SECONDS, GpuGauges
 
 
@@ -34,7 +34,7 @@ def test_samples_on_the_consumer_timer_and_never_raises(monkeypatch: pytest.Monk
     def broken(m):  # type: ignore[no-untyped-def]
         raise RuntimeError("NVML went away")
 
-    monkeypatch.setattr(encode_stage, "record_gpu_memory", broken)
+    monkeypatch.setattr(gpu_gauges, "record_gpu_memory", broken)
     with caplog.at_level(logging.WARNING):
         step.sample()
     assert "reading the GPU gauges failed" in caplog.text

@@ -7,12 +7,12 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from config.settings import Settings
-from schemas.events import ImageEvent, normalize_version
+from schemas.events import ImageEvent, normalize_uri, normalize_version, path_from_uri
 from schemas.outputs import IndexResult
 from worker.errors import ConfigError
 from worker.ledger import Ledger, make_engine
@@ -49,7 +49,7 @@ def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
 
 
 def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
-    from worker.fetch.local import local_path, walk_tree
+    from worker.fetch.local import walk_tree
 
     parsed = urlparse(target)
     if parsed.scheme in ("s3", "http", "https"):
@@ -59,15 +59,10 @@ def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
             raise ConfigError(f"{target}: cannot tell its SKU from the key; pass --sku")
         yield target, image_sku
         return
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ConfigError(f"{target}: a file:// uri must name a local file (host {parsed.netloc!r} given)")
-        given = unquote(parsed.path)
-    elif len(parsed.scheme) > 1 and "://" in target:
-        raise ConfigError(f"{target}: scheme {parsed.scheme!r} is not supported; give a path, file://, s3:// or http(s)://")
-    else:
-        given = target
-    path = local_path(given)
+    try:  # a path or a file:// uri, named as image uris name files
+        path = path_from_uri(normalize_uri(target))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     if not path.exists():
         raise ConfigError(f"{target}: no such file or folder")
     if path.is_file():  # its SKU is the folder it lies in (not the folder a symbolic link points to)

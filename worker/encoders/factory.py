@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from config.settings import EncoderConfig
 from worker.encoders.base import Encoder
-from worker.encoders.spec import BACKENDS, anchored_spec, parse_spec
+from worker.encoders.spec import BACKENDS, anchor, parse_spec
 from worker.errors import ConfigError
 
 __all__ = ["create_encoder"]
@@ -18,7 +18,7 @@ def create_encoder(config: EncoderConfig | str) -> Encoder:
     """
     if isinstance(config, str):
         config = EncoderConfig(spec=config, device="auto", precision="fp32")
-    spec = parse_spec(anchored_spec(config.spec))  # local paths absolute: one model, one id, any folder
+    spec = anchor(parse_spec(config.spec))  # local paths absolute: one model, one id, any folder
     match spec.backend:
         case "open_clip":
             from worker.encoders.open_clip_backend import OpenClipEncoder

@@ -6,7 +6,7 @@ from worker.encoders.base import ModelSpec
 from worker.encoders.random_backend import RANDOM_DIM_MAX
 from worker.errors import ConfigError
 
-__all__ = ["parse_spec", "anchored_spec", "BACKENDS"]
+__all__ = ["parse_spec", "anchor", "anchored_spec", "BACKENDS"]
 
 #: Backends this build can load.
 BACKENDS = ("open_clip", "hf", "timm", "tiny", "random")
@@ -16,9 +16,9 @@ def parse_spec(text: str) -> ModelSpec:
     """Parse ``IMGSYNC_MODEL``.
 
     ``tiny`` (or ``tiny@<weights file>``) is the test model and ``random:<dim>`` the control of
-    ``imgsync evaluate``; ``timm:<model>.<tag>`` (timm's own naming) is ``timm:<model>@<tag>``; otherwise ``backend:name`` with an optional ``@weights`` (a pretrained tag,
+    ``imgsync evaluate``; otherwise ``backend:name`` with an optional ``@weights`` (a pretrained tag,
     a hub id or a local path). The name may itself contain ``:`` (open_clip's ``hf-hub:org/repo``
-    and ``local-dir:/path``).
+    and ``local-dir:/path``); ``timm:<model>.<tag>`` (timm's own naming) is ``timm:<model>@<tag>``.
 
     Raises:
         ConfigError: empty parts, an unknown backend (the message lists the valid backends), a name
@@ -55,13 +55,11 @@ def parse_spec(text: str) -> ModelSpec:
     return ModelSpec(backend, name, weights or None)
 
 
-def anchored_spec(text: str) -> str:
-    """``text`` with each local path in it (a weights file, an ``hf`` or open_clip ``local-dir:``
+def anchor(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with each local path in it (a weights file, an ``hf`` or open_clip ``local-dir:``
     folder) made absolute, so that a spec recorded in the ledger means the same model to a worker
     started in another folder. Hub ids, tags and paths that do not exist stay as written."""
     from pathlib import Path
-
-    spec = parse_spec(text)
 
     def absolute(value: str) -> str:
         local = Path(value).expanduser()
@@ -72,6 +70,9 @@ def anchored_spec(text: str) -> str:
         name = "local-dir:" + absolute(name.removeprefix("local-dir:"))
     elif spec.backend == "hf" and not weights:
         name = absolute(name)
-    if weights:
-        weights = absolute(weights)
-    return str(ModelSpec(spec.backend, name, weights))
+    return ModelSpec(spec.backend, name, absolute(weights) if weights else None)
+
+
+def anchored_spec(text: str) -> str:
+    """:func:`anchor` of a spec's text, as text (what the ledger records)."""
+    return str(anchor(parse_spec(text)))

@@ -11,7 +11,7 @@ from schemas.events import path_from_uri
 from schemas.reasons import Reason
 from worker.errors import PermanentError, TransientError
 
-__all__ = ["fetch_local", "walk_tree", "local_path"]
+__all__ = ["fetch_local", "walk_tree"]
 
 
 def fetch_local(uri: str, cfg: FetchConfig) -> bytes:
@@ -59,11 +59,6 @@ def fetch_local(uri: str, cfg: FetchConfig) -> bytes:
 
 def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
-
-
-def local_path(path: str | Path) -> Path:
-    """``path`` made absolute and normalized lexically (links not followed), as image uris name files."""
-    return Path(os.path.normpath(os.path.abspath(os.path.expanduser(path))))
 
 
 def walk_tree(top: Path) -> Iterator[Path]:

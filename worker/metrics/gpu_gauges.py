@@ -7,7 +7,10 @@ import logging
 
 from celery import bootsteps
 
-__all__ = ["GpuGauges", "SAMPLE_SECONDS"]
+from worker.metrics import Metrics, metrics
+from worker.metrics.collectors import gpu_memory_snapshot, nvml_snapshot
+
+__all__ = ["GpuGauges", "SAMPLE_SECONDS", "record_gpu_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +32,6 @@ class GpuGauges(bootsteps.StartStopStep):
         self.tref = c.timer.call_repeatedly(SAMPLE_SECONDS, self.sample, (), priority=20)
 
     def sample(self) -> None:
-        from worker.encode_stage import record_gpu_memory
-        from worker.metrics import metrics
-
         try:
             record_gpu_memory(metrics())
         except Exception:  # noqa: BLE001 - a timer callback must never take the worker down
@@ -41,3 +41,15 @@ class GpuGauges(bootsteps.StartStopStep):
         if self.tref is not None:
             self.tref.cancel()
             self.tref = None
+
+
+def record_gpu_memory(m: Metrics) -> None:
+    """Set the GPU memory gauges from torch (nothing without CUDA)."""
+    snapshot = gpu_memory_snapshot()
+    for device, kinds in snapshot.items():
+        for kind, value in kinds.items():
+            m.gpu_memory.labels(device, kind).set(value)
+    if snapshot:  # NVML only where torch sees a GPU
+        for device, reading in nvml_snapshot().items():
+            m.gpu_utilization.labels(device).set(reading["utilization"])
+            m.gpu_temperature.labels(device).set(reading["temperature"])

@@ -33,9 +33,9 @@ from typing import Annotated, Any
 import typer
 
 from config.settings import Settings
-from schemas.events import Action, ImageEvent, path_from_uri
+from schemas.events import Action, ImageEvent, normalize_uri, path_from_uri
 from worker.cli.common import err_console, handle_errors, settings_from
-from worker.fetch.local import local_path, walk_tree
+from worker.fetch.local import walk_tree
 
 __all__ = ["FolderSource", "FolderStats", "command"]
 
@@ -84,7 +84,7 @@ class FolderSource:
         from worker.sources.common import publish_events
 
         self.settings = settings
-        self.root = local_path(root or settings.effective_watch_folder)  # as image uris name it
+        self.root = path_from_uri(normalize_uri(str(root or settings.effective_watch_folder)))  # as image uris name it
         self._publish = publish or publish_events
         self._pending: dict[Path, tuple[float, bool]] = {}  # path -> (publish after, is a folder)
         self._lock = threading.Lock()

@@ -18,8 +18,9 @@ Rules, in the order they apply to a record:
   version deleted for good (a noncurrent version expired, a delete marker removed), and the object
   may well still be there. It becomes an upsert, which reads the key's current version: unchanged
   content costs no forward pass, an older version that became current is encoded, a restored object
-  comes back, and a key with no version left fails as ``not_found`` (its vector removed). Other kinds (``ObjectAccessed``, tagging, ACL, restore, replication) and S3's
-  ``s3:TestEvent`` are skipped. The ``s3:`` prefix MinIO puts on record names is ignored.
+  comes back, and a key with no version left fails as ``not_found`` (its vector removed). Other
+  kinds (``ObjectAccessed``, tagging, ACL, restore, replication) and S3's ``s3:TestEvent`` are
+  skipped. The ``s3:`` prefix MinIO puts on record names is ignored.
 - **Key.** Record keys are form-encoded (``/`` as ``%2F``, space as ``+``, ``+`` as ``%2B``, UTF-8
   percent-encoded): decoded with :func:`urllib.parse.unquote_plus`; a key that is not valid UTF-8
   once decoded makes the record invalid. The uri is ``s3://<bucket>/<decoded key>``.
