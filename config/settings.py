@@ -340,7 +340,7 @@ class Settings(BaseSettings):
         None,
         description="Folder `<sku>/<image>` watched by the folder source (and `imgsync up`). Empty: IMGSYNC_HOME/catalog.",
     )
-    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus exporter port of a worker node. 0: none.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus exporter port of a worker node or a long-running event source. 0: none.")
     metrics_dir: Path | None = Field(
         None,
         description="Prometheus multiprocess directory shared by a node's processes. Empty: a fresh one per node under IMGSYNC_HOME/metrics.",

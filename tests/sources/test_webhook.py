@@ -234,11 +234,12 @@ def test_minio_events_reach_the_ledger_and_index(url: str, stack: Stack, ledger:
 
 def test_command_answers_503_while_the_broker_is_down(tmp_path: Path) -> None:
     """`imgsync sources webhook --host --port` serves; with the broker down a valid event gets 503 +
-    Retry-After (MinIO retries) and no dead letter; SIGTERM stops it with exit 0."""
-    port = free_port()
+    Retry-After (MinIO retries) and no dead letter, and its metrics (IMGSYNC_METRICS_PORT) count the
+    503 and the failed round; SIGTERM stops it with exit 0."""
+    port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
     env.update(IMGSYNC_HOME=str(tmp_path / "home"), IMGSYNC_WEBHOOK_TOKEN=TOKEN,
-               IMGSYNC_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0")
+               IMGSYNC_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0", IMGSYNC_METRICS_PORT=str(metrics_port))
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "sources", "webhook", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -254,6 +255,12 @@ def test_command_answers_503_while_the_broker_is_down(tmp_path: Path) -> None:
         assert status == 503 and "broker" in doc["error"]
         assert headers.get("retry-after", headers.get("Retry-After")) == "5"
         assert Ledger(make_engine(f"sqlite:///{tmp_path / 'home' / 'state.db'}")).dead_letter_count() == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+            scraped = resp.read().decode()
+        assert 'imgsync_webhook_requests_total{code="503"} 1.0' in scraped
+        assert 'imgsync_webhook_requests_total{code="200"} 0.0' in scraped
+        assert 'imgsync_source_failures_total{source="webhook"} 1.0' in scraped
+        assert 'imgsync_source_events_total{outcome="published",source="webhook"} 0.0' in scraped
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0, err

@@ -54,7 +54,10 @@ def test_alert_rules_pass_promtool() -> None:
     assert promtool, "promtool missing: .ci/services installs Debian's prometheus package"
     out = subprocess.run([promtool, "check", "rules", str(ROOT / "config/prometheus/alerts.yml")], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "7 rules found" in out.stdout
+    import yaml
+
+    rules = [r for g in yaml.safe_load((ROOT / "config/prometheus/alerts.yml").read_text())["groups"] for r in g["rules"]]
+    assert f"{len(rules)} rules found" in out.stdout and len(rules) >= 11
 
 
 def test_alerts_fire_when_they_should() -> None:
@@ -70,7 +73,7 @@ def test_alerts_fire_when_they_should() -> None:
 
 
 def test_scrape_config_passes_promtool_and_finds_every_replica(tmp_path: Path) -> None:
-    """prometheus.yml is valid for promtool, and its imgsync job finds every replica of both worker
+    """prometheus.yml is valid for promtool, and its jobs find every replica of the worker and source
     services through Docker's DNS (a static target would scrape one replica at a time)."""
     import shutil
     import subprocess
@@ -82,6 +85,11 @@ def test_scrape_config_passes_promtool_and_finds_every_replica(tmp_path: Path) -
     (job,) = [j for j in conf["scrape_configs"] if j["job_name"] == "imgsync"]
     (sd,) = job["dns_sd_configs"]
     assert set(sd["names"]) == {"worker-cpu", "worker-gpu"} and sd["type"] == "A" and sd["port"] == 9464
+    # every event source service of the compose file is scraped too, on the port it exports on
+    (job,) = [j for j in conf["scrape_configs"] if j["job_name"] == "imgsync-sources"]
+    (sd,) = job["dns_sd_configs"]
+    sources = {name for name, svc in compose()["services"].items() if "sources" in (svc.get("command") or [])}
+    assert sources and set(sd["names"]) == sources and sd["port"] == 9464
     local = tmp_path / "prometheus.yml"  # the rule file where this checkout has it, not in the container
     local.write_text(text.replace("/etc/prometheus/alerts.yml", str(ROOT / "config/prometheus/alerts.yml")))
     out = subprocess.run([shutil.which("promtool") or "promtool", "check", "config", str(local)], capture_output=True, text=True)

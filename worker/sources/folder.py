@@ -156,12 +156,18 @@ class FolderSource:
         for event in events:
             chunk.append(event)
             if len(chunk) >= self.PUBLISH_CHUNK:
-                self._publish(self.settings, chunk)
+                self._publish_chunk(chunk)
                 n, chunk = n + len(chunk), []
         if chunk:
-            self._publish(self.settings, chunk)
+            self._publish_chunk(chunk)
             n += len(chunk)
         return n
+
+    def _publish_chunk(self, chunk: Sequence[ImageEvent]) -> None:
+        from worker.metrics.sources import count_round
+
+        self._publish(self.settings, chunk)
+        count_round(SOURCE, published=len(chunk))
 
     @property
     def ledger(self) -> Any:
@@ -183,6 +189,7 @@ class FolderSource:
         from watchdog.observers import Observer
 
         from worker.errors import ConfigError
+        from worker.metrics.sources import count_round
 
         self.root.mkdir(parents=True, exist_ok=True)
         observer = Observer()
@@ -199,6 +206,10 @@ class FolderSource:
                     log.warning("folder: more than %d paths changed at once; rescanning %s", self.MAX_PENDING, self.root)
                     self._until_done(self.rescan, stop)
                 self._flush_settled()
+                with self._lock:
+                    idle = not self._pending and not self._overflow
+                if idle:  # nothing left to publish: the source is up to date
+                    count_round(SOURCE)
         finally:
             observer.stop()
             observer.join(timeout=10)
@@ -233,6 +244,9 @@ class FolderSource:
                     events[event.image_id] = event
             self._publish_all(events.values())
         except Exception as exc:  # noqa: BLE001 - broker or state DB away: keep the paths, retry
+            from worker.metrics.sources import count_round
+
+            count_round(SOURCE, failed=True)
             retry_at = time.monotonic() + self.RETRY_SECONDS
             log.warning("folder: publishing failed (%s); retrying in %.0f s", exc, self.RETRY_SECONDS, exc_info=log.isEnabledFor(logging.DEBUG))
             with self._lock:
@@ -271,6 +285,9 @@ class FolderSource:
                 fn()
                 return
             except Exception as exc:  # noqa: BLE001 - broker or state DB away: retry
+                from worker.metrics.sources import count_round
+
+                count_round(SOURCE, failed=True)
                 backoff = min(max(backoff * 2, 1.0), self.MAX_BACKOFF)
                 log.warning("folder: %s; retrying in %.0f s", exc, backoff, exc_info=log.isEnabledFor(logging.DEBUG))
                 stop.wait(backoff)
@@ -329,6 +346,9 @@ def command(
             markup=False, highlight=False, soft_wrap=True,
         )
         return
+    from worker.metrics.sources import serve_source_metrics
+
+    serve_source_metrics(settings, SOURCE)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

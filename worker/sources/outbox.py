@@ -153,9 +153,12 @@ class OutboxRelay:
 
     def drain(self, stop: threading.Event | None = None) -> RelayStats:
         """Relay batches until no unclaimed row is left (or ``stop`` is set between batches)."""
+        from worker.metrics.sources import count_round
+
         total = RelayStats()
         while stop is None or not stop.is_set():
             stats = self.relay_batch()
+            count_round(SOURCE, published=stats.upserts + stats.deletes, invalid=stats.dead_letters)
             total.add(stats)
             if stats.rows == 0:
                 break
@@ -164,6 +167,8 @@ class OutboxRelay:
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set (checked between batches): wake on NOTIFY (PostgreSQL) or
         every ``IMGSYNC_OUTBOX_POLL_SECONDS``; retry with backoff while a service is away."""
+        from worker.metrics.sources import count_round
+
         listener = _Listener(self.url) if self.postgres else None
         backoff = 0.0
         try:
@@ -175,6 +180,7 @@ class OutboxRelay:
                     self._purge_if_due()
                     backoff = 0.0
                 except Exception as exc:  # noqa: BLE001 - a service is away: retry, never die
+                    count_round(SOURCE, failed=True)
                     backoff = min(max(backoff * 2, 1.0), self.MAX_BACKOFF)
                     log.warning("outbox relay: %s; retrying in %.0f s", exc, backoff, exc_info=log.isEnabledFor(logging.DEBUG))
                     stop.wait(backoff)
@@ -417,6 +423,9 @@ def command(
                 f"{stats.deletes} delete(s), {stats.dead_letters} dead letter(s)", markup=False, highlight=False, soft_wrap=True
             )
             return
+        from worker.metrics.sources import OutboxCollector, serve_source_metrics
+
+        serve_source_metrics(settings, SOURCE, extra=[OutboxCollector(relay.engine)])
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())

@@ -227,6 +227,7 @@ class SqsSource:
                     "broker", "IMGSYNC_BROKER_URL", self.settings.effective_broker_url, "could not publish events"
                 )
             totals.add(stats)
+            _count(stats, error)
             if stats.messages and report:
                 report(stats.line())
             if error is None:
@@ -284,6 +285,17 @@ class SqsSource:
         endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", "")
         target = self.queue_url if not endpoint or self.queue_url.startswith(endpoint) else f"{self.queue_url} via {endpoint}"
         return ServiceUnavailable("SQS", "IMGSYNC_SQS_QUEUE_URL", target, str(exc) or type(exc).__name__)
+
+
+def _count(stats: RoundStats, error: ServiceUnavailable | None) -> None:
+    """One round in the source metrics. A failed round counts only its dead letters: its other
+    messages stay queued and are counted when they come back."""
+    from worker.metrics.sources import count_round
+
+    if error is not None:
+        count_round("sqs", failed=True, invalid=stats.dead_letters)
+    else:
+        count_round("sqs", published=stats.published, skipped=sum(stats.skipped.values()), invalid=stats.dead_letters)
 
 
 def sqs_client(settings: Settings, queue_url: str) -> Any:
@@ -354,6 +366,10 @@ def command(
     ensure_schema(settings)
     source = SqsSource(settings, url)
     source.check()
+    if not once:  # a one-round run ends before any scrape
+        from worker.metrics.sources import serve_source_metrics
+
+        serve_source_metrics(settings, "sqs")
     previous = {sig: signal.signal(sig, source.interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     _say(f"sqs: listening on {url}" + (" (one round)" if once else ""))
     try:

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: ``task`` of this source's dead letters
 TASK = "sources.webhook"
+#: the ``source`` label of this source's metrics
+SOURCE = "webhook"
 #: the path MinIO's ``notify_webhook`` endpoint points at
 EVENTS_PATH = "/events"
 #: seconds MinIO is asked to wait before retrying after a 503
@@ -73,6 +75,7 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
 
     from schemas.reasons import Reason
     from worker.ledger import Ledger, make_engine
+    from worker.metrics.sources import count_round, source_metrics
     from worker.sources.common import publish_events
     from worker.sources.s3events import (
         InvalidNotification,
@@ -124,7 +127,14 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
             if seen > cap:
                 return
 
+    requests = source_metrics().webhook_requests
+
     async def events(request: Request) -> Response:
+        response = await answer(request)
+        requests.labels(str(response.status_code)).inc()
+        return response
+
+    async def answer(request: Request) -> Response:
         if not authorized(request):
             return JSONResponse({"error": "missing or wrong bearer token"}, 401, headers={"WWW-Authenticate": "Bearer"})
         declared = request.headers.get("content-length")
@@ -145,20 +155,25 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
                 await run_in_threadpool(dead_letter, body.decode("utf-8", "replace"), str(exc))
             except Exception:  # noqa: BLE001 - kept nowhere yet: MinIO must retry
                 log.exception("webhook: could not record a dead letter")
+                count_round(SOURCE, failed=True)
                 return _unavailable("state database unreachable; retry later")
+            count_round(SOURCE, invalid=1)
             return JSONResponse({"error": str(exc)}, 400)
         if conv.events:
             try:
                 await run_in_threadpool(publish_locked, conv.events)
             except Exception as exc:  # noqa: BLE001 - broker faults are many; all mean "retry later"
                 log.warning("webhook: could not publish %d event(s): %s", len(conv.events), exc)
+                count_round(SOURCE, failed=True)
                 return _unavailable("broker unreachable; retry later")
         for bad in conv.invalid:
             try:
                 await run_in_threadpool(dead_letter, bad.body(), f"record {bad.index}: {bad.error}")
             except Exception:  # noqa: BLE001 - answer 503 so that MinIO retries (publishing is idempotent)
                 log.exception("webhook: could not record a dead letter")
+                count_round(SOURCE, failed=True)
                 return _unavailable("state database unreachable; retry later")
+        count_round(SOURCE, published=len(conv.events), skipped=sum(conv.skipped.values()), invalid=len(conv.invalid))
         return JSONResponse(
             {"published": len(conv.events), "skipped": dict(conv.skipped), "dead_letters": len(conv.invalid)}
         )
@@ -238,6 +253,13 @@ def command(
     host = host or settings.webhook_host
     port = settings.webhook_port if port is None else port
     sock = bind(host, port)
+    from worker.metrics.sources import serve_source_metrics
+
+    try:
+        serve_source_metrics(settings, SOURCE)
+    except ConfigError:
+        sock.close()
+        raise
     bound = sock.getsockname()[1]
     _say(f"webhook: listening on http://{host}:{bound}{EVENTS_PATH} (health: /health)")
     server = serve(app)
