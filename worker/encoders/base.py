@@ -10,12 +10,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from schemas.reasons import Reason
+from worker.encoders.digest import file_digest
 from worker.errors import TransientError
 from worker.imaging.geometry import apply_geometry
 
@@ -46,18 +46,6 @@ def seeded_init() -> Iterator[None]:
 
 
 _INIT_LOCK = threading.Lock()
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """Short sha256 of a weights file or of every file in a weights folder (part of ``model_id``)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
