@@ -63,6 +63,12 @@ def run_search(
         ConfigError: unreadable query image, a model without text tower, or a serving model that can
             no longer be loaded.
     """
+    data = b""
+    if image is not None:  # an unreadable query is an error whether or not anything is indexed yet
+        try:
+            data = image.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--image {image}: {exc.strerror or exc}") from exc
     store = store_for(settings, milvus_uri)
     ledger = Ledger(make_engine(settings.effective_database_url))
     try:
@@ -74,10 +80,6 @@ def run_search(
             raise ConfigError(f"the serving alias points at {coll}, which the state database does not know")
         encoder = query_encoder(settings, ledger, model_id, encoder)
         if image is not None:
-            try:
-                data = image.read_bytes()
-            except OSError as exc:
-                raise ConfigError(f"--image {image}: {exc.strerror or exc}") from exc
             try:
                 # as the image was indexed: the same reduced-scale decode and border trim
                 from worker.pipeline import decode_min_side

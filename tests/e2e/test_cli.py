@@ -140,6 +140,14 @@ def test_search_needs_exactly_one_query(home: Path) -> None:
     assert runner.invoke(app, ["search", "--image", "x.jpg", "--text", "shoe"]).exit_code == 2
 
 
+def test_search_with_an_unreadable_image_is_exit_2_on_an_empty_index(home: Path) -> None:
+    """A query image that cannot be read is a usage error naming it, even before anything is indexed
+    (it used to answer "no hits", exit 0)."""
+    result = runner.invoke(app, ["search", "--image", "/no/such/query.jpg", "--json"])
+    assert result.exit_code == 2, result.output
+    assert "/no/such/query.jpg" in result.output and result.stdout.strip() == ""
+
+
 def test_index_missing_path_is_exit_2(home: Path) -> None:
     """Indexing a path that does not exist is a usage error naming the path."""
     result = runner.invoke(app, ["index", "/no/such/folder", "--json"])
