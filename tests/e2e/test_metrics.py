@@ -75,7 +75,7 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
             env=env, capture_output=True, text=True, timeout=240,
         )  # fmt: skip
         results = json.loads(proc.stdout)["results"]
-        assert sum(r["outcome"] == "indexed" for r in results) == 12
+        assert sum(r["outcome"] == "indexed" for r in results) == 12, (results, proc.stderr[-3000:], (tmp_path / "up.log").read_text()[-3000:])
         failures = json.loads(
             subprocess.run(
                 [sys.executable, "-m", "worker.cli", "failures", "list", "--json"],
@@ -111,7 +111,11 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         assert not any(n == "imgsync_gpu_memory_bytes" for n, _ in s)  # no CUDA here: absent, no error
         # every metric the dashboard and the alert rules use is one the exporter emits
         gpu_only = {"imgsync_gpu_memory_bytes", "imgsync_gpu_utilization_ratio", "imgsync_gpu_temperature_celsius"}
-        emitted = {n for n, _ in s} | gpu_only  # GPU gauges exist on CUDA workers only
+        # the webhook's and the outbox relay's own (tests/sources/test_source_metrics.py); `up` runs the folder source
+        other_sources = {"imgsync_webhook_requests_total", "imgsync_outbox_pending_rows", "imgsync_outbox_oldest_pending_seconds"}
+        assert total(s, "imgsync_source_failures_total", source="folder") == 0
+        assert total(s, "imgsync_source_last_success_timestamp_seconds", source="folder") > time.time() - 60
+        emitted = {n for n, _ in s} | gpu_only | other_sources  # GPU gauges exist on CUDA workers only
         config = Path(__file__).resolve().parents[2] / "config"
         used = set()
         for f in [config / "prometheus/alerts.yml", config / "grafana/dashboards/imgsync.json"]:

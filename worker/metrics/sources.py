@@ -27,7 +27,7 @@ from typing import Any
 
 from config.settings import Settings
 
-__all__ = ["SourceMetrics", "source_metrics", "count_round", "serve_source_metrics", "OutboxCollector"]
+__all__ = ["SourceMetrics", "source_metrics", "count_round", "declare_source", "serve_source_metrics", "OutboxCollector"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,18 @@ def count_round(source: str, *, failed: bool = False, published: int = 0, skippe
         m.last_success.labels(source).set(time.time())
 
 
+def declare_source(source: str) -> None:
+    """Create ``source``'s series at 0, so that rate() and the alert rules see 0 rather than nothing
+    before its first event or failure."""
+    m = source_metrics()
+    for outcome in OUTCOMES:
+        m.events.labels(source, outcome)
+    m.failures.labels(source)
+    if source == "webhook":
+        for code in WEBHOOK_CODES:
+            m.webhook_requests.labels(str(code))
+
+
 def serve_source_metrics(settings: Settings, source: str, *, extra: list[Any] | None = None) -> None:
     """Serve ``/metrics`` for a source process on ``IMGSYNC_METRICS_PORT`` (0: none). The source's
     series exist from here on, at 0, so that the first scrape already shows them.
@@ -99,13 +111,7 @@ def serve_source_metrics(settings: Settings, source: str, *, extra: list[Any] | 
     Raises:
         ConfigError: the port cannot be bound (another process on this host uses it).
     """
-    m = source_metrics()
-    for outcome in OUTCOMES:  # the series exist from the start: rate() and alerts see 0, not nothing
-        m.events.labels(source, outcome)
-    m.failures.labels(source)
-    if source == "webhook":
-        for code in WEBHOOK_CODES:
-            m.webhook_requests.labels(str(code))
+    declare_source(source)
     if not settings.metrics_port:
         return
     from worker.metrics import start_exporter

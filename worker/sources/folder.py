@@ -189,8 +189,9 @@ class FolderSource:
         from watchdog.observers import Observer
 
         from worker.errors import ConfigError
-        from worker.metrics.sources import count_round
+        from worker.metrics.sources import count_round, declare_source
 
+        declare_source(SOURCE)  # also inside `imgsync up`, whose exporter serves them
         self.root.mkdir(parents=True, exist_ok=True)
         observer = Observer()
         observer.schedule(_Handler(self._note), str(self.root), recursive=True)
