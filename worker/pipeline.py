@@ -191,6 +191,9 @@ def preprocess(
             return "deleted"
         prev = acceptance.previous
     versions = [v for v in rt.active_versions() if not build or v.model_id in payload.models]
+    if build and len(versions) < len(set(payload.models)):  # registered after this worker last read them
+        rt.forget_versions()
+        versions = [v for v in rt.active_versions() if v.model_id in payload.models]
     if not versions:
         return "stale"  # the version being built was retired meanwhile
     data = fetch(rt, event.uri)

@@ -29,7 +29,7 @@ def reindex(
     prefix: Annotated[str | None, typer.Option(help="Only images whose uri (or local path) starts with this.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every image the ledger holds (deleted ones excepted).")] = False,
     failed: Annotated[bool, typer.Option("--failed", help="Only failed images.")] = False,
-    model: Annotated[str | None, typer.Option(help="Build this model's version (spec backend:name[@weights]) in the background while the serving one answers; then `imgsync cutover`.")] = None,
+    model: Annotated[str | None, typer.Option(help="Build this model's version (spec backend:name\\[@weights]) in the background while the serving one answers; then `imgsync cutover`.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-encode even unchanged images.")] = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the work with a progress bar.")] = True,
@@ -52,18 +52,18 @@ def reindex(
     if prefix:
         uri_prefix = prefix if "://" in prefix else normalize_uri(prefix) + ("/" if Path(prefix).is_dir() else "")
     states = (ImageState.failed,) if failed else (ImageState.pending, ImageState.indexed, ImageState.failed)
-    rows = ledger.select(sku=sku, uri_prefix=uri_prefix, states=states)
     rate = ledger.indexing_rate(datetime.now(UTC) - RATE_WINDOW)
     if model is not None and not (serving is not None and model.strip() in (serving.spec, serving.model_id)):
         from worker.cli.versions import build_version
 
         ok = build_version(
-            settings, model.strip(), rows, dry_run=dry_run, force=force, wait=wait, timeout=timeout, json_out=json_out,
-            rate=rate,
-        )
+            settings, model.strip(), lambda: ledger.select(sku=sku, uri_prefix=uri_prefix, states=states),
+            dry_run=dry_run, force=force, wait=wait, timeout=timeout, json_out=json_out, rate=rate,
+        )  # fmt: skip
         if not ok:
             raise typer.Exit(EXIT_FAILURES)
         return
+    rows = ledger.select(sku=sku, uri_prefix=uri_prefix, states=states)
     skus = sorted({r.sku for r in rows})
     estimate = round(len(rows) / rate, 1) if rate else None
     plan = {

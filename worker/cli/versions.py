@@ -5,7 +5,7 @@ the whole time: a cutover is one ``alter_alias`` per alias."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -32,6 +32,8 @@ __all__ = ["cutover", "rollback", "retire", "build_version", "resolve_version"]
 
 #: seconds between polls of the ledger while following a build
 POLL_SECONDS = 0.5
+#: seconds added to the workers' version cache time before a new version's build is sent
+SEEN_MARGIN_SECONDS = 0.5
 
 
 def resolve_version(ledger: Ledger, text: str) -> VersionRow:
@@ -43,7 +45,7 @@ def resolve_version(ledger: Ledger, text: str) -> VersionRow:
     text = text.strip()
     every = ledger.versions((VersionStatus.serving, VersionStatus.standby, VersionStatus.building, VersionStatus.retired))
     exact = [v for v in every if v.model_id == text]
-    matches = exact or [v for v in every if v.spec == text] or [v for v in every if v.model_id.startswith(text)]
+    matches = exact or [v for v in every if _same_spec(v, text)] or [v for v in every if v.model_id.startswith(text)]
     if len(matches) == 1:
         return matches[0]
     known = "; ".join(f"{v.model_id} ({v.status})" for v in every) or "none yet"
@@ -51,10 +53,23 @@ def resolve_version(ledger: Ledger, text: str) -> VersionRow:
     raise ConfigError(f"{text!r} {what}: known versions: {known}")
 
 
+def _same_spec(version: VersionRow, text: str) -> bool:
+    """True when ``text`` is the spec ``version`` was built with, as given or with its local paths
+    made absolute (as the ledger keeps it)."""
+    from worker.encoders.spec import anchored_spec
+
+    if version.spec == text:
+        return True
+    try:
+        return version.spec == anchored_spec(text)
+    except ConfigError:  # not a spec: a model id or its prefix
+        return False
+
+
 def build_version(
     settings: Settings,
     spec: str,
-    rows: Sequence[ImageRow],
+    select: Callable[[], Sequence[ImageRow]],
     *,
     dry_run: bool,
     force: bool,
@@ -63,10 +78,14 @@ def build_version(
     json_out: bool,
     rate: float | None = None,
 ) -> bool:
-    """Fill the version of ``spec`` for ``rows`` while the serving version keeps answering.
+    """Fill the version of ``spec`` for the images ``select`` returns while the serving version keeps
+    answering.
 
     Images the version already holds a current vector for are not sent again, so a rerun after an
-    interruption only pays for what is left. Returns True when every image got its vector.
+    interruption only pays for what is left. A version that was not active is sent its images only
+    once every worker sees it (they re-read the versions every ``Runtime.VERSIONS_TTL``): a worker
+    would drop them as stale, and would not write an upload of that moment to it. Returns True
+    when every image got its vector.
     """
     from worker.index.milvus_store import store_for
     from worker.runtime import Runtime
@@ -75,9 +94,15 @@ def build_version(
     try:
         with milvus_session(settings) as uri:
             rt.__dict__["store"] = store_for(settings, uri)
-            target = _peek_version(rt.ledger, spec) if dry_run else rt.register_candidate(spec)
+            if dry_run:
+                target = _peek_version(rt.ledger, spec)
+            else:
+                active = {v.model_id for v in rt.ledger.versions()}
+                target = rt.register_candidate(spec)
+                if target.model_id not in active:
+                    time.sleep(Runtime.VERSIONS_TTL + SEEN_MARGIN_SECONDS)
             rt.store.close()
-        return _build(settings, rt.ledger, spec, target, rows, dry_run=dry_run, force=force, wait=wait,
+        return _build(settings, rt.ledger, spec, target, select(), dry_run=dry_run, force=force, wait=wait,
                       timeout=timeout, json_out=json_out, rate=rate)
     finally:
         rt.ledger.engine.dispose()
@@ -145,29 +170,30 @@ def _build(
         if json_out:
             emit_json({**plan, "queued": len(payloads)})
         return True
-    covered, failed = follow_build(ledger, target.model_id, ids, timeout=timeout, show_progress=not json_out)
+    covered, failed, deleted = follow_build(ledger, target.model_id, ids, timeout=timeout, show_progress=not json_out)
     if json_out:
-        emit_json({**plan, "queued": len(payloads), "covered": covered, "failed": failed})
+        emit_json({**plan, "queued": len(payloads), "covered": covered, "failed": failed, "deleted": deleted})
     else:
         console.print(
-            f"{target.model_id}: {covered}/{len(ids)} images hold a vector, {failed} failed. "
-            f"Next: `imgsync cutover {target.model_id}`"
+            f"{target.model_id}: {covered}/{len(ids)} images hold a vector, {failed} failed, {deleted} deleted "
+            f"meanwhile. Next: `imgsync cutover {target.model_id}`"
         )
-    return covered + failed >= len(ids) and failed == 0
+    return covered + failed + deleted >= len(ids) and failed == 0
 
 
 def _peek_version(ledger: Ledger, spec: str) -> VersionRow | None:
-    for v in ledger.versions((VersionStatus.serving, VersionStatus.standby, VersionStatus.building)):
-        if v.spec == spec:
+    """The version a build of ``spec`` would fill (a retired one is built again), without registering."""
+    for v in ledger.versions((VersionStatus.serving, VersionStatus.standby, VersionStatus.building, VersionStatus.retired)):
+        if _same_spec(v, spec):
             return v
     return None
 
 
 def follow_build(
     ledger: Ledger, model_id: str, ids: Sequence[str], *, timeout: float | None, show_progress: bool
-) -> tuple[int, int]:
-    """Show the version's coverage of ``ids`` until complete (or ``timeout``); returns
-    ``(covered, failed)``."""
+) -> tuple[int, int, int]:
+    """Show the version's coverage of ``ids`` until each is covered, failed or deleted (or
+    ``timeout``); returns ``(covered, failed, deleted)``."""
     deadline = None if timeout is None else time.monotonic() + timeout
     progress = Progress(
         TextColumn("[bold]building[/]"),
@@ -181,18 +207,20 @@ def follow_build(
         disable=not show_progress,
     )
     started, first = time.monotonic(), None
-    covered = failed = 0
+    covered = failed = deleted = 0
     with progress:
         task = progress.add_task("build", total=len(ids), failed=0, rate="")
         while True:
             covered = ledger.coverage(model_id, ids).covered
-            failed = sum(r.state == ImageState.failed for r in ledger.rows(ids).values())
+            rows = ledger.rows(ids)
+            failed = sum(r.state == ImageState.failed for r in rows.values())
+            deleted = len(ids) - len(rows) + sum(r.state == ImageState.deleted for r in rows.values())
             first = covered if first is None else first
             elapsed = time.monotonic() - started
             rate = f"{(covered - first) / elapsed:.1f} img/s" if elapsed > 1 and covered > first else ""
-            progress.update(task, completed=covered + failed, failed=failed, rate=rate)
-            if covered + failed >= len(ids) or (deadline is not None and time.monotonic() > deadline):
-                return covered, failed
+            progress.update(task, completed=covered + failed + deleted, failed=failed, rate=rate)
+            if covered + failed + deleted >= len(ids) or (deadline is not None and time.monotonic() > deadline):
+                return covered, failed, deleted
             time.sleep(POLL_SECONDS)
 
 
@@ -219,7 +247,7 @@ def rollback(
     with _ledger_session(ctx) as (settings, ledger):
         standby = ledger.versions((VersionStatus.standby,))
         if not standby:
-            raise ConfigError("nothing to roll back to: no version stands by (no cutover happened yet)")
+            raise ConfigError("nothing to roll back to: no version stands by (no cutover happened yet, or it was retired)")
         _switch(settings, ledger, standby[0], force=force, json_out=json_out, verb="rollback")
 
 
@@ -258,7 +286,8 @@ def _switch(settings: Settings, ledger: Ledger, target: VersionRow, *, force: bo
     cov = ledger.coverage(target.model_id)
     doc = {
         "action": verb,
-        "serving": target.model_id,
+        "serving": before.model_id if before else None,  # what serves: the target once changed
+        "target": target.model_id,
         "previous": before.model_id if before else None,
         "covered": cov.covered,
         "total": cov.total,
@@ -291,7 +320,7 @@ def _switch(settings: Settings, ledger: Ledger, target: VersionRow, *, force: bo
         finally:
             store.close()
     ledger.set_serving(target.model_id)
-    doc["changed"] = True
+    doc.update(changed=True, serving=target.model_id)
     missing = ledger.select(states=(ImageState.pending,))
     if not cov.complete and missing:
         from worker.sources.common import publish_events

@@ -1,0 +1,218 @@
+"""Admin operations at their edges, in-process on an embedded (SQLite) ledger and a Milvus Lite
+server of this module: a background build sent while workers are busy, a build whose images are
+deleted meanwhile, what a refused cutover reports, and versions named by a relative spec."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from config.settings import Settings
+from schemas.events import ImageEvent
+from tests.helpers import photo
+from worker.cli.main import app
+from worker.encoders.spec import anchored_spec
+from worker.ledger import ImageState, IndexedImage, Ledger, make_engine, upgrade
+from worker.ledger.tables import images
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def own_milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Milvus Lite server of this module's own: its tests move the serving aliases."""
+    from worker.index import LiteServer
+
+    server = LiteServer(tmp_path_factory.mktemp("ops-audit") / "milvus")
+    server.start()
+    yield server.uri
+    server.stop()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
+    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+def _ledger() -> Ledger:
+    url = Settings(_env_file=None).effective_database_url  # type: ignore[call-arg]
+    upgrade(url)
+    return Ledger(make_engine(url))
+
+
+def _indexed(ledger: Ledger, model_id: str, *uris: str, sku: str = "SKU-1") -> list[ImageEvent]:
+    events = [ImageEvent(uri=u, sku=sku) for u in uris]
+    ledger.accept_many(events, "r")
+    ledger.mark_indexed([IndexedImage(e.image_id, e.version, "h", model_id, "r") for e in events])
+    return events
+
+
+class _Worker:
+    """A dispatcher whose preprocess messages a worker's runtime takes at once (as a busy worker
+    would, its list of versions read a moment ago); encode messages are kept."""
+
+    def __init__(self, rt) -> None:  # type: ignore[no-untyped-def]
+        self.rt, self.outcomes, self.encoded = rt, [], []
+
+    def preprocess_many(self, payloads) -> None:  # type: ignore[no-untyped-def]
+        from worker.pipeline import preprocess
+
+        self.outcomes += [preprocess(self.rt, self, p) for p in payloads]
+
+    def encode(self, payload) -> None:  # type: ignore[no-untyped-def]
+        self.encoded.append(payload)
+
+    def refresh_sku(self, *_: object, **__: object) -> None:
+        pass
+
+
+def test_a_build_sent_right_after_its_version_is_registered_reaches_busy_workers(
+    home: Path, own_milvus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reindex --model` of a new version: a worker whose list of active versions is a moment old
+    still encodes the images the command sends, instead of dropping them as stale (the command then
+    followed a build that never came)."""
+    from worker import celery_app
+    from worker.runtime import Runtime
+
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", own_milvus)
+    pic = tmp_path / "cat" / "SKU-1" / "1.jpg"
+    pic.parent.mkdir(parents=True)
+    photo(120, 100, seed=3).save(pic)
+    _ledger().engine.dispose()
+    rt = Runtime(Settings(_env_file=None))  # type: ignore[call-arg]
+    serving = rt.serving()  # the worker registers the configured model and caches the versions
+    _indexed(rt.ledger, serving.model_id, pic.as_uri())
+    worker = _Worker(rt)
+    monkeypatch.setattr(celery_app, "configure", lambda settings: None)
+    monkeypatch.setattr(celery_app, "dispatcher", lambda: worker)
+    rt.active_versions()  # read a moment before the command registers the new version
+
+    result = runner.invoke(app, ["reindex", "--all", "--model", "random:16", "--no-wait", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["queued"] == 1
+    assert worker.outcomes == ["queued"]
+    assert [p.model_id for p in worker.encoded] == [plan["model_id"]]
+    rt.ledger.engine.dispose()
+
+
+def test_a_worker_rereads_its_versions_for_a_build_of_a_version_it_does_not_know(
+    home: Path, own_milvus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build message naming a version registered after the worker last read its versions (the
+    worker's cache still fresh): the worker reads them again and encodes for it, instead of dropping
+    the message as stale."""
+    from schemas.tasks import PreprocessPayload
+    from worker.runtime import Runtime
+
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", own_milvus)
+    monkeypatch.setattr(Runtime, "VERSIONS_TTL", 3600.0)  # the cache would never expire by itself
+    pic = tmp_path / "cat" / "SKU-1" / "1.jpg"
+    pic.parent.mkdir(parents=True)
+    photo(120, 100, seed=4).save(pic)
+    _ledger().engine.dispose()
+    rt = Runtime(Settings(_env_file=None))  # type: ignore[call-arg]
+    (event,) = _indexed(rt.ledger, rt.serving().model_id, pic.as_uri())
+    other = Runtime(Settings(_env_file=None, model="random:16"))  # type: ignore[call-arg]
+    target = other.register_candidate("random:16")
+    worker = _Worker(rt)
+    worker.preprocess_many([PreprocessPayload(event=rt.ledger.get(event.image_id).event("reindex"), models=[target.model_id])])
+    assert worker.outcomes == ["queued"]
+    assert [p.model_id for p in worker.encoded] == [target.model_id]
+    rt.ledger.engine.dispose()
+    other.ledger.engine.dispose()
+
+
+def test_following_a_build_ends_when_an_image_is_deleted_meanwhile(home: Path) -> None:
+    """An image of the build's scope deleted while the build runs counts as settled: following the
+    build ends (it waited forever without --timeout) and reports it."""
+    from worker.cli.versions import follow_build
+
+    ledger = _ledger()
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    kept, gone = _indexed(ledger, "model-a", "s3://b/SKU-1/1.jpg", "s3://b/SKU-1/2.jpg")
+    with ledger.engine.begin() as conn:
+        conn.execute(images.update().where(images.c.image_id == gone.image_id).values(state=ImageState.deleted))
+    started = time.monotonic()
+    done = follow_build(ledger, "model-a", [kept.image_id, gone.image_id], timeout=20, show_progress=False)
+    assert time.monotonic() - started < 10
+    assert done == (1, 0, 1)  # covered, failed, deleted
+    ledger.engine.dispose()
+
+
+def test_a_refused_cutover_reports_what_still_serves(home: Path) -> None:
+    """`cutover --json` refused (incomplete version): exit 1, `changed` false, `serving` the version
+    that still serves, `target` the one asked for."""
+    ledger = _ledger()
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    ledger.register_version("model-b", "random:16", "imgsync_images__b", "imgsync_skus__b", 16, serve_if_first=False)
+    _indexed(ledger, "model-a", "s3://b/SKU-1/1.jpg")
+    ledger.engine.dispose()
+    result = runner.invoke(app, ["cutover", "model-b", "--json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["changed"], doc["serving"], doc["target"], doc["previous"]) == (False, "model-a", "model-b", "model-a")
+
+
+def test_a_version_is_found_by_the_relative_spec_it_was_built_with(home: Path, own_milvus: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger keeps a spec's local paths absolute; the same relative spec given again names
+    that version: `reindex --model … --dry-run` shows it building (not new) and `cutover` finds it."""
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", own_milvus)
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    spec = "open_clip:ViT-B-32@w.pt"
+    ledger = _ledger()
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    ledger.register_version("model-b", anchored_spec(spec), "imgsync_images__b", "imgsync_skus__b", 512, serve_if_first=False)
+    _indexed(ledger, "model-a", "s3://b/SKU-1/1.jpg")
+    ledger.engine.dispose()
+    dry = runner.invoke(app, ["reindex", "--all", "--model", spec, "--dry-run", "--json"])
+    assert dry.exit_code == 0, dry.output
+    assert (json.loads(dry.stdout)["model_id"], json.loads(dry.stdout)["status"]) == ("model-b", "building")
+    cut = runner.invoke(app, ["cutover", spec, "--json"])
+    assert cut.exit_code == 1, cut.output  # found, and refused: it holds no image yet
+    assert json.loads(cut.stdout)["target"] == "model-b"
+
+
+def test_nothing_failed_then_failed_scopes_answer_empty(home: Path) -> None:
+    """`reindex --failed` and `failures replay` with nothing failed: `{"results": []}`, exit 0."""
+    _ledger().engine.dispose()
+    for args in (["reindex", "--failed", "--json"], ["failures", "replay", "--json"], ["failures", "replay", "--wait", "--json"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["results"] == []
+
+
+def test_the_dry_run_of_a_retired_version_plans_what_its_build_would_send(home: Path, own_milvus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`reindex --model SPEC --dry-run` of a retired version: it is built again, so the plan names it
+    and counts the vectors it still holds (not a new version that lacks every image)."""
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", own_milvus)
+    ledger = _ledger()
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    ledger.register_version("model-b", "random:16", "imgsync_images__b", "imgsync_skus__b", 16, serve_if_first=False)
+    events = _indexed(ledger, "model-a", "s3://b/SKU-1/1.jpg", "s3://b/SKU-1/2.jpg")
+    ledger.mark_indexed([IndexedImage(events[0].image_id, events[0].version, "h", "model-b", "r")])
+    ledger.retire("model-b")
+    ledger.engine.dispose()
+    result = runner.invoke(app, ["reindex", "--all", "--model", "random:16", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert (plan["model_id"], plan["status"], plan["images"], plan["to_encode"]) == ("model-b", "retired", 2, 1)
+    nothing = runner.invoke(app, ["rollback"])
+    assert nothing.exit_code == 2 and "nothing to roll back" in nothing.output
+
+
+def test_reindex_help_shows_the_whole_model_spec() -> None:
+    """`reindex --help` shows `--model`'s spec with its optional `[@weights]` (not eaten as markup)."""
+    result = runner.invoke(app, ["reindex", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "backend:name[@weights]" in result.output, result.output
