@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
 
 from config.settings import FetchConfig
 from schemas.reasons import Reason
@@ -101,6 +104,66 @@ def resolve_checked(url: str, cfg: FetchConfig) -> Target:
     return Target(parts.scheme, host, port, path, addresses[0])
 
 
+class _Deadline:
+    """Shuts a download's sockets down when its total time is up. Timeouts bound each read, not the
+    response: a server dripping its status line or headers a byte at a time would otherwise hold the
+    worker far past IMGSYNC_FETCH_DEADLINE (the body is also checked between chunks)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._timer = threading.Timer(max(0.0, seconds), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in another thread
+    except OSError:
+        pass  # already closed
+
+
+class _WatchedHTTP(HTTPConnection):
+    """A connection that hands its socket to the download's :class:`_Deadline` once connected."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
+class _WatchedHTTPS(HTTPSConnection):
+    """:class:`_WatchedHTTP` over TLS."""
+
+    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline = deadline
+
+    def connect(self) -> None:
+        super().connect()
+        self._deadline.watch(self.sock)
+
+
 def _open(target: Target, cfg: FetchConfig, timeout: urllib3.Timeout):  # type: ignore[no-untyped-def]
     """A connection pool bound to the checked address (TLS still verifies the host name)."""
     if target.scheme == "https":
@@ -120,6 +183,12 @@ def _open(target: Target, cfg: FetchConfig, timeout: urllib3.Timeout):  # type: 
     return urllib3.HTTPConnectionPool(target.address, target.port, timeout=timeout, retries=False, maxsize=1)
 
 
+def _watch(pool: urllib3.HTTPConnectionPool, deadline: _Deadline) -> None:
+    """Make the connections ``pool`` opens hand their sockets to ``deadline``."""
+    pool.ConnectionCls = _WatchedHTTPS if isinstance(pool, urllib3.HTTPSConnectionPool) else _WatchedHTTP
+    pool.conn_kw["deadline"] = deadline
+
+
 def fetch_http(url: str, cfg: FetchConfig) -> bytes:
     """Download an image over HTTP(S), safely.
 
@@ -130,6 +199,14 @@ def fetch_http(url: str, cfg: FetchConfig) -> bytes:
             (connection errors, 5xx, 429).
     """
     started = time.monotonic()
+    deadline = _Deadline(cfg.deadline)
+    try:
+        return _fetch(url, cfg, started, deadline)
+    finally:
+        deadline.cancel()
+
+
+def _fetch(url: str, cfg: FetchConfig, started: float, deadline: _Deadline) -> bytes:
     current = url
     for _hop in range(cfg.max_redirects + 1):
         target = resolve_checked(current, cfg)
@@ -138,6 +215,7 @@ def fetch_http(url: str, cfg: FetchConfig) -> bytes:
             raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline")
         timeout = urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=min(cfg.read_timeout, remaining))
         pool = _open(target, cfg, timeout)
+        _watch(pool, deadline)
         host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
         try:
             resp = pool.urlopen(
@@ -153,6 +231,8 @@ def fetch_http(url: str, cfg: FetchConfig) -> bytes:
             raise TransientError(Reason.fetch_timeout, f"{url}: timed out: {exc}") from exc
         except urllib3.exceptions.HTTPError as exc:
             pool.close()
+            if deadline.expired:
+                raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline") from exc
             raise TransientError(Reason.fetch_error, f"{url}: {type(exc).__name__}: {exc}") from exc
         try:
             if resp.status in _REDIRECTS:
@@ -161,14 +241,14 @@ def fetch_http(url: str, cfg: FetchConfig) -> bytes:
                     raise PermanentError(Reason.not_found, f"{current}: redirect without Location")
                 current = urljoin(current, location)
                 continue
-            return _read_body(url, resp, cfg, started)
+            return _read_body(url, resp, cfg, started, deadline)
         finally:
             resp.release_conn()
             pool.close()
     raise PermanentError(Reason.not_found, f"{url}: more than {cfg.max_redirects} redirects")
 
 
-def _read_body(url: str, resp, cfg: FetchConfig, started: float) -> bytes:  # type: ignore[no-untyped-def]
+def _read_body(url: str, resp, cfg: FetchConfig, started: float, deadline: _Deadline) -> bytes:  # type: ignore[no-untyped-def]
     if resp.status in _GONE:
         raise PermanentError(Reason.not_found, f"{url}: HTTP {resp.status}")
     if resp.status == 429 or resp.status >= 500:
@@ -193,5 +273,9 @@ def _read_body(url: str, resp, cfg: FetchConfig, started: float) -> bytes:  # ty
     except urllib3.exceptions.ReadTimeoutError as exc:
         raise TransientError(Reason.fetch_timeout, f"{url}: read timed out: {exc}") from exc
     except urllib3.exceptions.ProtocolError as exc:
+        if deadline.expired:
+            raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline") from exc
         raise TransientError(Reason.fetch_error, f"{url}: connection broken: {exc}") from exc
+    if deadline.expired:  # the socket was shut mid-body: what arrived is not the whole file
+        raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline")
     return bytes(body)

@@ -8,10 +8,12 @@ ends as 8-bit RGB (alpha and palettes composited on white, 16-bit scaled).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageChops, ImageCms, ImageOps, UnidentifiedImageError
@@ -75,7 +77,7 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
     if not data:
         raise PermanentError(Reason.corrupt, "empty file (0 bytes)")
     formats = accepted_formats()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _pillow_pixel_limit(limits.max_pixels):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data), formats=sorted(formats))
@@ -90,7 +92,7 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise PermanentError(Reason.decompression_bomb, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - any other parse failure is a damaged file
-            raise _damaged(exc) from exc
+            raise _damaged(exc, data) from exc
         width, height = img.size
         if width * height > limits.max_pixels:
             raise PermanentError(
@@ -110,7 +112,7 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise PermanentError(Reason.decompression_bomb, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes a decoder raise
-            raise _damaged(exc) from exc
+            raise _damaged(exc, data) from exc
     if min(rgb.size) < limits.min_side:
         raise PermanentError(
             Reason.too_small, f"{rgb.size[0]}×{rgb.size[1]} is under IMGSYNC_MIN_IMAGE_SIDE={limits.min_side}"
@@ -118,12 +120,26 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
     return rgb
 
 
-def _damaged(exc: Exception) -> PermanentError:
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb guard (``Image.MAX_IMAGE_PIXELS``, which it also applies to TIFF tiles and
+    GIF frames) set to IMGSYNC_MAX_IMAGE_PIXELS for one decode, instead of Pillow's default of
+    89.5 megapixels (179 as a hard error), which would refuse images the setting accepts."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _damaged(exc: Exception, data: bytes) -> PermanentError:
     """``truncated`` when the decoder ran out of data, else ``corrupt``; the message is kept.
 
     Pillow reports running out of data as an OSError ("image file is truncated", "Truncated File
     Read" for a header segment cut short, "image file is incomplete") and libavif as a SyntaxError
-    ("Truncated data"); PNG's verify() reports broken chunks as SyntaxError too.
+    ("Truncated data"); PNG's verify() reports broken chunks as SyntaxError too. libwebp says only
+    that it failed: a WebP whose RIFF header declares more bytes than ``data`` holds was cut short.
     """
     text = str(exc)
     lowered = text.lower()
@@ -131,7 +147,14 @@ def _damaged(exc: Exception) -> PermanentError:
         "truncated" in lowered or ("image file is" in lowered and "incomplete" in lowered)
     ):
         return PermanentError(Reason.truncated, text)
+    if _cut_short(data):
+        return PermanentError(Reason.truncated, f"{len(data)} bytes, fewer than its RIFF header declares: {text}")
     return PermanentError(Reason.corrupt, f"{type(exc).__name__}: {text}")
+
+
+def _cut_short(data: bytes) -> bool:
+    """True when a RIFF file (WebP) declares more bytes than ``data`` has."""
+    return data[:4] == b"RIFF" and (len(data) < 8 or int.from_bytes(data[4:8], "little") + 8 > len(data))
 
 
 def apply_crop(img: Image.Image, crop: CropBox | None) -> Image.Image:
@@ -179,12 +202,17 @@ def _to_rgb(img: Image.Image, fmt: str | None) -> Image.Image:
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """High bit depths scaled (not clipped) to 8 bits; palettes expanded; ``1`` as ``L``."""
+    """High bit depths scaled (not clipped) to 8 bits; palettes expanded; ``1`` as ``L``; a colour
+    key (``transparency``) as an alpha channel."""
     mode = img.mode
+    key = img.info.get("transparency")  # a colour key: PNG's tRNS on a grey or RGB image
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img, dtype=np.float64)
         top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr8 = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        if isinstance(key, int):  # the key names a 16-bit value: match it before scaling
+            keyed = Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8), "L")
+            return Image.merge("LA", (Image.fromarray(arr8, "L"), keyed))
         return Image.fromarray(arr8, "L")
     if mode == "F":
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
@@ -193,6 +221,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         return Image.fromarray(arr8, "L")
     if mode in ("P", "PA"):
         return img.convert("RGBA")  # the palette's transparency becomes alpha
+    if mode in ("1", "L", "RGB") and key is not None:
+        # optipng/oxipng store on/off alpha this way: the key colour's pixels are transparent
+        return img.convert("RGBA" if mode == "RGB" else "LA")
     if mode == "1":
         return img.convert("L")
     if mode in ("RGBX", "YCbCr"):  # RGB data in another layout: an RGB profile applies after this

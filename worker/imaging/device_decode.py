@@ -69,8 +69,8 @@ def plan_handoff(data: bytes, limits: ImagingConfig, cfg: PreprocessCfg, *, max_
     progressive JPEGs in YCbCr (Photoshop's Adobe marker included) or grayscale, without a colour
     profile other than sRGB, within the size limits, for a model whose geometry the device path
     reproduces. Everything else (CMYK, RGB stored without the YCbCr transform, ICC-managed,
-    truncated, multi-picture, 12-bit, too large or too small files, other formats) goes the CPU
-    way, which applies colour management and records reason codes.
+    truncated, multi-picture, 12-bit, too large, too small or very long and thin files, other
+    formats) goes the CPU way, which applies colour management and records reason codes.
     """
     if not (0 < len(data) <= max_bytes) or not data.startswith(b"\xff\xd8\xff"):
         return None
@@ -90,6 +90,8 @@ def plan_handoff(data: bytes, limits: ImagingConfig, cfg: PreprocessCfg, *, max_
                 or (img.mode == "RGB" and "adobe" in img.info and img.info.get("adobe_transform") != 1)
                 or width * height > limits.max_pixels
                 or min(width, height) < limits.min_side
+                # a long, thin picture: the device resize would build all of it at the model's scale
+                or max(width, height) > geometry.CROP_FIRST_RATIO * min(width, height)
             ):
                 return None
             icc = img.info.get("icc_profile")

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
 
 __all__ = ["apply_geometry", "resample_filter", "short_side_size", "keep_ratio_size", "pad_amounts", "crop_origin"]
 
+#: resize only the centre-cropped part (see :func:`_resize_for_crop`) when the full resize would
+#: be over this many times the model input's area; below it, resize then crop exactly as the
+#: reference code does
+CROP_FIRST_RATIO = 64
+
 _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -45,12 +50,14 @@ def apply_geometry(img: Image.Image, cfg: PreprocessCfg) -> np.ndarray:
         img = _resize_keep_ratio(img, (th, tw), longest=1.0, flt=flt)
         img = _center_crop_or_pad(img, (th, tw), fill=cfg.fill_color)
     elif cfg.resize_mode == "shortest":
+        w, h = img.size
         if cfg.resize_to is not None:  # timm: resize to size / crop_pct, then centre crop
-            img = _resize_short_side(img, cfg.resize_to, flt)
+            img = _resize_for_crop(img, short_side_size(w, h, cfg.resize_to), (th, tw), flt)
         elif th == tw:
-            img = _resize_short_side(img, th, flt)
+            img = _resize_for_crop(img, short_side_size(w, h, th), (th, tw), flt)
         else:  # open_clip uses ResizeKeepRatio with its default (bicubic) filter here
-            img = _resize_keep_ratio(img, (th, tw), longest=0.0, flt=Image.Resampling.BICUBIC)
+            size = keep_ratio_size(w, h, (th, tw), longest=0.0)
+            img = _resize_for_crop(img, size, (th, tw), Image.Resampling.BICUBIC)
         img = _center_crop_or_pad(img, (th, tw), fill=0)
     else:
         raise ValueError(f"resize_mode {cfg.resize_mode!r} is not one of shortest, longest, squash")
@@ -94,11 +101,29 @@ def crop_origin(w: int, h: int, target: tuple[int, int]) -> tuple[int, int]:
     return int(round((w - target[1]) / 2.0)), int(round((h - target[0]) / 2.0))
 
 
-def _resize_short_side(img: Image.Image, size: int, flt: Image.Resampling) -> Image.Image:
-    w, h = img.size
-    if min(w, h) == size:
+def _resize_for_crop(
+    img: Image.Image, size: tuple[int, int], target: tuple[int, int], flt: Image.Resampling
+) -> Image.Image:
+    """``img`` resized to ``size`` (width, height) ahead of a centre crop to ``target`` (height, width).
+
+    When the resized picture would be over :data:`CROP_FIRST_RATIO` times the target's area (a long,
+    thin picture: an 8×100000 strip, a few kilobytes of PNG, would become 224×2.8 million pixels),
+    only the part the crop keeps is resized (Pillow's ``box``: the same filter and scale; pixels may
+    differ from the reference's by rounding and by Pillow's choice of which axis it resamples first),
+    so time and memory stay bounded by the model input.
+    """
+    if size == img.size:
         return img
-    return img.resize(short_side_size(w, h, size), flt)
+    new_w, new_h = size
+    th, tw = target
+    if new_w * new_h <= CROP_FIRST_RATIO * tw * th:
+        return img.resize(size, flt)
+    w, h = img.size
+    left, top = crop_origin(new_w, new_h, target)
+    left, top = max(0, left), max(0, top)  # an axis shorter than the target is padded, not cropped
+    out_w, out_h = min(new_w, tw), min(new_h, th)
+    box = (left * w / new_w, top * h / new_h, (left + out_w) * w / new_w, (top + out_h) * h / new_h)
+    return img.resize((out_w, out_h), flt, box=box)
 
 
 def _resize_keep_ratio(

@@ -1,0 +1,141 @@
+"""Real-world files the decoder and the model geometry once got wrong: colour-keyed PNGs, images
+between Pillow's default bomb limit and IMGSYNC_MAX_IMAGE_PIXELS, long thin strips, cut WebPs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from config.settings import ImagingConfig
+from schemas.reasons import Reason
+from tests.helpers import photo
+from worker.encoders.base import PreprocessCfg
+from worker.errors import PermanentError
+from worker.imaging import geometry
+from worker.imaging.decode import decode_image
+from worker.imaging.device_decode import plan_handoff
+from worker.imaging.geometry import apply_geometry, crop_origin, short_side_size
+
+LIMITS = ImagingConfig(max_pixels=100_000_000, min_side=8)
+CFG = PreprocessCfg(size=(224, 224), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def _encode(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def _browser_view(data: bytes) -> np.ndarray:
+    """What a browser shows: upright, transparency (a colour key included) over white."""
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    rgba = img.convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+
+
+def _keyed(mode: str) -> Image.Image:
+    arr = np.asarray(photo(64, 48, seed=5).convert("L" if mode in ("L", "1") else "RGB")).copy()
+    arr[:16, :24] = 0  # the key colour: black
+    img = Image.fromarray(arr)
+    return img.convert("1") if mode == "1" else img
+
+
+@pytest.mark.parametrize(
+    ("mode", "key"), [("RGB", (0, 0, 0)), ("L", 0), ("1", 0)], ids=["rgb", "grey", "bilevel"]
+)
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_png_colour_key_is_transparent(mode: str, key: object, orientation: int) -> None:
+    """A grey, RGB or 1-bit PNG with a tRNS colour key (optipng's form of on/off alpha) shows its
+    keyed pixels as white, like a browser, not as the key colour."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(_keyed(mode), "PNG", transparency=key, exif=exif)
+    out = np.asarray(decode_image(data, LIMITS))
+    assert np.array_equal(out, _browser_view(data))
+    assert (out == 255).all(axis=-1).sum() >= 16 * 24
+
+
+def test_16bit_grey_png_colour_key_is_matched_before_scaling() -> None:
+    """A 16-bit grey PNG's tRNS key names a 16-bit value: exactly those pixels become white."""
+    arr = np.full((32, 40), 30000, np.uint16)
+    arr[:8, :8] = 1234
+    arr[8:16, :8] = 1235  # one step off the key (same 8-bit value after scaling): stays opaque
+    out = np.asarray(decode_image(_encode(Image.fromarray(arr), "PNG", transparency=1234), LIMITS))
+    assert (out[:8, :8] == 255).all()
+    assert (out[8:16, :8] == round(1235 * 255 / 65535)).all()
+    assert (out[16:, :] == round(30000 * 255 / 65535)).all()
+
+
+def test_configured_pixel_limit_governs_not_pillows_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image under IMGSYNC_MAX_IMAGE_PIXELS decodes even when Pillow's own bomb limit (89.5 MP by
+    default, which refused 90–100 MP photos under the default 100 MP setting) is lower; over the
+    setting it is a decompression_bomb; Pillow's limit is left as it was."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for Pillow's 89.5 MP
+    data = _encode(photo(100, 100, seed=3), "PNG")  # 10,000 px: over Pillow's, 10× (error) included
+    assert decode_image(data, ImagingConfig(max_pixels=50_000, min_side=8)).size == (100, 100)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(PermanentError) as info:
+        decode_image(data, ImagingConfig(max_pixels=9_999, min_side=8))
+    assert info.value.reason == Reason.decompression_bomb
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+@pytest.mark.parametrize("size", [(8, 200_000), (300_000, 9), (20, 600_000)])
+def test_long_thin_picture_is_fitted_without_a_huge_intermediate(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8×200000 strip (a few kilobytes of PNG) is fitted to the model without resizing all of it to
+    224×5.6 million pixels first: no resize makes more than CROP_FIRST_RATIO × the model input."""
+    real = Image.Image.resize
+    biggest = geometry.CROP_FIRST_RATIO * 224 * 224
+
+    def bounded(self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object) -> Image.Image:
+        assert size[0] * size[1] <= biggest, f"resize to {size} would allocate {size[0] * size[1]} pixels"
+        return real(self, size, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image.Image, "resize", bounded)
+    out = apply_geometry(Image.new("RGB", size, (200, 30, 10)), CFG)
+    assert out.shape == (224, 224, 3) and (out == (200, 30, 10)).all()
+
+
+@pytest.mark.parametrize("size", [(8, 1000), (1500, 10), (12, 5000)])
+def test_long_thin_picture_matches_resize_then_crop(size: tuple[int, int]) -> None:
+    """The bounded path for a long, thin picture gives the reference's pixels up to rounding."""
+    img = photo(*size, seed=7)
+    nw, nh = short_side_size(*size, 224)
+    full = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = crop_origin(nw, nh, (224, 224))
+    ref = np.asarray(full.crop((left, top, left + 224, top + 224)), dtype=np.int16)
+    out = apply_geometry(img, CFG).astype(np.int16)
+    assert np.abs(out - ref).mean() < 0.5
+
+
+def test_long_thin_jpeg_is_decoded_by_preprocess() -> None:
+    """With IMGSYNC_JPEG_DECODE=encoder, a long, thin JPEG is not handed to the device decoder (whose
+    resize would build the whole strip at the model's scale); an ordinary one still is."""
+    limits = ImagingConfig(max_pixels=100_000_000, min_side=8, jpeg_decode="encoder")
+    thin = _encode(photo(16, 16 * (geometry.CROP_FIRST_RATIO + 1), seed=2), "JPEG")
+    assert plan_handoff(thin, limits, CFG, max_bytes=2**24) is None
+    assert plan_handoff(_encode(photo(160, 200, seed=2), "JPEG"), limits, CFG, max_bytes=2**24) is not None
+
+
+@pytest.mark.parametrize("lossless", [False, True], ids=["lossy", "lossless"])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9, 0.99])
+def test_cut_webp_is_truncated(lossless: bool, keep: float) -> None:
+    """A WebP cut short (its RIFF header declares more bytes than arrived) is truncated, not corrupt."""
+    data = _encode(photo(320, 240, seed=4), "WEBP", lossless=lossless, quality=90)
+    with pytest.raises(PermanentError) as info:
+        decode_image(data[: int(len(data) * keep)], LIMITS)
+    assert info.value.reason == Reason.truncated
+
+
+def test_damaged_but_complete_webp_is_still_corrupt() -> None:
+    """A WebP of its declared length whose image data is garbage stays corrupt."""
+    data = bytearray(_encode(photo(64, 48, seed=4), "WEBP", quality=90))
+    data[40:] = b"\x5a" * (len(data) - 40)
+    with pytest.raises(PermanentError) as info:
+        decode_image(bytes(data), LIMITS)
+    assert info.value.reason == Reason.corrupt
