@@ -98,11 +98,28 @@ class FailureItem(BaseModel):
     detail: str | None
     attempts: int
     updated_at: datetime | None
+    state: str  #: the image's ledger state (``failed`` in ``failures list``; ``failures show`` may name any image)
 
 
 class FailuresOutput(BaseModel):
     failures: list[FailureItem]
     by_reason: dict[str, int]
+
+
+class DeadLetterItem(BaseModel):
+    """A message set aside because it can never be processed (``imgsync failures dead-letters``)."""
+
+    id: int
+    task: str  #: the pipeline task or the source that refused it (``sources.sqs``, ``sources.webhook``, …)
+    reason: str
+    error: str
+    body: str  #: the message as received (cut at 10,000 characters)
+    created_at: datetime
+
+
+class DeadLettersOutput(BaseModel):
+    dead_letters: list[DeadLetterItem]
+    by_task: dict[str, int]
 
 
 class VerifyOutput(BaseModel):

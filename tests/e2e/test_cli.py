@@ -19,7 +19,7 @@ runner = CliRunner()
 
 COMMANDS = [
     "demo", "up", "worker", "index", "search", "status", "db", "failures", "verify", "reindex",
-    "cutover", "rollback", "retire", "sources", "sources sqs", "sources webhook", "sources outbox", "sources folder",
+    "cutover", "rollback", "retire", "failures dead-letters", "sources", "sources sqs", "sources webhook", "sources outbox", "sources folder",
 ]
 
 

@@ -216,3 +216,41 @@ def test_reindex_help_shows_the_whole_model_spec() -> None:
     result = runner.invoke(app, ["reindex", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "backend:name[@weights]" in result.output, result.output
+
+
+def test_dead_letters_are_listed_with_who_refused_them_and_why(home: Path) -> None:
+    """`failures dead-letters --json`: the messages set aside, newest first, with task, reason, error
+    and body; `--task` narrows them; exit 1 while there are any, 0 (and an empty list) when none."""
+    ledger = _ledger()
+    empty = runner.invoke(app, ["failures", "dead-letters", "--json"])
+    assert empty.exit_code == 0, empty.output
+    assert json.loads(empty.stdout) == {"dead_letters": [], "by_task": {}}
+    ledger.dead_letter(task="sources.sqs", body="{poison", reason="invalid_event", error="message m-1: not JSON")
+    ledger.dead_letter(task="sources.webhook", body='{"hello": 1}', reason="invalid_event", error="not an S3 event notification")
+    ledger.dead_letter(task="sources.sqs", body="[]", reason="invalid_event", error="message m-2: not a notification")
+    ledger.engine.dispose()
+
+    result = runner.invoke(app, ["failures", "dead-letters", "--json"])
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout)
+    assert doc["by_task"] == {"sources.sqs": 2, "sources.webhook": 1}
+    assert [(d["task"], d["body"]) for d in doc["dead_letters"]] == [
+        ("sources.sqs", "[]"), ("sources.webhook", '{"hello": 1}'), ("sources.sqs", "{poison"),
+    ]
+    assert doc["dead_letters"][2]["error"] == "message m-1: not JSON" and doc["dead_letters"][2]["reason"] == "invalid_event"
+    only = json.loads(runner.invoke(app, ["failures", "dead-letters", "--task", "sources.webhook", "--since", "1h", "--json"]).stdout)
+    assert [d["body"] for d in only["dead_letters"]] == ['{"hello": 1}']
+    table = runner.invoke(app, ["failures", "dead-letters"], env={"COLUMNS": "200"})
+    assert table.exit_code == 1 and "sources.webhook" in table.output and "by task: sources.sqs=2, sources.webhook=1" in table.output
+
+
+def test_failures_show_names_the_state_of_any_image(home: Path) -> None:
+    """`failures show --json` of an image that did not fail says so (`state`), as it does for a failed one."""
+    ledger = _ledger()
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    (event,) = _indexed(ledger, "model-a", "s3://b/SKU-1/ok.jpg")
+    ledger.engine.dispose()
+    result = runner.invoke(app, ["failures", "show", event.image_id, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["state"], doc["reason"]) == ("indexed", None)

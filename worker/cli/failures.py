@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from schemas.events import image_id_for, normalize_uri
-from schemas.outputs import FailureItem, FailuresOutput, IndexOutput
+from schemas.outputs import DeadLetterItem, DeadLettersOutput, FailureItem, FailuresOutput, IndexOutput
 from schemas.reasons import Reason
 from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, plain, settings_from
 from worker.errors import ConfigError
@@ -17,7 +17,7 @@ from worker.ledger import ImageRow, Ledger, make_engine
 
 __all__ = ["failures_app"]
 
-failures_app = typer.Typer(help="Failed images: list, show, replay.", no_args_is_help=True)
+failures_app = typer.Typer(help="Failed images: list, show, replay; and messages set aside (dead-letters).", no_args_is_help=True)
 
 ReasonOpt = Annotated[str | None, typer.Option(help=f"Only this reason code ({', '.join(r.value for r in Reason)}).")]
 SkuOpt = Annotated[str | None, typer.Option(help="Only this SKU.")]
@@ -46,7 +46,7 @@ def _reason(text: str | None) -> str | None:
 def _item(r: ImageRow) -> FailureItem:
     return FailureItem(
         image_id=r.image_id, uri=r.uri, sku=r.sku, reason=r.reason, detail=r.detail,
-        attempts=r.attempts, updated_at=r.updated_at,
+        attempts=r.attempts, updated_at=r.updated_at, state=str(r.state),
     )  # fmt: skip
 
 
@@ -89,7 +89,7 @@ def show(
     image: Annotated[str, typer.Argument(help="An image id or its uri/path.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Everything the ledger knows about one failed image."""
+    """Everything the ledger knows about one image (failed or not: see its state)."""
     ledger = _ledger(ctx)
     image_id = image if len(image) == 32 and all(c in "0123456789abcdef" for c in image) else image_id_for(normalize_uri(image))
     row = ledger.get(image_id)
@@ -100,7 +100,7 @@ def show(
         emit_json(item)
     else:
         table = Table(show_header=False, title=f"image {row.image_id}")
-        for k, v in {**item.model_dump(), "state": row.state, "version": row.version}.items():
+        for k, v in {**item.model_dump(), "version": row.version}.items():
             table.add_row(k, plain(v))
         console.print(table)
 
@@ -132,4 +132,35 @@ def replay(
     if not submit_and_report(
         settings, events, force=True, wait=wait, timeout=timeout, json_out=json_out, label="replaying"
     ):
+        raise typer.Exit(EXIT_FAILURES)
+
+
+@failures_app.command("dead-letters")
+@handle_errors
+def dead_letters(
+    ctx: typer.Context,
+    task: Annotated[
+        str | None, typer.Option(help="Only this task or source: sources.sqs, sources.webhook, sources.outbox, or a pipeline task.")
+    ] = None,
+    since: SinceOpt = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many rows.")] = 100,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Messages set aside because they can never be processed (not JSON, not an event, an invalid
+    record or catalog row), newest first: who refused them, why, and the body as received (exit 1
+    when there are any). Fix the sender; nothing here is retried."""
+    ledger = _ledger(ctx)
+    rows = ledger.dead_letter_rows(limit, task=task, since=_since(since))
+    doc = DeadLettersOutput(dead_letters=[DeadLetterItem(**r) for r in rows], by_task=ledger.dead_letter_counts())
+    if json_out:
+        emit_json(doc)
+    else:
+        table = Table("when", "task", "reason", "error", "body", title=f"dead letters ({len(rows)} shown)")
+        for d in doc.dead_letters:
+            table.add_row(
+                d.created_at.strftime("%Y-%m-%d %H:%M:%S"), plain(d.task), plain(d.reason), plain(d.error[:100]), plain(d.body[:60])
+            )
+        console.print(table)
+        console.print("by task: " + (", ".join(f"{k}={v}" for k, v in sorted(doc.by_task.items())) or "none"))
+    if rows:
         raise typer.Exit(EXIT_FAILURES)

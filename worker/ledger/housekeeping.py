@@ -40,10 +40,21 @@ class HousekeepingMixin:
         with self._reader.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar_one())
 
-    def dead_letter_rows(self, limit: int = 100) -> list[dict]:
+    def dead_letter_rows(self, limit: int = 100, *, task: str | None = None, since: datetime | None = None) -> list[dict]:
+        """Dead letters, newest first, optionally of one ``task`` and newer than ``since``."""
+        q = sa.select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
+        if task is not None:
+            q = q.where(dead_letters.c.task == task)
+        if since is not None:
+            q = q.where(dead_letters.c.created_at >= since)
         with self._reader.connect() as conn:
-            q = sa.select(dead_letters).order_by(dead_letters.c.id.desc()).limit(limit)
             return [dict(r) for r in conn.execute(q).mappings()]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters by task (a pipeline task or a source, e.g. ``sources.sqs``)."""
+        q = sa.select(dead_letters.c.task, sa.func.count()).group_by(dead_letters.c.task)
+        with self._reader.connect() as conn:
+            return {task: int(n) for task, n in conn.execute(q)}
 
     # --- worker heartbeats ---------------------------------------------------------------------
 
