@@ -78,6 +78,8 @@ class HfEncoder(Encoder):
 
     def _geometry(self, images: list[Image.Image]) -> list[np.ndarray]:
         rgb = [img if img.mode == "RGB" else img.convert("RGB") for img in images]
+        if self.preprocess_cfg.resize_mode == "shortest":
+            rgb = [_bounded_for_crop(img) for img in rgb]
         out = self.processor(images=rgb, return_tensors="pt", do_rescale=False, do_normalize=False)
         pixels = out["pixel_values"]
         if pixels.dtype != torch.uint8:
@@ -111,6 +113,24 @@ class HfEncoder(Encoder):
         enc = tok(texts, padding=padding, truncation=True, return_tensors="pt").to(self.device)
         out = self.model.get_text_features(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")})
         return getattr(out, "pooler_output", out)
+
+
+def _bounded_for_crop(img: Image.Image) -> Image.Image:
+    """A very long, thin picture cut around its centre to :data:`CROP_FIRST_RATIO` times its short
+    side before an HF processor resizes its short side and centre-crops: the processor would
+    otherwise build all of it at the model's scale, as floats (224 × 1.1 million pixels, 3 GB, for
+    an 8 × 40000 strip of a few kilobytes). The centre crop keeps the same part; the cut keeps the
+    centre exactly (both ends lose the same number of pixels)."""
+    from worker.imaging.geometry import CROP_FIRST_RATIO
+
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    if long <= CROP_FIRST_RATIO * short:
+        return img
+    keep = CROP_FIRST_RATIO * short
+    keep += (long - keep) % 2  # the same number of pixels off each end: the centre does not move
+    off = (long - keep) // 2
+    return img.crop((off, 0, off + keep, h) if w > h else (0, off, w, off + keep))
 
 
 def _cfg_from_processor(processor, spec) -> PreprocessCfg:  # type: ignore[no-untyped-def]

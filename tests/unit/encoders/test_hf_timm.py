@@ -275,3 +275,36 @@ def test_a_relative_path_names_the_same_model_from_anywhere(tmp_path: Path, monk
     assert anchored_spec("open_clip:local-dir:m") == f"open_clip:local-dir:{folder}"
     for kept in ("open_clip:ViT-B-32@openai", "hf:openai/clip-vit-base-patch32", "tiny", "random:64"):
         assert anchored_spec(kept) == kept  # tags and hub ids stay as written
+
+
+class _SpyProcessor:
+    """The model's own image processor, noting the sizes of the pictures it is handed."""
+
+    def __init__(self, proc) -> None:  # type: ignore[no-untyped-def]
+        self.proc, self.sizes = proc, []
+
+    def __call__(self, images, **kw):  # type: ignore[no-untyped-def]
+        self.sizes += [img.size for img in images]
+        return self.proc(images=images, **kw)
+
+
+@pytest.mark.parametrize("size", [(6, 3000), (3000, 7)])
+def test_hf_long_thin_picture_is_cut_before_the_processor(size: tuple[int, int], tmp_path: Path) -> None:
+    """A long, thin picture (here 500:1; an 8 × 40000 strip made the processor build 3 GB of floats)
+    reaches the processor cut around its centre, and its pixels still match transformers' own path
+    on the whole picture (rounding aside)."""
+    from transformers import AutoImageProcessor
+
+    folder = save_family("clip", tmp_path / "clip")
+    enc = create_encoder(f"hf:{folder}").load()
+    pic = photo(*size, seed=5)
+    spy = enc.processor = _SpyProcessor(enc.processor)
+    mine = enc._geometry([pic])[0]
+    (seen,) = spy.sizes
+    assert max(seen) <= 64 * min(size) + 1 and min(seen) == min(size)
+    proc = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    ref = proc(images=[pic], return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"][0]
+    ref = ref.round().clamp(0, 255).permute(1, 2, 0).numpy().astype(np.uint8)
+    assert mine.shape == ref.shape
+    diff = np.abs(mine.astype(int) - ref.astype(int))
+    assert diff.mean() < 0.05 and diff.max() <= 2, (diff.mean(), diff.max())
