@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from schemas.reasons import Reason
-from schemas.tasks import EncodePayload
+from schemas.tasks import EncodePayload, PreprocessPayload
 from worker.dispatch import Dispatcher
 from worker.encoders.base import Encoder, PendingVectors
 from worker.errors import ImgsyncError, TransientError
@@ -245,11 +245,19 @@ def _record_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup, names:
         [IndexedImage(p.event.image_id, p.event.version, p.content_hash, model_id, p.request_id) for p in live]
     )
     done = set(recorded)
-    overtaken = [p.event.image_id for p in live if p.event.image_id not in done]
-    if overtaken:  # a delete may have run while we encoded: never resurrect a deleted image
-        now = rt.ledger.current_versions(overtaken)
-        gone = [i for i in overtaken if now.get(i, ("", ImageState.deleted))[1] == ImageState.deleted]
-        rt.store.delete_images(names.images, gone)
+    overtaken = {p.event.image_id: (p.content_hash, p.event.sku) for p in live if p.event.image_id not in done}
+    if overtaken:  # a newer event came while we encoded: Milvus must not keep what we wrote
+        gone, redo = rt.ledger.settle_overtaken(model_id, overtaken)
+        rt.store.delete_images(names.images, gone)  # never resurrect a deleted or failed image
+        if redo:  # a vector the ledger does not hold, whose newer event may have been "unchanged"
+            dispatch.preprocess_many(
+                [
+                    PreprocessPayload(
+                        event=r.event("repair"), request_id=r.request_id or "", force=True, models=[model_id]
+                    )
+                    for r in redo
+                ]
+            )
     now = time.time()
     rt.pixels.delete_many([p.pixel_key for p in live])
     for p in live:

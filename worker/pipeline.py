@@ -274,11 +274,16 @@ def settle_unchanged(rt: Runtime, events: Sequence[ImageEvent], request_id: str)
 
 
 def delete_image(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
-    """Remove an image's vector from every active model version, then record it and refresh its SKU."""
+    """Remove an image's vector from every active model version, then record it and refresh its SKU.
+    When a newer upsert overtook the delete meanwhile, that image is encoded again (its vectors are gone)."""
     remove_vectors(rt, [event.image_id])
     sku = rt.ledger.mark_deleted(event.image_id, event.version)
     if sku is not None:
         dispatch.refresh_sku(sku)
+        return
+    row = rt.ledger.vectors_lost(event.image_id)  # a newer upsert came while the vectors went
+    if row is not None:
+        dispatch.preprocess(PreprocessPayload(event=row.event("repair"), request_id=row.request_id or "", force=True))
 
 
 def remove_vectors(rt: Runtime, image_ids: Sequence[str]) -> None:

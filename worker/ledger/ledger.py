@@ -335,6 +335,50 @@ class Ledger(HousekeepingMixin):
             self._mark_dirty(conn, dirty, now)
         return recorded, dirty
 
+    def settle_overtaken(
+        self, model_id: str, written: dict[str, tuple[str, str]]
+    ) -> tuple[list[str], list[ImageRow]]:
+        """Images whose vector ``model_id``'s version took after a newer event overtook them
+        (``image_id -> (content_hash, sku)`` written; :meth:`mark_indexed` left them to the newer
+        event). Returns those whose newest event deletes them or that failed (the caller removes the
+        vector again), and the rows of those for which the version recorded another vector: that
+        record is dropped (a serving image waits, pending, and leaves its SKU) and the caller has
+        them encoded again, since the newer event may have found its content unchanged already."""
+        now = _now()
+        gone: list[str] = []
+        redo: list[ImageRow] = []
+        dirty: set[str] = set()
+        ids = sorted(written)
+        with self.engine.begin() as conn:
+            status = conn.execute(
+                sa.select(index_versions.c.status).where(index_versions.c.model_id == model_id)
+            ).scalar()
+            rows = self._get_many(conn, ids, lock=True)
+            held = self._vector_rows(conn, ids)
+            for image_id in ids:
+                row = rows.get(image_id)
+                if row is None or row.state in (ImageState.deleted, ImageState.failed) or row.action == Action.delete:
+                    gone.append(image_id)
+                    continue
+                recorded = held[image_id].get(model_id)
+                if recorded is None or recorded == written[image_id]:
+                    continue  # nothing recorded (the newer event encodes), or the same vector
+                conn.execute(
+                    image_vectors.delete().where(
+                        image_vectors.c.image_id == image_id, image_vectors.c.model_id == model_id
+                    )
+                )
+                if status == VersionStatus.serving and row.state == ImageState.indexed:
+                    conn.execute(
+                        images.update()
+                        .where(images.c.image_id == image_id)
+                        .values(state=ImageState.pending, updated_at=now)
+                    )
+                    dirty.add(row.sku)
+                redo.append(row)
+            self._mark_dirty(conn, dirty, now)
+        return gone, redo
+
     @staticmethod
     def _put_vectors(conn: Connection, rows: list[dict]) -> None:
         """Upsert ``image_vectors`` rows (no key twice). PostgreSQL: one statement over arrays
@@ -466,6 +510,26 @@ class Ledger(HousekeepingMixin):
             conn.execute(image_vectors.delete().where(image_vectors.c.image_id == image_id))
             self._mark_dirty(conn, [prev.sku], now)
             return prev.sku
+
+    def vectors_lost(self, image_id: str) -> ImageRow | None:
+        """An image's vectors were removed from every active version for a delete that a newer upsert
+        overtook meanwhile: the ledger no longer counts on them (an indexed image waits, pending, and
+        leaves its SKU). Returns its row, whose newest event must run again (it may have found its
+        content unchanged), or None when nothing is owed (gone, failed, or a delete on its way)."""
+        now = _now()
+        with self.engine.begin() as conn:
+            row = self._get(conn, image_id, lock=True)
+            if row is None or row.state in (ImageState.deleted, ImageState.failed) or row.action == Action.delete:
+                return None
+            conn.execute(image_vectors.delete().where(image_vectors.c.image_id == image_id))
+            if row.state == ImageState.indexed:
+                conn.execute(
+                    images.update()
+                    .where(images.c.image_id == image_id)
+                    .values(state=ImageState.pending, updated_at=now)
+                )
+                self._mark_dirty(conn, [row.sku], now)
+        return row
 
     # --- SKUs ----------------------------------------------------------------------------------
 

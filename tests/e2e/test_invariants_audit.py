@@ -1,0 +1,159 @@
+"""Invariants audit: a stale encode (one that started before a newer event was accepted) never
+leaves its vector behind for a failed, deleted or reverted image. Driven stage by stage over a real
+ledger, Milvus Lite server and the tiny model, interleaving the steps the way concurrent workers can."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from schemas.events import Action, ImageEvent
+from schemas.tasks import EncodePayload, PreprocessPayload
+from tests.integration.test_pipeline import RecordingDispatcher, run_until_idle, write_image
+from worker import encode_stage, pipeline
+from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS
+from worker.encoders.base import l2_normalize
+from worker.errors import ImgsyncError
+from worker.ledger import upgrade
+from worker.runtime import Runtime
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def env(make_settings, milvus_uri: str, tiny_encoder):
+    """Settings, a runtime (own home, shared Milvus server and model) and a recording dispatcher."""
+    settings = make_settings(milvus_uri=milvus_uri, max_retries=2)
+    upgrade(settings.effective_database_url)
+    rt = Runtime(settings)
+    rt.__dict__["encoder"] = tiny_encoder
+    return settings, rt, RecordingDispatcher(settings)
+
+
+def _process(rt: Runtime, d: RecordingDispatcher, event: ImageEvent) -> str:
+    """One preprocess message as the task runs it: a typed error is recorded."""
+    payload = PreprocessPayload(event=event, request_id=uuid.uuid4().hex)
+    try:
+        return pipeline.preprocess(rt, d, payload)
+    except ImgsyncError as exc:
+        return pipeline.record_failure(rt, d, payload, exc)
+
+
+def _indexed(rt: Runtime, d: RecordingDispatcher, path: Path, sku: str, version: int) -> ImageEvent:
+    ev = ImageEvent(uri=str(path), sku=sku, version=f"{version:040d}")
+    _process(rt, d, ev)
+    run_until_idle(rt, d)
+    assert rt.ledger.get(ev.image_id).state == "indexed"  # type: ignore[union-attr]
+    return ev
+
+
+def _started_encode(rt: Runtime, d: RecordingDispatcher, ev: ImageEvent) -> encode_stage.StartedEncode:
+    """Preprocess ``ev`` and start its encode (version checked, forward pass queued), not written yet."""
+    assert _process(rt, d, ev) == "queued"
+    ((body, _),) = d.take(TASK_ENCODE)
+    return encode_stage.start_encode(rt, d, [EncodePayload.model_validate(body)])
+
+
+def _assert_true(rt: Runtime, image_id: str, sku: str) -> None:
+    """Milvus holds exactly what the ledger says: the indexed image's current content, nothing for
+    another state, and the SKU vector is the mean of its members."""
+    names = rt.names()
+    row = rt.ledger.get(image_id)
+    got = rt.store.get_images(names.images, [image_id])
+    if row is None or row.state != "indexed":
+        assert got == [], f"{row.state if row else None} image still has a vector"
+    else:
+        assert len(got) == 1 and got[0]["content_hash"] == row.content_hash, "vector missing or stale in Milvus"
+        pixels = pipeline.model_pixels(rt, Path(row.uri.removeprefix("file://")).read_bytes(), None)
+        want = rt.encoder.encode([pixels])[0]
+        assert np.allclose(np.asarray(got[0]["vector"]), want, atol=1e-4), "vector is not the current content's"
+    members = rt.ledger.sku_members(sku, rt.serving().model_id)
+    skus = rt.store.get_skus(names.skus, [sku])
+    if not members:
+        assert skus == []
+    else:
+        vecs = rt.store.image_vectors(names.images, members)
+        mean = l2_normalize(np.mean(np.stack([vecs[i] for i in members]), axis=0))
+        assert np.allclose(np.asarray(skus[0]["vector"]), mean, atol=1e-5)
+
+
+@pytest.mark.parametrize("newer_first", [False, True])
+def test_a_stale_encode_never_outlives_a_revert_to_indexed_content(env, tmp_path: Path, newer_first: bool) -> None:
+    """X indexed; Y's encode starts; the file goes back to X (a newer event, 'unchanged'); Y's write
+    lands after the newer event was accepted: Milvus ends with X's vector, not Y's."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "a.jpg", 1)
+    x = path.read_bytes()
+    ev1 = _indexed(rt, d, path, sku, 1)
+    write_image(path, 2)
+    started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    path.write_bytes(x)  # reverted
+    pipeline.submit(rt.ledger, d, [ImageEvent(uri=ev1.uri, sku=sku, version=f"{3:040d}")], "r3")
+    if newer_first:
+        for body, _ in d.take(TASK_PREPROCESS):
+            assert pipeline.preprocess(rt, d, PreprocessPayload.model_validate(body)) == "unchanged"
+    encode_stage.finish_encode(rt, d, started)
+    run_until_idle(rt, d)
+    _assert_true(rt, ev1.image_id, sku)
+
+
+def test_a_stale_encode_never_revives_a_failed_image(env, tmp_path: Path) -> None:
+    """An older encode written after the image's newer version failed leaves no vector behind."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "b.jpg", 3)
+    ev1 = _indexed(rt, d, path, sku, 1)
+    write_image(path, 4)
+    started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    path.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all" * 10)
+    assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{3:040d}")) == "failed"
+    encode_stage.finish_encode(rt, d, started)
+    run_until_idle(rt, d)
+    assert rt.ledger.get(ev1.image_id).state == "failed"  # type: ignore[union-attr]
+    _assert_true(rt, ev1.image_id, sku)
+
+
+def test_a_stale_encode_written_while_a_delete_runs_does_not_resurrect(env, tmp_path: Path) -> None:
+    """An older encode written between a delete's vector removal and its ledger record leaves no
+    vector behind (its record already sees the delete as the image's newest event)."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "c.jpg", 5)
+    ev1 = _indexed(rt, d, path, sku, 1)
+    write_image(path, 6)
+    started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    gone = ImageEvent(uri=ev1.uri, sku=sku, action=Action.delete, version=f"{3:040d}")
+    assert rt.ledger.accept(gone, "r3").current
+    pipeline.remove_vectors(rt, [gone.image_id])  # delete_image, first half
+    encode_stage.finish_encode(rt, d, started)  # the stale write lands in between
+    assert rt.ledger.mark_deleted(gone.image_id, gone.version) == sku  # delete_image, second half
+    d.refresh_sku(sku)
+    run_until_idle(rt, d)
+    _assert_true(rt, ev1.image_id, sku)
+
+
+def test_a_recreate_during_a_delete_is_indexed_again(env, tmp_path: Path) -> None:
+    """A delete removes the vectors; the same bytes are put back (a newer upsert, accepted and found
+    'unchanged') before the delete is recorded: the re-created image ends indexed with its vector."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "d.jpg", 7)
+    ev1 = _indexed(rt, d, path, sku, 1)
+    again = ImageEvent(uri=ev1.uri, sku=sku, version=f"{3:040d}")
+    real_delete = rt.store.delete_images
+
+    def delete_then_recreate(collection: str, image_ids) -> None:  # type: ignore[no-untyped-def]
+        real_delete(collection, image_ids)
+        rt.store.delete_images = real_delete  # once
+        assert _process(rt, d, again) in ("unchanged", "queued")
+
+    rt.store.delete_images = delete_then_recreate
+    gone = ImageEvent(uri=ev1.uri, sku=sku, action=Action.delete, version=f"{2:040d}")
+    assert _process(rt, d, gone) == "deleted"
+    run_until_idle(rt, d)
+    assert rt.ledger.get(ev1.image_id).state == "indexed"  # type: ignore[union-attr]
+    _assert_true(rt, ev1.image_id, sku)
