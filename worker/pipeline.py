@@ -281,7 +281,14 @@ def delete_image(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
     if sku is not None:
         dispatch.refresh_sku(sku)
         return
-    row = rt.ledger.vectors_lost(event.image_id)  # a newer upsert came while the vectors went
+    _restore_if_overtaken(rt, dispatch, event.image_id)
+
+
+def _restore_if_overtaken(rt: Runtime, dispatch: Dispatcher, image_id: str) -> None:
+    """After an image's vectors were removed for its delete or failure: when a newer upsert was
+    accepted meanwhile (and may have been written, or found unchanged, before the removal), the
+    ledger stops counting on its vectors and its newest event runs again."""
+    row = rt.ledger.vectors_lost(image_id)
     if row is not None:
         dispatch.preprocess(PreprocessPayload(event=row.event("repair"), request_id=row.request_id or "", force=True))
 
@@ -365,6 +372,8 @@ def _leave_index(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
         remove_vectors(rt, [event.image_id])
     except ImgsyncError as exc:  # Milvus down: `imgsync verify` reports the leftover vector
         log.warning("could not remove the vectors of failed image %s: %s", event.uri, exc)
+    else:
+        _restore_if_overtaken(rt, dispatch, event.image_id)
     dispatch.refresh_sku(event.sku)
 
 

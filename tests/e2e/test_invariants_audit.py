@@ -157,3 +157,31 @@ def test_a_recreate_during_a_delete_is_indexed_again(env, tmp_path: Path) -> Non
     run_until_idle(rt, d)
     assert rt.ledger.get(ev1.image_id).state == "indexed"  # type: ignore[union-attr]
     _assert_true(rt, ev1.image_id, sku)
+
+
+def test_an_upsert_written_while_a_failure_removes_vectors_is_indexed_again(env, tmp_path: Path) -> None:
+    """A broken file fails (recorded, then its vectors are removed); a newer upsert with good bytes is
+    accepted, encoded and written before that removal runs: the removal took the newer vector, so the
+    image is encoded again and ends indexed with its vector."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "f.jpg", 11)
+    good = path.read_bytes()
+    ev1 = _indexed(rt, d, path, sku, 1)
+    path.write_bytes(b"<html>not an image</html>")
+    newer = ImageEvent(uri=ev1.uri, sku=sku, version=f"{3:040d}")
+    real_delete = rt.store.delete_images
+
+    def upsert_written_first(collection: str, image_ids) -> None:  # type: ignore[no-untyped-def]
+        rt.store.delete_images = real_delete  # once
+        path.write_bytes(good)
+        assert _process(rt, d, newer) == "queued"
+        run_until_idle(rt, d)  # the newer vector is written ...
+        real_delete(collection, image_ids)  # ... and then removed by the failure's cleanup
+
+    rt.store.delete_images = upsert_written_first
+    broken = ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}")
+    assert _process(rt, d, broken) == "failed"
+    run_until_idle(rt, d)
+    assert rt.ledger.get(ev1.image_id).state == "indexed"  # type: ignore[union-attr]
+    _assert_true(rt, ev1.image_id, sku)
