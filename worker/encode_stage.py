@@ -26,7 +26,7 @@ from worker.index.milvus_store import VersionNames
 from worker.ledger import ImageState, IndexedImage, VersionRow
 from worker.metrics import metrics
 from worker.metrics.gpu_gauges import record_gpu_memory
-from worker.pipeline import model_pixels, prepare_pixels, record_failure
+from worker.pipeline import model_pixels, prepare_pixels, record_failure, restore_if_overtaken
 from worker.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -249,6 +249,8 @@ def _record_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup, names:
     if overtaken:  # a newer event came while we encoded: Milvus must not keep what we wrote
         gone, redo = rt.ledger.settle_overtaken(model_id, overtaken)
         rt.store.delete_images(names.images, gone)  # never resurrect a deleted or failed image
+        for image_id in gone:  # unless a re-create was written in between: its vector just went
+            restore_if_overtaken(rt, dispatch, image_id)
         if redo:  # a vector the ledger does not hold, whose newer event may have been "unchanged"
             dispatch.preprocess_many(
                 [

@@ -39,6 +39,7 @@ __all__ = [
     "requeue_encode",
     "republish_encode",
     "remove_vectors",
+    "restore_if_overtaken",
     "backoff_seconds",
 ]
 
@@ -281,10 +282,10 @@ def delete_image(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
     if sku is not None:
         dispatch.refresh_sku(sku)
         return
-    _restore_if_overtaken(rt, dispatch, event.image_id)
+    restore_if_overtaken(rt, dispatch, event.image_id)
 
 
-def _restore_if_overtaken(rt: Runtime, dispatch: Dispatcher, image_id: str) -> None:
+def restore_if_overtaken(rt: Runtime, dispatch: Dispatcher, image_id: str) -> None:
     """After an image's vectors were removed for its delete or failure: when a newer upsert was
     accepted meanwhile (and may have been written, or found unchanged, before the removal), the
     ledger stops counting on its vectors and its newest event runs again."""
@@ -373,7 +374,7 @@ def _leave_index(rt: Runtime, dispatch: Dispatcher, event: ImageEvent) -> None:
     except ImgsyncError as exc:  # Milvus down: `imgsync verify` reports the leftover vector
         log.warning("could not remove the vectors of failed image %s: %s", event.uri, exc)
     else:
-        _restore_if_overtaken(rt, dispatch, event.image_id)
+        restore_if_overtaken(rt, dispatch, event.image_id)
     dispatch.refresh_sku(event.sku)
 
 

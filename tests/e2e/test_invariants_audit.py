@@ -185,3 +185,29 @@ def test_an_upsert_written_while_a_failure_removes_vectors_is_indexed_again(env,
     run_until_idle(rt, d)
     assert rt.ledger.get(ev1.image_id).state == "indexed"  # type: ignore[union-attr]
     _assert_true(rt, ev1.image_id, sku)
+
+
+def test_a_recreate_written_while_a_stale_encode_is_removed_is_indexed_again(env, tmp_path: Path) -> None:
+    """A stale encode finishes after its image was deleted, so its vector is removed again; a
+    re-create written just before that removal lost its vector with it, and is encoded again."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "e.jpg", 13)
+    ev1 = _indexed(rt, d, path, sku, 1)
+    write_image(path, 14)
+    started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, action=Action.delete, version=f"{3:040d}")) == "deleted"
+    recreate = ImageEvent(uri=ev1.uri, sku=sku, version=f"{4:040d}")
+    real_delete = rt.store.delete_images
+
+    def recreate_written_first(collection: str, image_ids) -> None:  # type: ignore[no-untyped-def]
+        rt.store.delete_images = real_delete  # once
+        assert _process(rt, d, recreate) == "queued"
+        run_until_idle(rt, d)  # the re-create's vector is written ...
+        real_delete(collection, image_ids)  # ... then the stale encode's cleanup removes it
+
+    rt.store.delete_images = recreate_written_first
+    encode_stage.finish_encode(rt, d, started)
+    run_until_idle(rt, d)
+    assert rt.ledger.get(ev1.image_id).state == "indexed"  # type: ignore[union-attr]
+    _assert_true(rt, ev1.image_id, sku)
