@@ -114,6 +114,11 @@ def start_encode(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
             stale.append(p.pixel_key)
             continue
         wanted.append(p.model_copy(update={"model_id": model_id}))
+    # one event delivered twice into one batch: one vector per image and version (an upsert must
+    # not name a primary key twice; the two may even differ, had the file changed between fetches)
+    last = {(p.model_id, p.event.image_id): p for p in wanted}
+    stale += [p.pixel_key for p in wanted if last[(p.model_id, p.event.image_id)] is not p]
+    wanted = [p for p in wanted if last[(p.model_id, p.event.image_id)] is p]
     rt.pixels.delete_many(stale)
     for p, px in zip(wanted, rt.pixels.get_many([p.pixel_key for p in wanted]), strict=True):
         if px is None:  # expired or evicted: redo the preprocessing here rather than fail

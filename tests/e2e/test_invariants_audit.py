@@ -211,3 +211,31 @@ def test_a_recreate_written_while_a_stale_encode_is_removed_is_indexed_again(env
     run_until_idle(rt, d)
     assert rt.ledger.get(ev1.image_id).state == "indexed"  # type: ignore[union-attr]
     _assert_true(rt, ev1.image_id, sku)
+
+
+def test_one_event_delivered_twice_into_a_batch_is_upserted_once(env, tmp_path: Path) -> None:
+    """The same event twice in one encode batch (at-least-once delivery): one entity per image in the
+    upsert (a primary key twice in one request is undefined), both pixel entries dropped."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "g.jpg", 15)
+    ev = ImageEvent(uri=str(path), sku=sku, version=f"{1:040d}")
+    assert _process(rt, d, ev) == "queued"
+    assert _process(rt, d, ev) == "queued"
+    bodies = d.take(TASK_ENCODE)
+    assert len(bodies) == 2
+    payloads = [EncodePayload.model_validate(body) for body, _ in bodies]
+    sent: list[list[str]] = []
+    real_upsert = rt.store.upsert_images
+
+    def spy(names, entities):  # type: ignore[no-untyped-def]
+        sent.append([e.image_id for e in entities])
+        return real_upsert(names, entities)
+
+    rt.store.upsert_images = spy
+    encode_stage.encode_batch(rt, d, payloads)
+    run_until_idle(rt, d)
+    assert sent == [[ev.image_id]]
+    assert all(rt.pixels.get(p.pixel_key) is None for p in payloads)
+    assert rt.ledger.get(ev.image_id).state == "indexed"  # type: ignore[union-attr]
+    _assert_true(rt, ev.image_id, sku)
