@@ -471,6 +471,10 @@ def demo(
     from worker.ledger.db import upgrade
     from worker.search import run_search
 
+    def _interrupt(*_: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: the stack is stopped, not orphaned
+
+    signal.signal(signal.SIGTERM, _interrupt)
     settings = settings_from(ctx)
     settings, notice = choose_demo_model(settings)
     if notice:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
 import os
 import shutil
@@ -13,11 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.settings import Settings
+from worker.errors import ConfigError
 from worker.index import LiteServer, MilvusStore
+from worker.procs import die_with_parent, start_time
 
 __all__ = ["EmbeddedStack", "worker_command"]
 
 log = logging.getLogger(__name__)
+
+#: the file under IMGSYNC_HOME that the running stack holds locked; it names the stack's processes
+LOCK_FILE = "stack.lock"
 
 
 def worker_command(queues: str, *, concurrency: int | None = None) -> list[str]:
@@ -40,6 +48,8 @@ class EmbeddedStack:
     log_dir: Path | None = None
     #: the children's environment (set by start())
     env: dict[str, str] = field(default_factory=dict)
+    #: the open, locked ``stack.lock`` while the stack runs
+    lock: int | None = None
 
     @property
     def metrics_dir(self) -> Path:
@@ -50,6 +60,15 @@ class EmbeddedStack:
         """Start everything; returns the Milvus URI the workers use."""
         home = self.settings.home
         home.mkdir(parents=True, exist_ok=True)
+        self._lock_home()
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> str:
+        home = self.settings.home
         if self.metrics_dir.exists():
             shutil.rmtree(self.metrics_dir)  # samples of a previous run would be added to this one's
         self.metrics_dir.mkdir(parents=True)
@@ -72,7 +91,46 @@ class EmbeddedStack:
         cpu = self.settings.worker_concurrency or max(1, min(4, os.cpu_count() or 1))
         self.workers.append(self.spawn("cpu", f"{q.preprocess},{q.sku}", cpu))
         self.workers.append(self.spawn("encode", q.encode, None))
+        self._record()
         return uri
+
+    def _lock_home(self) -> None:
+        """Take ``IMGSYNC_HOME/stack.lock`` (the kernel drops it when this process ends, however it
+        ends), and stop what a previous stack killed outright left running.
+
+        Raises:
+            ConfigError: another ``imgsync up`` or ``demo`` runs on this IMGSYNC_HOME.
+        """
+        path = self.settings.home / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_lock(fd).get("pid", "?")
+            os.close(fd)
+            raise ConfigError(
+                f"IMGSYNC_HOME {self.settings.home} is in use by another `imgsync up` or `imgsync demo` "
+                f"(pid {holder}): stop it first (Ctrl-C there), or set another IMGSYNC_HOME"
+            ) from None
+        self.lock = fd
+        leftovers = [
+            (int(pid), started) for pid, started in _read_lock(fd).get("children", []) if start_time(int(pid)) == started
+        ]
+        if leftovers:  # a stack whose `up` was killed outright (SIGKILL) before it could stop them
+            log.warning("stopping %d process(es) left running by a stack that was killed", len(leftovers))
+            _stop_groups([pid for pid, _ in leftovers], self.stop_timeout)
+        self._record()
+
+    def _record(self) -> None:
+        """Write this process and its children into the lock file, for the next start to find."""
+        if self.lock is None:
+            return
+        procs = [p.pid for p in self.workers]
+        if self.server is not None and self.server.proc is not None:
+            procs.insert(0, self.server.proc.pid)
+        doc = {"pid": os.getpid(), "children": [[pid, start_time(pid)] for pid in procs]}
+        os.ftruncate(self.lock, 0)
+        os.pwrite(self.lock, json.dumps(doc).encode(), 0)
 
     def spawn(self, name: str, queues: str, concurrency: int | None) -> subprocess.Popen[bytes]:
         """Start one worker child of the running stack, logging to ``logs/worker-<name>.log``."""
@@ -84,6 +142,7 @@ class EmbeddedStack:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),  # warm-stops if this process is killed outright
             )
 
     def exited(self) -> list[str]:
@@ -125,6 +184,10 @@ class EmbeddedStack:
                 store.close()
             self.server.stop()
             self.server = None
+        if self.lock is not None:
+            os.ftruncate(self.lock, 0)  # nothing left to stop
+            os.close(self.lock)  # releases the lock
+            self.lock = None
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
@@ -132,6 +195,29 @@ class EmbeddedStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _read_lock(fd: int) -> dict:  # type: ignore[type-arg]
+    try:
+        doc = json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _stop_groups(pids: list[int], timeout: float) -> None:
+    """SIGTERM the process groups led by ``pids`` (workers warm-stop, the server exits), SIGKILL what
+    is still there after ``timeout`` seconds."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(start_time(pid) is not None for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if start_time(pid) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def _status(code: int | None) -> str:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from worker.errors import ServiceUnavailable
-from worker.procs import pid_alive
+from worker.procs import die_with_parent, pid_alive
 
 __all__ = ["LiteServer", "running_server_uri", "free_port"]
 
@@ -86,7 +86,9 @@ class LiteServer:
             "--max-workers", "1",  # one writer thread: no loss of unflushed rows on stop
         ]  # fmt: skip
         logf = self.log_file.open("ab")
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(  # ends with this process, also when it is killed outright
+            cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent()
+        )
         logf.close()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
