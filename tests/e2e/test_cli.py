@@ -148,6 +148,25 @@ def test_search_with_an_unreadable_image_is_exit_2_on_an_empty_index(home: Path)
     assert "/no/such/query.jpg" in result.output and result.stdout.strip() == ""
 
 
+@pytest.mark.parametrize("args", [["failures", "list", "--json"], ["status", "--json"], ["index", ".", "--json"]])
+def test_an_embedded_home_that_cannot_be_written_is_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    """IMGSYNC_HOME under a regular file, or a state database that cannot be opened (here a folder
+    stands where the file should be): exit 2 naming IMGSYNC_HOME, no traceback (it was a raw
+    NotADirectoryError, exit 1)."""
+    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "a-file" / "home"))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "IMGSYNC_HOME" in result.output and "Traceback" not in result.output and result.stdout.strip() == ""
+    (tmp_path / "home2" / "state.db").mkdir(parents=True)
+    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home2"))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "IMGSYNC_HOME" in result.output and "Traceback" not in result.output
+
+
 def test_index_missing_path_is_exit_2(home: Path) -> None:
     """Indexing a path that does not exist is a usage error naming the path."""
     result = runner.invoke(app, ["index", "/no/such/folder", "--json"])

@@ -74,7 +74,16 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, a read-only mount, no permission
+                from worker.errors import ConfigError
+
+                raise ConfigError(
+                    f"cannot create {folder} for the SQLite database {parsed.database} ({exc.strerror or exc}): "
+                    "set IMGSYNC_HOME (or IMGSYNC_DATABASE_URL) to a folder this process may write"
+                ) from exc
         engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
@@ -119,10 +128,21 @@ def upgrade(url: str, revision: str = "head") -> str:
             command.upgrade(cfg, revision)
             conn.commit()
     except sa.exc.OperationalError as exc:
+        if engine.dialect.name == "sqlite" and any(w in str(exc.orig).lower() for w in _SQLITE_NOT_WRITABLE):
+            from worker.errors import ConfigError
+
+            raise ConfigError(
+                f"cannot open the SQLite database {engine.url.database} ({exc.orig}): set IMGSYNC_HOME "
+                "(or IMGSYNC_DATABASE_URL) to a folder this process may write"
+            ) from exc
         raise ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", safe_url(url), str(exc.orig)) from exc
     finally:
         engine.dispose()
     return current_revision(url) or ""
+
+
+#: what SQLite says of a database file it cannot open or write (a local setting, not an outage)
+_SQLITE_NOT_WRITABLE = ("unable to open database file", "readonly database", "read-only")
 
 
 def current_revision(url: str) -> str | None:
