@@ -135,3 +135,20 @@ def test_demo_stopped_with_sigterm_stops_its_stack(tmp_path: Path) -> None:
     assert demo.wait(120) == 130, (tmp_path / "demo.log").read_text()
     assert _all_gone(pids, timeout=30)
     assert not (home / "milvus" / "server.json").exists()  # stopped by the demo, not by its death
+
+
+def test_demo_stops_waiting_when_a_stack_process_ends(tmp_path: Path) -> None:
+    """A worker of the demo's stack dies (here the encode worker, killed outright; a full disk did it
+    in the audit): the demo says which process ended and exits 1 at once, instead of waiting out its
+    --timeout with "no progress", and leaves nothing running."""
+    home = tmp_path / "home"
+    demo = _spawn(_env(home), tmp_path / "demo.log", "demo", "--images", "40", "--skus", "4", "--timeout", "600")
+    pids = _children(home, demo)
+    os.kill(pids[-1], signal.SIGKILL)  # the encode worker: nothing gets indexed any more
+    started = time.monotonic()
+    code = demo.wait(120)
+    log = (tmp_path / "demo.log").read_text()
+    assert code == 1, log
+    assert time.monotonic() - started < 60
+    assert "a stack process ended: encode worker" in log and "Traceback" not in log
+    assert _all_gone(pids, timeout=30)

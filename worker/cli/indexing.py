@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from config.settings import Settings
@@ -128,8 +129,11 @@ def wait_for(
     timeout: float | None = None,
     show_progress: bool = True,
     label: str = "indexing",
+    give_up: Callable[[], str | None] | None = None,
 ) -> list[IndexResult]:
-    """Follow each event in the ledger until it has an outcome (or ``timeout`` seconds pass)."""
+    """Follow each event in the ledger until it has an outcome (or ``timeout`` seconds pass, or
+    ``give_up`` names a reason, e.g. the stack doing the work ended: it is printed). Images still
+    waiting are reported ``pending``."""
     ledger = Ledger(make_engine(settings.effective_database_url))
     by_id = {ev.image_id: ev for ev in events}
     done: dict[str, IndexResult] = {}
@@ -191,6 +195,10 @@ def wait_for(
                         "(`imgsync up` for the embedded stack; `imgsync status` shows queue depths)[/]"
                     )
                 if len(done) == len(by_id) or (deadline is not None and time.monotonic() > deadline):
+                    break
+                why = give_up() if give_up is not None else None
+                if why:
+                    err_console.print(f"[bold red]stopped waiting: {escape(why)}[/]", highlight=False)
                     break
                 time.sleep(POLL_SECONDS)
     finally:

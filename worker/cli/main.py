@@ -490,7 +490,10 @@ def demo(
     try:
         events = collect_events([str(root)], None)
         request_id = publish(settings, events)
-        results = wait_for(settings, events, request_id, timeout=timeout, label="indexing")
+        results = wait_for(
+            settings, events, request_id, timeout=timeout, label="indexing",
+            give_up=lambda: "a stack process ended: " + "; ".join(gone) if (gone := stack.exited()) else None,
+        )  # fmt: skip
         print_results(results)
         sku = random.Random(1).choice(sorted(queries))
         query = queries[sku]
