@@ -39,6 +39,17 @@ def make_settings(tmp_path: Path):
     return _make
 
 
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An embedded IMGSYNC_HOME under tmp_path for in-process CLI runs (tiny model, no exporter bound
+    inside the test process), with tmp_path as the working directory."""
+    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
+    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator:
     """Factory of fresh PostgreSQL databases (dropped at the end of the session)."""

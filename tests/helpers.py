@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 from PIL import Image
 
@@ -65,3 +69,20 @@ def empty_ledger(url: str):  # type: ignore[no-untyped-def]
             conn.execute(sa.text("TRUNCATE images, image_vectors, skus, index_versions, workers, dead_letters"))
     led.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
     return led
+
+
+@contextmanager
+def http_server(handler: type) -> Iterator[str]:
+    """A real HTTP server (``http.server``, a thread per request) running ``handler`` on a free
+    local port: its base URL."""
+    from http.server import ThreadingHTTPServer
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

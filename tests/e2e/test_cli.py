@@ -23,15 +23,6 @@ COMMANDS = [
 ]
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
-    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")  # no exporter bound inside the test process
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "home"
-
-
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(command: str) -> None:
     """Each command answers --help with exit 0."""

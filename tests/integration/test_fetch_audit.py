@@ -3,15 +3,15 @@ download, status line and headers included, and a body cut at the deadline is ne
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from config.settings import FetchConfig
 from schemas.reasons import Reason
+from tests.helpers import http_server
 from worker.errors import TransientError
 from worker.fetch import fetch_bytes
 
@@ -46,13 +46,8 @@ class DripHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), DripHandler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with http_server(DripHandler) as url:
+        yield url
 
 
 def _cfg() -> FetchConfig:

@@ -3,15 +3,15 @@ the SSRF guard (every refused address is refused before any connection is attemp
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from config.settings import FetchConfig
 from schemas.reasons import Reason
+from tests.helpers import http_server
 from worker.errors import PermanentError, TransientError
 from worker.fetch import fetch_bytes
 from worker.fetch import http as http_fetch
@@ -76,12 +76,8 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with http_server(Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

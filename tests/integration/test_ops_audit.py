@@ -34,15 +34,6 @@ def own_milvus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
-    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "home"
-
-
 def _ledger() -> Ledger:
     url = Settings(_env_file=None).effective_database_url  # type: ignore[call-arg]
     upgrade(url)

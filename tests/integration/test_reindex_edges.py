@@ -24,15 +24,6 @@ BURSTS = ((0.0, 7), (6.0 + 240.0, 6))
 BURST_RATE = 13 / 11
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
-    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "home"
-
-
 def index_in_bursts(ledger: Ledger, end: datetime) -> None:
     """Record the images of ``BURSTS`` as indexed, one a second within a burst, the last at ``end``."""
     stamps: list[float] = [at + i for at, n in BURSTS for i in range(n)]

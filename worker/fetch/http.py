@@ -140,28 +140,27 @@ def _shutdown(sock: socket.socket) -> None:
         pass  # already closed
 
 
-class _WatchedHTTP(HTTPConnection):
-    """A connection that hands its socket to the download's :class:`_Deadline` once connected."""
+class _Watched:
+    """Hands its socket to the download's :class:`_Deadline` once connected (mixed into urllib3's
+    HTTP and HTTPS connections)."""
+
+    sock: socket.socket
 
     def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline = deadline
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         self._deadline.watch(self.sock)
 
 
-class _WatchedHTTPS(HTTPSConnection):
-    """:class:`_WatchedHTTP` over TLS."""
+class _WatchedHTTP(_Watched, HTTPConnection):
+    pass
 
-    def __init__(self, *args: Any, deadline: _Deadline, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._deadline = deadline
 
-    def connect(self) -> None:
-        super().connect()
-        self._deadline.watch(self.sock)
+class _WatchedHTTPS(_Watched, HTTPSConnection):
+    pass
 
 
 def _open(target: Target, cfg: FetchConfig, timeout: urllib3.Timeout):  # type: ignore[no-untyped-def]
