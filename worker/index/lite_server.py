@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from worker.errors import ServiceUnavailable
-from worker.procs import die_with_parent, pid_alive
+from worker.procs import die_with_parent, pid_alive, start_time
 
 __all__ = ["LiteServer", "running_server_uri", "free_port"]
 
@@ -42,7 +42,11 @@ def running_server_uri(data_dir: Path) -> str | None:
         state = json.loads((data_dir / STATE_FILE).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    if pid_alive(int(state.get("pid", -1))) and _port_open(int(state["port"])):
+    pid = int(state.get("pid", -1))
+    started = state.get("started")
+    if started is not None and start_time(pid) not in (started, None):
+        return None  # that pid belongs to another process now: the server is gone
+    if pid_alive(pid) and _port_open(int(state["port"])):
         return str(state["uri"])
     return None
 
@@ -99,7 +103,7 @@ class LiteServer:
                 )  # fmt: skip
             if _port_open(self.port):
                 (self.data_dir / STATE_FILE).write_text(
-                    json.dumps({"pid": self.proc.pid, "port": self.port, "uri": self.uri})
+                    json.dumps({"pid": self.proc.pid, "started": start_time(self.proc.pid), "port": self.port, "uri": self.uri})
                 )
                 log.info("Milvus Lite server on %s (data %s)", self.uri, self.data_dir)
                 return self.uri
