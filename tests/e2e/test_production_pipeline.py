@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -184,9 +185,11 @@ def test_messages_the_broker_lost_are_sent_again_from_the_ledger(tmp_path: Path,
             q = st.settings.queues
             # preprocessing settled: every image has an encode message and no preprocess message is
             # held (under load one may outlive the 6 s visibility timeout and run twice: duplicates)
+            # (and no preprocess task still running: one whose message outlived the visibility timeout
+            # was run again meanwhile, and would publish an encode message after the removal below)
             wait_for(
                 lambda: broker.llen(q.preprocess) == 0 and broker.hlen("unacked") == 0
-                and len(encode_messages(broker, q.encode)) == len(files),
+                and len(encode_messages(broker, q.encode)) == len(files) and _preprocess_running(st) == 0,
                 "the encode backlog",
             )  # fmt: skip
             by_image = encode_messages(broker, q.encode)
@@ -323,6 +326,14 @@ def _assert_vectors_are_a_clean_encode(st: Stack, files: list[Path]) -> None:
         direct = rt.encoder.encode([px])[0]
         assert np.allclose(np.asarray(stored[ev.image_id]["vector"]), direct, atol=1e-5), f
     store.close()
+
+
+def _preprocess_running(st) -> int:  # type: ignore[no-untyped-def]
+    """Preprocess tasks the CPU worker received and has not finished yet (from its log)."""
+    text = (st.logs / "cpu.log").read_text(errors="replace")
+    task = r"Task imgsync\.preprocess(?:_batch)?\[([0-9a-f-]+)\]"
+    received = set(re.findall(task + " received", text))
+    return len(received - set(re.findall(task + " (?:succeeded|raised|failed|retry)", text)))
 
 
 def _preprocessed(st) -> int:  # type: ignore[no-untyped-def]
