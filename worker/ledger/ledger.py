@@ -135,6 +135,11 @@ def _row(r: sa.Row | None) -> ImageRow | None:
     return ImageRow(**{f: m[f] for f in ImageRow.__dataclass_fields__ if f in m})
 
 
+def _owes_no_vector(row: ImageRow | None) -> bool:
+    """Gone, failed, or with a delete on its way: no version should hold a vector of it."""
+    return row is None or row.state in (ImageState.deleted, ImageState.failed) or row.action == Action.delete
+
+
 class Ledger(HousekeepingMixin):
     """SQL operations on the ledger tables; every method is one short transaction."""
 
@@ -357,27 +362,30 @@ class Ledger(HousekeepingMixin):
             held = self._vector_rows(conn, ids)
             for image_id in ids:
                 row = rows.get(image_id)
-                if row is None or row.state in (ImageState.deleted, ImageState.failed) or row.action == Action.delete:
+                if _owes_no_vector(row):
                     gone.append(image_id)
                     continue
                 recorded = held[image_id].get(model_id)
                 if recorded is None or recorded == written[image_id]:
                     continue  # nothing recorded (the newer event encodes), or the same vector
-                conn.execute(
-                    image_vectors.delete().where(
-                        image_vectors.c.image_id == image_id, image_vectors.c.model_id == model_id
-                    )
-                )
-                if status == VersionStatus.serving and row.state == ImageState.indexed:
-                    conn.execute(
-                        images.update()
-                        .where(images.c.image_id == image_id)
-                        .values(state=ImageState.pending, updated_at=now)
-                    )
+                if self._forget_vectors(conn, row, model_id, serving=status == VersionStatus.serving, now=now):
                     dirty.add(row.sku)
                 redo.append(row)
             self._mark_dirty(conn, dirty, now)
         return gone, redo
+
+    @staticmethod
+    def _forget_vectors(conn: Connection, row: ImageRow, model_id: str | None, *, serving: bool, now: datetime) -> bool:
+        """Drop ``row``'s vector records (of ``model_id``, or of every version); an indexed image whose
+        serving vector went waits again, pending. Returns True when it left its SKU (to mark dirty)."""
+        where = [image_vectors.c.image_id == row.image_id]
+        if model_id is not None:
+            where.append(image_vectors.c.model_id == model_id)
+        conn.execute(image_vectors.delete().where(*where))
+        if not (serving and row.state == ImageState.indexed):
+            return False
+        conn.execute(images.update().where(images.c.image_id == row.image_id).values(state=ImageState.pending, updated_at=now))
+        return True
 
     @staticmethod
     def _put_vectors(conn: Connection, rows: list[dict]) -> None:
@@ -519,15 +527,9 @@ class Ledger(HousekeepingMixin):
         now = _now()
         with self.engine.begin() as conn:
             row = self._get(conn, image_id, lock=True)
-            if row is None or row.state in (ImageState.deleted, ImageState.failed) or row.action == Action.delete:
+            if _owes_no_vector(row):
                 return None
-            conn.execute(image_vectors.delete().where(image_vectors.c.image_id == image_id))
-            if row.state == ImageState.indexed:
-                conn.execute(
-                    images.update()
-                    .where(images.c.image_id == image_id)
-                    .values(state=ImageState.pending, updated_at=now)
-                )
+            if self._forget_vectors(conn, row, None, serving=True, now=now):
                 self._mark_dirty(conn, [row.sku], now)
         return row
 

@@ -36,6 +36,7 @@ from config.settings import Settings
 from schemas.events import Action, ImageEvent, normalize_uri, path_from_uri
 from worker.cli.common import err_console, handle_errors, settings_from
 from worker.fetch.local import walk_tree
+from worker.metrics.sources import count_round, declare_source, serve_source_metrics
 
 __all__ = ["FolderSource", "FolderStats", "command"]
 
@@ -164,8 +165,6 @@ class FolderSource:
         return n
 
     def _publish_chunk(self, chunk: Sequence[ImageEvent]) -> None:
-        from worker.metrics.sources import count_round
-
         self._publish(self.settings, chunk)
         count_round(SOURCE, published=len(chunk))
 
@@ -189,7 +188,6 @@ class FolderSource:
         from watchdog.observers import Observer
 
         from worker.errors import ConfigError
-        from worker.metrics.sources import count_round, declare_source
 
         declare_source(SOURCE)  # also inside `imgsync up`, whose exporter serves them
         self.root.mkdir(parents=True, exist_ok=True)
@@ -245,8 +243,6 @@ class FolderSource:
                     events[event.image_id] = event
             self._publish_all(events.values())
         except Exception as exc:  # noqa: BLE001 - broker or state DB away: keep the paths, retry
-            from worker.metrics.sources import count_round
-
             count_round(SOURCE, failed=True)
             retry_at = time.monotonic() + self.RETRY_SECONDS
             log.warning("folder: publishing failed (%s); retrying in %.0f s", exc, self.RETRY_SECONDS, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -286,8 +282,6 @@ class FolderSource:
                 fn()
                 return
             except Exception as exc:  # noqa: BLE001 - broker or state DB away: retry
-                from worker.metrics.sources import count_round
-
                 count_round(SOURCE, failed=True)
                 backoff = min(max(backoff * 2, 1.0), self.MAX_BACKOFF)
                 log.warning("folder: %s; retrying in %.0f s", exc, backoff, exc_info=log.isEnabledFor(logging.DEBUG))
@@ -347,8 +341,6 @@ def command(
             markup=False, highlight=False, soft_wrap=True,
         )
         return
-    from worker.metrics.sources import serve_source_metrics
-
     serve_source_metrics(settings, SOURCE)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -47,6 +47,7 @@ from config.settings import Settings
 from schemas.events import Action, CropBox, ImageEvent, normalize_uri
 from worker.cli.common import err_console, handle_errors, settings_from
 from worker.ledger.db import safe_url
+from worker.metrics.sources import OutboxCollector, count_round, serve_source_metrics
 from worker.sources.catalog_db import (
     NOTIFY_CHANNEL,
     SETTING,
@@ -153,8 +154,6 @@ class OutboxRelay:
 
     def drain(self, stop: threading.Event | None = None) -> RelayStats:
         """Relay batches until no unclaimed row is left (or ``stop`` is set between batches)."""
-        from worker.metrics.sources import count_round
-
         total = RelayStats()
         while stop is None or not stop.is_set():
             stats = self.relay_batch()
@@ -167,8 +166,6 @@ class OutboxRelay:
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set (checked between batches): wake on NOTIFY (PostgreSQL) or
         every ``IMGSYNC_OUTBOX_POLL_SECONDS``; retry with backoff while a service is away."""
-        from worker.metrics.sources import count_round
-
         listener = _Listener(self.url) if self.postgres else None
         backoff = 0.0
         try:
@@ -423,8 +420,6 @@ def command(
                 f"{stats.deletes} delete(s), {stats.dead_letters} dead letter(s)", markup=False, highlight=False, soft_wrap=True
             )
             return
-        from worker.metrics.sources import OutboxCollector, serve_source_metrics
-
         serve_source_metrics(settings, SOURCE, extra=[OutboxCollector(relay.engine)])
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,6 +31,7 @@ import typer
 from config.settings import Settings
 from worker.cli.common import ensure_schema, err_console, handle_errors, settings_from
 from worker.errors import ConfigError, ServiceUnavailable
+from worker.metrics.sources import count_round, serve_source_metrics
 
 if TYPE_CHECKING:
     from schemas.events import ImageEvent
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: ``task`` of this source's dead letters
 TASK = "sources.sqs"
+#: the ``source`` label of this source's metrics
+SOURCE = "sqs"
 #: messages asked for per receive call (SQS allows at most 10)
 MAX_MESSAGES = 10
 #: consecutive failed rounds (SQS or broker unreachable) before the loop gives up with exit 3
@@ -290,12 +293,10 @@ class SqsSource:
 def _count(stats: RoundStats, error: ServiceUnavailable | None) -> None:
     """One round in the source metrics. A failed round counts only its dead letters: its other
     messages stay queued and are counted when they come back."""
-    from worker.metrics.sources import count_round
-
     if error is not None:
-        count_round("sqs", failed=True, invalid=stats.dead_letters)
+        count_round(SOURCE, failed=True, invalid=stats.dead_letters)
     else:
-        count_round("sqs", published=stats.published, skipped=sum(stats.skipped.values()), invalid=stats.dead_letters)
+        count_round(SOURCE, published=stats.published, skipped=sum(stats.skipped.values()), invalid=stats.dead_letters)
 
 
 def sqs_client(settings: Settings, queue_url: str) -> Any:
@@ -367,9 +368,7 @@ def command(
     source = SqsSource(settings, url)
     source.check()
     if not once:  # a one-round run ends before any scrape
-        from worker.metrics.sources import serve_source_metrics
-
-        serve_source_metrics(settings, "sqs")
+        serve_source_metrics(settings, SOURCE)
     previous = {sig: signal.signal(sig, source.interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     _say(f"sqs: listening on {url}" + (" (one round)" if once else ""))
     try:

@@ -34,6 +34,7 @@ import typer
 from config.settings import Settings
 from worker.cli.common import ensure_schema, err_console, handle_errors, settings_from
 from worker.errors import ConfigError
+from worker.metrics.sources import count_round, serve_source_metrics, source_metrics
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -75,7 +76,6 @@ def create_app(settings: Settings, *, ledger: Ledger | None = None, publish: Pub
 
     from schemas.reasons import Reason
     from worker.ledger import Ledger, make_engine
-    from worker.metrics.sources import count_round, source_metrics
     from worker.sources.common import publish_events
     from worker.sources.s3events import (
         InvalidNotification,
@@ -253,8 +253,6 @@ def command(
     host = host or settings.webhook_host
     port = settings.webhook_port if port is None else port
     sock = bind(host, port)
-    from worker.metrics.sources import serve_source_metrics
-
     try:
         serve_source_metrics(settings, SOURCE)
     except ConfigError:
