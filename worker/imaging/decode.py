@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageChops, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageCms, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from config.settings import ImagingConfig
 from schemas.events import CropBox
@@ -77,7 +77,7 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
     if not data:
         raise PermanentError(Reason.corrupt, "empty file (0 bytes)")
     formats = accepted_formats()
-    with warnings.catch_warnings(), _pillow_pixel_limit(limits.max_pixels):
+    with warnings.catch_warnings(), _pillow_pixel_limit(limits.max_pixels), _png_text_limit():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data), formats=sorted(formats))
@@ -133,8 +133,26 @@ def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
+#: The most one compressed PNG text or ICC chunk may inflate to. Pillow's own 1 MB refuses real
+#: pictures: Photoshop's bloated XMP, ImageMagick's hex "Raw profile" zTXt chunks (twice the
+#: profile's size). Pillow's 64 MB cap on all text of one image stays, so memory stays bounded.
+PNG_TEXT_CHUNK_MAX = 32 * 2**20
+
+
+@contextlib.contextmanager
+def _png_text_limit() -> Iterator[None]:
+    """``PngImagePlugin.MAX_TEXT_CHUNK`` raised to :data:`PNG_TEXT_CHUNK_MAX` for one decode."""
+    previous = PngImagePlugin.MAX_TEXT_CHUNK
+    PngImagePlugin.MAX_TEXT_CHUNK = max(previous, PNG_TEXT_CHUNK_MAX)
+    try:
+        yield
+    finally:
+        PngImagePlugin.MAX_TEXT_CHUNK = previous
+
+
 def _damaged(exc: Exception, data: bytes) -> PermanentError:
-    """``truncated`` when the decoder ran out of data, else ``corrupt``; the message is kept.
+    """``truncated`` when the decoder ran out of data, ``decompression_bomb`` for PNG text chunks
+    inflating past :data:`PNG_TEXT_CHUNK_MAX` (or 64 MB together), else ``corrupt``; the message is kept.
 
     Pillow reports running out of data as an OSError ("image file is truncated", "Truncated File
     Read" for a header segment cut short, "image file is incomplete") and libavif as a SyntaxError
@@ -143,6 +161,8 @@ def _damaged(exc: Exception, data: bytes) -> PermanentError:
     """
     text = str(exc)
     lowered = text.lower()
+    if isinstance(exc, ValueError) and ("MAX_TEXT_CHUNK" in text or "MAX_TEXT_MEMORY" in text):
+        return PermanentError(Reason.decompression_bomb, f"PNG text chunks inflate too far: {text}")
     if isinstance(exc, (OSError, SyntaxError)) and (
         "truncated" in lowered or ("image file is" in lowered and "incomplete" in lowered)
     ):

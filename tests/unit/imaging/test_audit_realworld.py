@@ -139,3 +139,55 @@ def test_damaged_but_complete_webp_is_still_corrupt() -> None:
     with pytest.raises(PermanentError) as info:
         decode_image(bytes(data), LIMITS)
     assert info.value.reason == Reason.corrupt
+
+
+def _png_with_chunk(img: Image.Image, chunk_type: bytes, payload: bytes) -> bytes:
+    """``img`` as a PNG with one extra ancillary chunk inserted after IHDR."""
+    import struct
+    import zlib
+
+    data = _encode(img, "PNG")
+    ihdr_end = 8 + 8 + 13 + 4
+    chunk = struct.pack(">I", len(payload)) + chunk_type + payload
+    chunk += struct.pack(">I", zlib.crc32(chunk_type + payload) & 0xFFFFFFFF)
+    return data[:ihdr_end] + chunk + data[ihdr_end:]
+
+
+def _raw_profile(size: int) -> bytes:
+    """ImageMagick's form of an embedded profile: hex text in a zTXt chunk, twice the profile's size."""
+    import zlib
+
+    body = np.random.default_rng(1).integers(0, 256, size // 2, dtype=np.uint8).tobytes().hex()
+    return b"Raw profile type xmp\0\0" + zlib.compress(f"\nxmp\n{len(body) // 2:8d}\n{body}\n".encode())
+
+
+@pytest.mark.parametrize(
+    ("chunk_type", "payload"),
+    [
+        (b"zTXt", _raw_profile(3 * 2**20)),  # a 1.5 MB XMP packet, as ImageMagick stores it
+        (b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0" + __import__("zlib").compress(b"<x>" + b"a" * 5 * 2**20 + b"</x>")),
+    ],
+    ids=["zTXt-raw-profile", "iTXt-compressed-xmp"],
+)
+def test_png_with_megabytes_of_metadata_decodes(chunk_type: bytes, payload: bytes) -> None:
+    """A PNG whose compressed text chunk inflates past Pillow's 1 MB MAX_TEXT_CHUNK (bloated XMP,
+    ImageMagick's hex "Raw profile" chunks) is an ordinary picture, not corrupt; the limit is left as
+    it was."""
+    from PIL import PngImagePlugin
+
+    before = PngImagePlugin.MAX_TEXT_CHUNK
+    img = photo(64, 48, seed=9)
+    out = decode_image(_png_with_chunk(img, chunk_type, payload), LIMITS)
+    assert np.array_equal(np.asarray(out), np.asarray(img.convert("RGB")))
+    assert PngImagePlugin.MAX_TEXT_CHUNK == before
+
+
+def test_png_text_bomb_is_still_refused() -> None:
+    """A zTXt chunk inflating past every sane size (here 200 MB from 200 kB) is still refused: the
+    raised limit bounds memory, it does not remove the guard."""
+    import zlib
+
+    bomb = b"Comment\0\0" + zlib.compress(b"\0" * 200 * 2**20, 9)
+    with pytest.raises(PermanentError) as info:
+        decode_image(_png_with_chunk(photo(64, 48, seed=9), b"zTXt", bomb), LIMITS)
+    assert info.value.reason == Reason.decompression_bomb
