@@ -22,6 +22,7 @@ from config.settings import ImagingConfig
 from schemas.events import CropBox
 from schemas.reasons import Reason
 from worker.errors import PermanentError
+from worker.imaging.containers import cut_short
 
 __all__ = ["decode_image", "decode_and_crop", "ALLOWED_FORMATS", "accepted_formats", "apply_crop", "srgb_profile"]
 
@@ -84,6 +85,8 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
         except UnidentifiedImageError as exc:
             magic = _magic_format(data)
             if magic in formats:  # an accepted format's signature that Pillow cannot parse
+                if cut_short(data):
+                    raise PermanentError(Reason.truncated, f"{magic} file cut short ({len(data)} bytes): {exc}") from exc
                 raise PermanentError(Reason.corrupt, f"damaged {magic} file: {exc}") from exc
             raise PermanentError(
                 Reason.unsupported_format,
@@ -157,7 +160,8 @@ def _damaged(exc: Exception, data: bytes) -> PermanentError:
     Pillow reports running out of data as an OSError ("image file is truncated", "Truncated File
     Read" for a header segment cut short, "image file is incomplete") and libavif as a SyntaxError
     ("Truncated data"); PNG's verify() reports broken chunks as SyntaxError too. libwebp says only
-    that it failed: a WebP whose RIFF header declares more bytes than ``data`` holds was cut short.
+    that it failed, and a file cut inside its headers fails with any message: a file whose own
+    structure declares more bytes than ``data`` holds was cut short (:func:`cut_short`).
     """
     text = str(exc)
     lowered = text.lower()
@@ -167,14 +171,9 @@ def _damaged(exc: Exception, data: bytes) -> PermanentError:
         "truncated" in lowered or ("image file is" in lowered and "incomplete" in lowered)
     ):
         return PermanentError(Reason.truncated, text)
-    if _cut_short(data):
-        return PermanentError(Reason.truncated, f"{len(data)} bytes, fewer than its RIFF header declares: {text}")
+    if cut_short(data):
+        return PermanentError(Reason.truncated, f"{len(data)} bytes, fewer than its own structure declares: {text}")
     return PermanentError(Reason.corrupt, f"{type(exc).__name__}: {text}")
-
-
-def _cut_short(data: bytes) -> bool:
-    """True when a RIFF file (WebP) declares more bytes than ``data`` has."""
-    return data[:4] == b"RIFF" and (len(data) < 8 or int.from_bytes(data[4:8], "little") + 8 > len(data))
 
 
 def apply_crop(img: Image.Image, crop: CropBox | None) -> Image.Image:

@@ -191,3 +191,73 @@ def test_png_text_bomb_is_still_refused() -> None:
     with pytest.raises(PermanentError) as info:
         decode_image(_png_with_chunk(photo(64, 48, seed=9), b"zTXt", bomb), LIMITS)
     assert info.value.reason == Reason.decompression_bomb
+
+
+_CONTAINERS = {
+    "jpeg": ("JPEG", {"quality": 90}),
+    "jpeg-progressive": ("JPEG", {"quality": 90, "progressive": True}),
+    "png": ("PNG", {}),
+    "gif": ("GIF", {}),
+    "tiff-lzw": ("TIFF", {"compression": "tiff_lzw"}),
+    "tiff-deflate": ("TIFF", {"compression": "tiff_adobe_deflate"}),
+    "tiff-raw": ("TIFF", {}),
+    "bmp": ("BMP", {}),
+    "webp": ("WEBP", {"quality": 90}),
+    "avif": ("AVIF", {"quality": 80}),
+}
+
+
+def _container(name: str) -> bytes:
+    fmt, params = _CONTAINERS[name]
+    if fmt == "AVIF" and "AVIF" not in Image.SAVE:
+        pytest.skip("this Pillow cannot write AVIF")
+    img = photo(320, 240, seed=4)
+    if fmt == "JPEG":  # an ICC profile makes a long header segment to cut inside
+        from PIL import ImageCms
+
+        params = {**params, "icc_profile": ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()}
+    return _encode(img, fmt, **params)
+
+
+@pytest.mark.parametrize("keep", [0.02, 0.1, 0.3, 0.5, 0.8, 0.95, 0.99])
+@pytest.mark.parametrize("name", sorted(_CONTAINERS))
+def test_file_cut_anywhere_is_truncated(name: str, keep: float) -> None:
+    """A file cut short anywhere, inside its headers too (a TIFF whose directory is at its end, an
+    AVIF's boxes, a GIF's colour table), is truncated: the decoder's message said 'cannot identify'
+    for those, which made them corrupt."""
+    data = _container(name)
+    with pytest.raises(PermanentError) as info:
+        decode_image(data[: max(int(len(data) * keep), 16)], LIMITS)
+    assert info.value.reason == Reason.truncated, str(info.value)
+
+
+def _coded_span(data: bytes, fmt: str) -> tuple[int, int]:
+    """Where ``data`` keeps its coded pixels (not its headers): the part a garbling may touch."""
+    if fmt == "PNG":
+        at = data.index(b"IDAT") + 4
+        return at, at + int.from_bytes(data[at - 8 : at - 4], "big")
+    if fmt == "TIFF":
+        tags = Image.open(io.BytesIO(data)).tag_v2
+        return tags[273][0], tags[273][0] + tags[279][0]
+    if fmt == "AVIF":
+        return data.index(b"mdat") + 4, len(data)
+    if fmt == "JPEG":
+        return data.rindex(b"\xff\xda") + 16, len(data) - 2
+    return len(data) // 3, 2 * len(data) // 3
+
+
+@pytest.mark.parametrize("name", sorted(_CONTAINERS))
+def test_garbled_but_whole_file_is_corrupt(name: str) -> None:
+    """A file of its full length whose headers are intact but whose coded data is overwritten is
+    corrupt (or still decodes), never truncated: the structure check only calls a file cut when it is."""
+    from worker.imaging.containers import cut_short
+
+    fmt = _CONTAINERS[name][0]
+    data = bytearray(_container(name))
+    assert not cut_short(bytes(data))  # a whole file is never called cut
+    start, end = _coded_span(bytes(data), fmt)
+    data[start:end] = bytes((7 * i + 3) & 0xFF for i in range(end - start))
+    try:
+        decode_image(bytes(data), LIMITS)
+    except PermanentError as exc:
+        assert exc.reason == Reason.corrupt, str(exc)

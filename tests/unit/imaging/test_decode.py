@@ -647,12 +647,16 @@ def test_damaged_avif_is_corrupt() -> None:
 
 def test_damaged_avif_with_generic_major_brand_is_corrupt() -> None:
     """A damaged AVIF whose ftyp major brand is the generic "mif1" (AVIF only among the compatible
-    brands) is still recognised as AVIF, so it is corrupt rather than unsupported."""
+    brands) is still recognised as AVIF: cut short it is truncated, garbled it is corrupt, never
+    unsupported."""
     data = _encode(photo(32, 24, seed=33), "AVIF", quality=80)
     assert data[4:12] == b"ftypavif"
     generic = data[:8] + b"mif1" + data[12:]
     assert decode_image(generic, LIMITS).size == (32, 24)  # undamaged, it decodes
-    assert _reason(generic[:60]) == Reason.corrupt
+    assert _reason(generic[:60]) == Reason.truncated
+    mdat = generic.index(b"mdat") + 4
+    garbled = generic[:mdat] + b"\xee" * (len(generic) - mdat)
+    assert _reason(garbled) == Reason.corrupt
 
 
 def test_reduced_scale_jpeg_decode_keeps_vectors(tiny_encoder) -> None:
