@@ -260,6 +260,24 @@ def test_demo_runs_and_prints_search(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stderr[-3000:]
     assert json.loads(checked.stdout)["problems"] == 0
 
+    # a smaller demo on the same home: the catalog and the index hold its 10 photos only
+    again = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "demo", "--images", "10", "--skus", "4"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "removed 14 photos of an earlier, larger demo" in again.stdout
+    assert len(list((tmp_path / "demo-home" / "demo-catalog").rglob("*.jpg"))) == 10
+    assert len(list((tmp_path / "demo-home" / "demo-catalog-queries").glob("*.jpg"))) == 4
+    status = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(status.stdout)["ledger"] == {"pending": 0, "indexed": 10, "failed": 0, "deleted": 14}
+    checked = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "verify", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0 and json.loads(checked.stdout)["problems"] == 0, checked.stdout + checked.stderr[-3000:]
+
 
 @pytest.mark.parametrize("args", [["up"], ["worker", "--queues", "encode"]])
 def test_no_silent_fallback_when_weights_unavailable(tmp_path: Path, args: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -19,7 +20,8 @@ _SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "ring", "stripes")
 def make_catalog(root: Path, n_images: int, n_skus: int, *, seed: int = 7) -> tuple[list[Path], dict[str, Path]]:
     """Write ``n_images`` JPEGs over ``n_skus`` folders ``<root>/<sku>/<n>.jpg``: each SKU is one
     "product" (shape + colours) photographed with jitter. Also returns one unindexed query photo per
-    SKU. Returns (catalog files, {sku: query file})."""
+    SKU. Photos an earlier, larger run left under ``root`` (and its queries) are removed, so that
+    the catalog holds this run's photos only. Returns (catalog files, {sku: query file})."""
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     queries_dir = root.parent / f"{root.name}-queries"
@@ -47,7 +49,19 @@ def make_catalog(root: Path, n_images: int, n_skus: int, *, seed: int = 7) -> tu
         q = queries_dir / f"{sku}.jpg"
         _draw(shape, fg, accent, rng).save(q, quality=88)
         queries[sku] = q
+    _remove_leftovers(root, set(files))
+    _remove_leftovers(queries_dir, set(queries.values()))
     return files, queries
+
+
+def _remove_leftovers(top: Path, keep: set[Path]) -> None:
+    """Remove the demo photos under ``top`` that are not in ``keep``, and SKU folders left empty."""
+    for path in sorted(top.rglob("*.jpg")):
+        if path not in keep and path.is_file():
+            path.unlink()
+    for folder in sorted((p for p in top.iterdir() if p.is_dir()), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def _draw(shape: str, fg: tuple[int, ...], accent: tuple[int, ...], rng: random.Random) -> Image.Image:

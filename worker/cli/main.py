@@ -470,6 +470,7 @@ def demo(
     from worker.encoders import create_encoder
     from worker.ledger.db import upgrade
     from worker.search import run_search
+    from worker.sources.folder import FolderSource
 
     def _interrupt(*_: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: the stack is stopped, not orphaned
@@ -487,13 +488,22 @@ def demo(
     with console.status("starting the embedded stack (Milvus Lite server, workers) …"):
         stack = EmbeddedStack(settings)
         uri = stack.start()
+
+    def stopped() -> str | None:
+        ended = stack.exited()
+        return "a stack process ended: " + "; ".join(ended) if ended else None
+
     try:
+        # an earlier, larger demo's photos are gone from the folder: take them out of the index too
+        folder = FolderSource(settings, root)
+        gone = list(folder.gone_under(folder.root))
+        folder.ledger.engine.dispose()
+        if gone:
+            wait_for(settings, gone, publish(settings, gone), timeout=timeout, show_progress=False, give_up=stopped)
+            console.print(f"removed {len(gone)} photos of an earlier, larger demo from the index")
         events = collect_events([str(root)], None)
         request_id = publish(settings, events)
-        results = wait_for(
-            settings, events, request_id, timeout=timeout, label="indexing",
-            give_up=lambda: "a stack process ended: " + "; ".join(gone) if (gone := stack.exited()) else None,
-        )  # fmt: skip
+        results = wait_for(settings, events, request_id, timeout=timeout, label="indexing", give_up=stopped)
         print_results(results)
         sku = random.Random(1).choice(sorted(queries))
         query = queries[sku]

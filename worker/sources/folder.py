@@ -137,7 +137,7 @@ class FolderSource:
         under the root whose file is gone; returns the counts."""
         stats = FolderStats()
         stats.upserts = self._publish_all(self._files(self.root))
-        stats.deletes = self._publish_all(self._gone(self.root))
+        stats.deletes = self._publish_all(self.gone_under(self.root))
         log.info("folder: rescan of %s: %d upsert(s), %d delete(s)", self.root, stats.upserts, stats.deletes)
         return stats
 
@@ -147,7 +147,8 @@ class FolderSource:
             if event is not None:
                 yield event
 
-    def _gone(self, top: Path) -> Iterator[ImageEvent]:
+    def gone_under(self, top: Path) -> Iterator[ImageEvent]:
+        """A delete per image the ledger holds under ``top`` whose file is gone."""
         for row in self.ledger.select(uri_prefix=top.as_uri() + "/"):
             if not path_from_uri(row.uri).exists():
                 yield self.delete_for(row.uri, row.sku)
@@ -269,7 +270,7 @@ class FolderSource:
         if path.exists():
             return
         if is_dir:  # a folder deleted or moved away: whatever the ledger holds under it
-            yield from self._gone(path)
+            yield from self.gone_under(path)
             return
         sku = self.sku_of(path)
         if sku is not None:
