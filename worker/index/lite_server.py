@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -26,6 +27,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class _PortTaken(Exception):
+    """The chosen port was taken by another program before the server could bind it."""
+
+
+def listening_pid_owns(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds the socket listening on TCP ``port`` (Linux ``/proc``); None
+    when that cannot be told (no ``/proc``, or the process's descriptors cannot be read)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])  # state 0A: LISTEN
+    if not inodes:
+        return None
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
 
 
 def _port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -58,6 +92,8 @@ class LiteServer:
     start_timeout = 60.0
     #: seconds to wait for a clean exit after SIGTERM before SIGKILL
     stop_timeout = 30.0
+    #: ports tried when the one chosen is taken before the server binds it
+    port_attempts = 3
 
     def __init__(self, data_dir: Path, port: int = 0, *, log_file: Path | None = None) -> None:
         self.data_dir = data_dir
@@ -72,6 +108,10 @@ class LiteServer:
     def start(self) -> str:
         """Start the server and wait until it answers; returns its URI.
 
+        A port chosen here (``port=0``) can be taken by another program before the server binds it;
+        the server then exits, or that program answers in its place. Either way another free port
+        is tried (:attr:`port_attempts` in all). A port given by the caller is not replaced.
+
         Raises:
             ServiceUnavailable: another server already serves ``data_dir``, or it did not start.
         """
@@ -81,7 +121,25 @@ class LiteServer:
                 "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"already served at {other} by another process"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
+        chosen_here = not self.port
+        for attempt in range(1, self.port_attempts + 1):
+            if chosen_here:
+                self.port = free_port()
+            elif _port_open(self.port):
+                raise ServiceUnavailable(
+                    "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"port {self.port}: another program listens on it"
+                )
+            try:
+                return self._start_on_port()
+            except _PortTaken as exc:
+                if not chosen_here or attempt == self.port_attempts:
+                    raise ServiceUnavailable(
+                        "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"port {self.port}: {exc}"
+                    ) from None
+                log.warning("Milvus Lite port %d was taken (%s): trying another", self.port, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _start_on_port(self) -> str:
         cmd = [
             sys.executable, "-m", "milvus_lite", "server",
             "--data-dir", str(self.data_dir / "data"),
@@ -97,11 +155,16 @@ class LiteServer:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                if _port_open(self.port):  # it could not bind: another program has the port
+                    raise _PortTaken(f"the server exited with {code}: the port is in use")
                 raise ServiceUnavailable(
-                    "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir),
-                    f"server exited with {self.proc.returncode}; see {self.log_file}",
-                )  # fmt: skip
+                    "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"server exited with {code}; see {self.log_file}"
+                )
             if _port_open(self.port):
+                if listening_pid_owns(self.proc.pid, self.port) is False:  # another program answers there
+                    self.stop()
+                    raise _PortTaken("another program answers on it")
                 (self.data_dir / STATE_FILE).write_text(
                     json.dumps({"pid": self.proc.pid, "started": start_time(self.proc.pid), "port": self.port, "uri": self.uri})
                 )
