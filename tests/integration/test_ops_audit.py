@@ -202,6 +202,29 @@ def test_the_dry_run_of_a_retired_version_plans_what_its_build_would_send(home: 
     assert nothing.exit_code == 2 and "nothing to roll back" in nothing.output
 
 
+def test_a_model_build_of_an_empty_scope_registers_no_version(
+    home: Path, own_milvus: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reindex --sku NOPE --model SPEC` (a mistyped SKU, a prefix with nothing under it) does not
+    register SPEC as a building version, which every later upload would be encoded for; the plan
+    says status new, nothing queued, exit 0. The same build of a scope holding images registers it."""
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", own_milvus)
+    ledger = _ledger()
+    ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
+    _indexed(ledger, "model-a", "s3://b/SKU-1/1.jpg")
+    for scope in (["--sku", "NOPE"], ["--prefix", "s3://nothing-here/"]):
+        result = runner.invoke(app, ["reindex", *scope, "--model", "random:16", "--json"])
+        assert result.exit_code == 0, result.output
+        plan = json.loads(result.stdout)
+        assert (plan["model_id"], plan["status"], plan["images"], plan["queued"]) == (None, "new", 0, 0)
+        assert [v.model_id for v in ledger.versions()] == ["model-a"]
+    result = runner.invoke(app, ["reindex", "--sku", "SKU-1", "--model", "random:16", "--no-wait", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["status"] == "building"
+    assert len(ledger.versions()) == 2
+    ledger.engine.dispose()
+
+
 def test_reindex_help_shows_the_whole_model_spec() -> None:
     """`reindex --help` shows `--model`'s spec with its optional `[@weights]` (not eaten as markup)."""
     result = runner.invoke(app, ["reindex", "--help"], env={"COLUMNS": "200"})

@@ -59,6 +59,7 @@ def reindex(
         ok = build_version(
             settings, model.strip(), lambda: ledger.select(sku=sku, uri_prefix=uri_prefix, states=states),
             dry_run=dry_run, force=force, wait=wait, timeout=timeout, json_out=json_out, rate=rate,
+            narrow_scope=bool(sku or prefix),
         )  # fmt: skip
         if not ok:
             raise typer.Exit(EXIT_FAILURES)

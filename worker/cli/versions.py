@@ -77,9 +77,14 @@ def build_version(
     timeout: float | None,
     json_out: bool,
     rate: float | None = None,
+    narrow_scope: bool = False,
 ) -> bool:
     """Fill the version of ``spec`` for the images ``select`` returns while the serving version keeps
     answering.
+
+    ``narrow_scope`` (``--sku``/``--prefix``): a scope that holds no image does not register a new
+    version (a mistyped SKU would otherwise start a version every upload is encoded for, twice the
+    work, until it is retired); the plan is shown with status ``new`` and nothing is queued.
 
     Images the version already holds a current vector for are not sent again, so a rerun after an
     interruption only pays for what is left. A version that was not active is sent its images only
@@ -94,10 +99,13 @@ def build_version(
     try:
         with milvus_session(settings) as uri:
             rt.__dict__["store"] = store_for(settings, uri)
-            if dry_run:
-                target = _peek_version(rt.ledger, spec)
+            peek = _peek_version(rt.ledger, spec)
+            active = {v.model_id for v in rt.ledger.versions()}
+            if dry_run or (narrow_scope and (peek is None or peek.model_id not in active) and not select()):
+                if not dry_run:
+                    err_console.print(f"no image in this scope: {spec} is not registered as a version")
+                target = peek if dry_run else None
             else:
-                active = {v.model_id for v in rt.ledger.versions()}
                 target = rt.register_candidate(spec)
                 if target.model_id not in active:
                     time.sleep(Runtime.VERSIONS_TTL + SEEN_MARGIN_SECONDS)
