@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Reason", "PERMANENT_REASONS"]
+__all__ = ["Reason", "PERMANENT_REASONS", "NAMED_AFTER_RETRIES", "final_reason"]
 
 
 class Reason(StrEnum):
@@ -22,6 +22,7 @@ class Reason(StrEnum):
     invalid_event = "invalid_event"
     retries_exhausted = "retries_exhausted"
     # transient causes, recorded while retrying and in the final ``retries_exhausted`` detail
+    # (``fetch_timeout`` above is transient too, but names the failure itself: see final_reason)
     fetch_error = "fetch_error"
     index_unavailable = "index_unavailable"
     device_error = "device_error"
@@ -43,3 +44,13 @@ PERMANENT_REASONS = frozenset(
         Reason.retries_exhausted,
     }
 )
+
+
+#: Transient reasons that name the failure themselves when the retries run out: an image whose
+#: server never answered in time ends ``fetch_timeout``, not the generic ``retries_exhausted``.
+NAMED_AFTER_RETRIES = frozenset({Reason.fetch_timeout})
+
+
+def final_reason(last: Reason | str) -> Reason:
+    """The reason an image ends with once its retries are spent, ``last`` being its last fault's."""
+    return Reason(last) if last in NAMED_AFTER_RETRIES else Reason.retries_exhausted

@@ -17,7 +17,7 @@ from PIL import Image
 
 from config.settings import Settings
 from schemas.events import Action, CropBox, ImageEvent
-from schemas.reasons import Reason
+from schemas.reasons import Reason, final_reason
 from schemas.tasks import EncodePayload, PreprocessPayload
 from worker.dispatch import Dispatcher
 from worker.encoders.base import Encoder
@@ -309,7 +309,8 @@ def record_failure(
     keep_pixels: bool = False,
 ) -> str:
     """Record a failed image: permanent errors at once; transient ones are re-published with backoff
-    until ``IMGSYNC_MAX_RETRIES``, then recorded as ``retries_exhausted``.
+    until ``IMGSYNC_MAX_RETRIES``, then recorded as ``retries_exhausted`` (``fetch_timeout`` when
+    the last attempt timed out: :func:`schemas.reasons.final_reason`).
 
     Returns ``failed`` or ``retried``.
     """
@@ -323,14 +324,11 @@ def record_failure(
     reason = getattr(exc, "reason", Reason.fetch_error)
     attempts = rt.ledger.note_attempt(event.image_id, event.version, reason, str(exc))
     if payload.attempt >= rt.settings.max_retries:
+        final = final_reason(reason)
         if rt.ledger.mark_failed(
-            event.image_id,
-            event.version,
-            Reason.retries_exhausted,
-            f"{payload.attempt + 1} attempts; last: {reason}: {exc}",
-            payload.request_id,
+            event.image_id, event.version, final, f"{payload.attempt + 1} attempts; last: {reason}: {exc}", payload.request_id
         ):
-            metrics().failures.labels(str(Reason.retries_exhausted)).inc()
+            metrics().failures.labels(str(final)).inc()
             _leave_index(rt, dispatch, event)
         _drop_pixels(rt, payload)
         return "failed"

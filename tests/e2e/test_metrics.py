@@ -70,6 +70,22 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
     )
     try:
         wait_for_exporter(up, port, tmp_path / "up.log")
+        # before anything is indexed: every family of the contract is there, at 0, once workers run
+        deadline = time.monotonic() + 120
+        s = scrape(port)
+        while not {"imgsync_encode_batch_size_count", "imgsync_events_total"} <= {n for n, _ in s}:
+            assert time.monotonic() < deadline and up.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            time.sleep(0.5)
+            s = scrape(port)
+        for name in ("imgsync_events_total", "imgsync_images_total", "imgsync_failures_total", "imgsync_retries_total",
+                     "imgsync_dead_letters_total", "imgsync_stage_seconds_count", "imgsync_encode_batch_size_count",
+                     "imgsync_index_lag_seconds_count"):  # fmt: skip
+            assert any(n == name for n, _ in s) and total(s, name) == 0, name
+        for reason in ("not_found", "fetch_timeout", "fetch_too_large", "forbidden_address", "unsupported_format",
+                       "truncated", "decompression_bomb", "corrupt", "too_small", "retries_exhausted"):  # fmt: skip
+            assert ("imgsync_failures_total", (("reason", reason),)) in s, reason
+        for stage in ("fetch", "decode", "encode", "upsert", "sku_refresh"):
+            assert ("imgsync_stage_seconds_count", (("stage", stage),)) in s, stage
         proc = subprocess.run(
             [sys.executable, "-m", "worker.cli", "index", str(root), "--wait", "--json", "--timeout", "180"],
             env=env, capture_output=True, text=True, timeout=240,

@@ -153,6 +153,49 @@ def test_milvus_down_retries_with_backoff_then_gives_up(env, tmp_path: Path, mak
     assert retries._value.get() == before + 2  # each retry counted by its reason (the give-up is a failure)
 
 
+def test_a_server_that_never_answers_ends_fetch_timeout(env, make_settings, milvus_uri: str) -> None:
+    """An image whose server accepts and never answers is retried with backoff (counted under
+    fetch_timeout), then recorded failed with reason fetch_timeout, the contract's code for it, not
+    the generic retries_exhausted; its failure is counted under that reason."""
+    import http.server
+    import time
+
+    from tests.helpers import http_server
+    from worker.errors import TransientError
+    from worker.metrics import metrics
+
+    class Hang(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            time.sleep(3)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    _, rt, d = env
+    with http_server(Hang) as base:
+        slow = Runtime(make_settings(milvus_uri=milvus_uri, max_retries=1, fetch_read_timeout=0.3,
+                                     fetch_deadline=1.0, fetch_allow_hosts=["127.0.0.1"]))  # fmt: skip
+        slow.__dict__["encoder"] = rt.encoder
+        e = ImageEvent(uri=f"{base}/SKU-T/hang.jpg", sku=f"S-{uuid.uuid4().hex[:6]}")
+        failures = metrics().failures.labels("fetch_timeout")
+        before = failures._value.get()
+
+        def run(payload: PreprocessPayload) -> str:  # as the preprocess task does
+            with pytest.raises(TransientError) as info:
+                pipeline.preprocess(slow, d, payload)
+            assert info.value.reason == "fetch_timeout"
+            return pipeline.record_failure(slow, d, payload, info.value)
+
+        assert run(PreprocessPayload(event=e)) == "retried"
+        (body, countdown), = d.take(TASK_PREPROCESS)
+        assert countdown and countdown > 0
+        assert run(PreprocessPayload.model_validate(body)) == "failed"
+    row = slow.ledger.get(e.image_id)
+    assert row is not None and (row.state, row.reason) == ("failed", "fetch_timeout")
+    assert row.detail and row.detail.startswith("2 attempts; last: fetch_timeout")
+    assert failures._value.get() == before + 1
+
+
 def test_delete_removes_vector_and_sku(env, tmp_path: Path) -> None:
     """A delete event removes the image vector; the SKU left without images is removed too."""
     settings, rt, d = env

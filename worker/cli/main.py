@@ -146,7 +146,7 @@ def worker(
     from worker.celery_app import configure, runtime
     from worker.heartbeat import Heartbeat
     from worker.ledger import Ledger, make_engine
-    from worker.metrics import metrics
+    from worker.metrics import declare_worker_series, metrics
     from worker.pixels import open_pixel_store
 
     logging.getLogger().setLevel(loglevel.upper())
@@ -171,12 +171,17 @@ def worker(
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    stages = [stage for stage, queue in (("preprocess", settings.queues.preprocess), ("encode", settings.queues.encode),
+                                         ("sku", settings.queues.sku)) if queue in chosen]  # fmt: skip
+    model_ids: list[str] = []
     if settings.queues.encode in chosen:
         rt = runtime()
         rt.encoder.warmup()  # fail fast on a bad model, before taking any message
         rt.names()  # and on an unreachable Milvus (registers the first serving version)
+        model_ids = [v.model_id for v in rt.active_versions()]
         if not encode_only:
             rt.reset_after_fork()
+    declare_worker_series(stages, model_ids)
     heartbeat = Heartbeat(Ledger(make_engine(settings.effective_database_url)), queues=",".join(chosen), model=settings.model)
     argv = ["worker", "-Q", ",".join(chosen), "--loglevel", loglevel, "-n", f"imgsync-{'-'.join(chosen)}-{os.getpid()}@%h"]
     if encode_only:

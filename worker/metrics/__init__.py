@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ __all__ = [
     "enable_multiprocess",
     "start_exporter",
     "mark_process_dead",
+    "declare_worker_series",
     "LATENCY_BUCKETS",
     "BATCH_BUCKETS",
     "LAG_BUCKETS",
@@ -104,6 +106,47 @@ def metrics() -> Metrics:
                     ),
                 )
     return _metrics
+
+
+#: ``imgsync_images_total`` outcomes by stage (what the tasks count)
+STAGE_OUTCOMES = {
+    "preprocess": ("queued", "unchanged", "stale", "deleted", "retried", "failed"),
+    "encode": ("indexed", "skipped", "retried", "failed", "requeued"),
+    "sku": ("written", "deleted", "clean"),
+}
+#: ``imgsync_stage_seconds`` steps by stage
+STAGE_STEPS = {"preprocess": ("fetch", "decode"), "encode": ("encode", "upsert"), "sku": ("sku_refresh",)}
+
+
+def declare_worker_series(stages: Sequence[str], model_ids: Sequence[str] = ()) -> None:
+    """Create a worker's labelled series at 0 for the ``stages`` it runs (preprocess, encode, sku)
+    and the model versions it writes: a scrape of a fresh worker shows every family, and rate()
+    and the alert rules see 0 rather than nothing before the first image, failure or retry."""
+    from schemas.reasons import NAMED_AFTER_RETRIES, PERMANENT_REASONS, Reason
+    from worker.dispatch import TASK_ENCODE, TASK_PREPROCESS, TASK_PREPROCESS_BATCH, TASK_REFRESH_SKU
+    from worker.pipeline import EVENT_SOURCES
+
+    m = metrics()
+    tasks = {"preprocess": (TASK_PREPROCESS, TASK_PREPROCESS_BATCH), "encode": (TASK_ENCODE,), "sku": (TASK_REFRESH_SKU,)}
+    for stage in stages:
+        for outcome in STAGE_OUTCOMES.get(stage, ()):
+            m.images.labels(stage, outcome)
+        for step in STAGE_STEPS.get(stage, ()):
+            m.stage_seconds.labels(step)
+        for task in tasks.get(stage, ()):
+            m.dead_letters.labels(task)
+    if "preprocess" in stages:
+        for source in sorted(EVENT_SOURCES):
+            for action in ("upsert", "delete"):
+                m.events.labels(source, action)
+    if {"preprocess", "encode"} & set(stages):
+        for reason in sorted(PERMANENT_REASONS | NAMED_AFTER_RETRIES):
+            m.failures.labels(str(reason))
+        for reason in sorted(set(Reason) - PERMANENT_REASONS):
+            m.retries.labels(str(reason))
+    for model_id in model_ids:
+        m.batch_size.labels(model_id)
+        m.lag_seconds.labels(model_id)
 
 
 def enable_multiprocess(directory: Path, *, wipe: bool) -> None:
