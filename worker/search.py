@@ -98,4 +98,9 @@ def run_search(
     finally:
         store.close()
         ledger.engine.dispose()
-    return [SearchHit(uri=h.get("uri"), image_id=h.get("image_id"), sku=h["sku"], score=h["score"]) for h in raw]
+    # cosine similarity of unit vectors, computed in float32: an image against itself can come out
+    # as 1.0000001; the contract's score is a cosine, so it is kept within [-1, 1]
+    return [
+        SearchHit(uri=h.get("uri"), image_id=h.get("image_id"), sku=h["sku"], score=min(1.0, max(-1.0, float(h["score"]))))
+        for h in raw
+    ]
