@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 __all__ = ["VerifyOutput", "WorkerInfo", "FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
+
+
+def _utc(value: datetime) -> datetime:
+    """Times are stored in UTC; SQLite gives them back without a zone: say which it is."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+#: a point in time, always with its zone (ISO 8601 with ``+00:00`` for the ledger's UTC times)
+Instant = Annotated[datetime, AfterValidator(_utc)]
 
 
 class IndexResult(BaseModel):
@@ -45,8 +54,8 @@ class WorkerInfo(BaseModel):
     pid: int
     queues: str
     model: str
-    started_at: datetime
-    last_seen: datetime
+    started_at: Instant
+    last_seen: Instant
 
 
 class VersionInfo(BaseModel):
@@ -97,7 +106,7 @@ class FailureItem(BaseModel):
     reason: str | None
     detail: str | None
     attempts: int
-    updated_at: datetime | None
+    updated_at: Instant | None
     state: str  #: the image's ledger state (``failed`` in ``failures list``; ``failures show`` may name any image)
 
 
@@ -114,7 +123,7 @@ class DeadLetterItem(BaseModel):
     reason: str
     error: str
     body: str  #: the message as received (cut at 10,000 characters)
-    created_at: datetime
+    created_at: Instant
 
 
 class DeadLettersOutput(BaseModel):

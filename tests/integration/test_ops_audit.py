@@ -268,3 +268,7 @@ def test_failures_show_names_the_state_of_any_image(home: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert (doc["state"], doc["reason"]) == ("indexed", None)
+    # times carry their zone, also from SQLite (which gives them back without one)
+    from datetime import datetime, timedelta
+
+    assert datetime.fromisoformat(doc["updated_at"]).utcoffset() == timedelta(0)
