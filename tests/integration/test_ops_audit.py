@@ -225,6 +225,23 @@ def test_a_model_build_of_an_empty_scope_registers_no_version(
     ledger.engine.dispose()
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["bogus:x", "nonsense", "open_clip:", "open_clip:NoSuchArch", "open_clip:ViT-B-32@./no-such.pt",
+     "open_clip:ViT-B-32@no_such_tag", "timm:no_such_net", "hf:./no-such-folder"],
+)  # fmt: skip
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "build"])
+def test_a_model_spec_that_cannot_load_is_a_usage_error(home: Path, spec: str, dry_run: bool) -> None:
+    """`reindex --model SPEC` with a spec that cannot load exits 2 naming --model (where the value
+    came from, not IMGSYNC_MODEL), the dry run included, and registers nothing."""
+    ledger = _ledger()
+    result = runner.invoke(app, ["reindex", "--all", "--model", spec, "--json", *(["--dry-run"] if dry_run else [])])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == "" and "--model" in result.stderr and "IMGSYNC_MODEL" not in result.stderr, result.stderr
+    assert [v.spec for v in ledger.versions()] in ([], ["tiny"])
+    ledger.engine.dispose()
+
+
 def test_reindex_help_shows_the_whole_model_spec() -> None:
     """`reindex --help` shows `--model`'s spec with its optional `[@weights]` (not eaten as markup)."""
     result = runner.invoke(app, ["reindex", "--help"], env={"COLUMNS": "200"})

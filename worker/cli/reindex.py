@@ -54,7 +54,14 @@ def reindex(
     states = (ImageState.failed,) if failed else (ImageState.pending, ImageState.indexed, ImageState.failed)
     rate = ledger.indexing_rate(datetime.now(UTC) - RATE_WINDOW)
     if model is not None and not (serving is not None and model.strip() in (serving.spec, serving.model_id)):
+        from dataclasses import replace
+
         from worker.cli.versions import build_version
+        from worker.encoders import create_encoder
+        from worker.encoders.spec import spec_given_by
+
+        with spec_given_by("--model"):  # a spec that cannot load is refused before anything, dry run included
+            create_encoder(replace(settings.encoder, spec=model.strip())).precheck()
 
         ok = build_version(
             settings, model.strip(), lambda: ledger.select(sku=sku, uri_prefix=uri_prefix, states=states),

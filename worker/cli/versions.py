@@ -25,6 +25,7 @@ from worker.cli.common import (
     plain,
     settings_from,
 )
+from worker.encoders.spec import spec_given_by
 from worker.errors import ConfigError
 from worker.ledger import ImageRow, ImageState, Ledger, VersionRow, VersionStatus, make_engine
 
@@ -106,7 +107,8 @@ def build_version(
                     err_console.print(f"no image in this scope: {spec} is not registered as a version")
                 target = peek if dry_run else None
             else:
-                target = rt.register_candidate(spec)
+                with spec_given_by("--model"):
+                    target = rt.register_candidate(spec)
                 if target.model_id not in active:
                     time.sleep(Runtime.VERSIONS_TTL + SEEN_MARGIN_SECONDS)
             rt.store.close()

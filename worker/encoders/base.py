@@ -163,6 +163,14 @@ class Encoder(ABC):
     def _load(self) -> None:
         """Build the model; set ``preprocess_cfg`` and ``dim``."""
 
+    def precheck(self) -> None:
+        """Refuse, without loading anything, a spec that cannot load: an unknown architecture, a
+        missing weights file or folder (what can be told cheaply; loading checks the rest).
+
+        Raises:
+            ConfigError: naming IMGSYNC_MODEL and what is wrong.
+        """
+
     def warmup(self, batch_size: int = 2) -> None:
         """One forward pass on blank images, so the first real batch pays no start-up cost."""
         self.load()

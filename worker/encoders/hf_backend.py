@@ -34,14 +34,19 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 class HfEncoder(Encoder):
     """``hf:<hub id | local dir>`` or ``hf:<label>@<hub id | local dir>``."""
 
+    def precheck(self) -> None:
+        """A local model folder exists (a hub id is only checked by loading)."""
+        source = self.spec.weights or self.spec.name
+        if not Path(source).expanduser().exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise ConfigError(f"IMGSYNC_MODEL={self.spec}: folder {source!r} does not exist")
+
     def _load(self) -> None:
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+        self.precheck()
         source = self.spec.weights or self.spec.name
         local = Path(source).expanduser()
         is_local = local.exists()
-        if not is_local and (source.startswith((".", "/", "~")) or source.count("/") > 1):
-            raise ConfigError(f"IMGSYNC_MODEL={self.spec}: folder {source!r} does not exist")
         path = str(local.resolve()) if is_local else source
         try:
             config = AutoConfig.from_pretrained(path, local_files_only=is_local)

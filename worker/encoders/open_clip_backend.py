@@ -19,7 +19,9 @@ class OpenClipEncoder(Encoder):
 
     capabilities = frozenset({"image", "text"})
 
-    def _load(self) -> None:
+    def precheck(self) -> None:
+        """The architecture exists, a weights path or ``local-dir:`` folder exists, a pretrained tag
+        is one open_clip knows for the architecture."""
         import open_clip
 
         name, weights = self.spec.name, self.spec.weights
@@ -30,25 +32,30 @@ class OpenClipEncoder(Encoder):
                 f"IMGSYNC_MODEL: open_clip has no architecture {name!r} "
                 f"(e.g. {sample}; `python -c 'import open_clip; print(open_clip.list_models())'` lists all)"
             )
+        if weights and not Path(weights).expanduser().exists():
+            if "/" in weights or weights.startswith((".", "~")):
+                raise ConfigError(f"IMGSYNC_MODEL: weights file {weights!r} does not exist")
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if tags and weights not in tags:
+                raise ConfigError(f"IMGSYNC_MODEL: {name!r} has no pretrained tag {weights!r}; valid: {', '.join(tags)}")
+        elif not weights and name.startswith("local-dir:"):
+            folder = Path(name.removeprefix("local-dir:")).expanduser()
+            if not folder.is_dir():
+                raise ConfigError(f"IMGSYNC_MODEL: model folder {str(folder)!r} does not exist")
+
+    def _load(self) -> None:
+        import open_clip
+
+        self.precheck()
+        name, weights = self.spec.name, self.spec.weights
         pretrained: str | None = weights
         if weights:
             local = Path(weights).expanduser()
             if local.exists():
                 pretrained = str(local.resolve())
                 self.weights_identity = f"file-{file_digest(local)}"
-            elif "/" in weights or weights.startswith((".", "~")):
-                raise ConfigError(f"IMGSYNC_MODEL: weights file {weights!r} does not exist")
-            else:
-                tags = open_clip.list_pretrained_tags_by_model(name)
-                if tags and weights not in tags:
-                    raise ConfigError(
-                        f"IMGSYNC_MODEL: {name!r} has no pretrained tag {weights!r}; valid: {', '.join(tags)}"
-                    )
         elif name.startswith("local-dir:"):  # the folder holds the weights: its content is their identity
-            folder = Path(name.removeprefix("local-dir:")).expanduser()
-            if not folder.is_dir():
-                raise ConfigError(f"IMGSYNC_MODEL: model folder {str(folder)!r} does not exist")
-            self.weights_identity = f"dir-{file_digest(folder)}"
+            self.weights_identity = f"dir-{file_digest(Path(name.removeprefix('local-dir:')).expanduser())}"
         elif name.startswith("hf-hub:"):  # the hub repository holds the weights
             self.weights_identity = "hub"
         elif self.spec.backend != "tiny":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from worker.encoders.base import ModelSpec
 from worker.encoders.random_backend import RANDOM_DIM_MAX
 from worker.errors import ConfigError
 
-__all__ = ["parse_spec", "anchor", "anchored_spec", "BACKENDS"]
+__all__ = ["parse_spec", "anchor", "anchored_spec", "BACKENDS", "spec_given_by"]
 
 #: Backends this build can load.
 BACKENDS = ("open_clip", "hf", "timm", "tiny", "random")
@@ -76,3 +79,13 @@ def anchor(spec: ModelSpec) -> ModelSpec:
 def anchored_spec(text: str) -> str:
     """:func:`anchor` of a spec's text, as text (what the ledger records)."""
     return str(anchor(parse_spec(text)))
+
+
+@contextmanager
+def spec_given_by(option: str) -> Iterator[None]:
+    """Spec errors raised inside name ``option`` (e.g. ``--model``) where the spec came from, instead
+    of IMGSYNC_MODEL."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("IMGSYNC_MODEL", option)) from exc

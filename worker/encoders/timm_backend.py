@@ -22,23 +22,30 @@ class TimmEncoder(Encoder):
 
     capabilities = frozenset({"image"})
 
+    def precheck(self) -> None:
+        """timm knows the model; a weights path exists."""
+        import timm
+
+        name, weights = self.spec.name, self.spec.weights
+        if not timm.is_model(name.split(".")[0]):
+            raise ConfigError(
+                f"IMGSYNC_MODEL: timm has no model {name!r} (`python -c 'import timm; print(timm.list_models())'` lists them)"
+            )
+        if weights and not Path(weights).expanduser().exists() and ("/" in weights or weights.startswith((".", "~"))):
+            raise ConfigError(f"IMGSYNC_MODEL: weights file {weights!r} does not exist")
+
     def _load(self) -> None:
         import timm
         from timm.data import resolve_data_config
 
+        self.precheck()
         name, weights = self.spec.name, self.spec.weights
         base = name.split(".")[0]
-        if not timm.is_model(base):
-            raise ConfigError(
-                f"IMGSYNC_MODEL: timm has no model {name!r} (`python -c 'import timm; print(timm.list_models())'` lists them)"
-            )
         checkpoint: Path | None = None
         if weights and Path(weights).expanduser().exists():
             checkpoint = Path(weights).expanduser().resolve()
             self.weights_identity = f"file-{file_digest(checkpoint)}"
             pretrained = False
-        elif weights and ("/" in weights or weights.startswith((".", "~"))):
-            raise ConfigError(f"IMGSYNC_MODEL: weights file {weights!r} does not exist")
         elif weights:
             name, pretrained = f"{base}.{weights}", True
         else:
