@@ -302,6 +302,40 @@ def test_no_silent_fallback_when_weights_unavailable(tmp_path: Path, args: list[
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("IMGSYNC_MODEL", "open_clip:NoSuchArch", "open_clip has no architecture 'NoSuchArch'"),
+        ("IMGSYNC_DEVICE", "cuda", "no CUDA device is available"),
+        ("IMGSYNC_MODEL", "open_clip:ViT-B-32@{garbage}", "cannot load weights"),  # found by the encode worker
+    ],
+    ids=["architecture", "device", "weights-file"],
+)
+def test_up_refuses_a_model_or_device_it_cannot_run_with_exit_2(tmp_path: Path, setting: str, value: str, says: str) -> None:
+    """`imgsync up` with a model architecture that does not exist or CUDA asked for where there is
+    none exits 2 at once, before any stack process starts; a weights file that cannot be read is
+    found by the encode worker, and up then exits 2 with the worker's message (it exited 1, the
+    reason only in the worker's log)."""
+    if torch_cuda_available() and setting == "IMGSYNC_DEVICE":
+        pytest.skip("CUDA is present")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
+    env.update(IMGSYNC_HOME=str(tmp_path / "home"), IMGSYNC_METRICS_PORT="0", IMGSYNC_MODEL="tiny")
+    env[setting] = value.format(garbage=garbage)
+    proc = subprocess.run([sys.executable, "-m", "worker.cli", "up"], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert says in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr, proc.stderr
+    if "{garbage}" not in value:  # refused before the stack: no Milvus server was started
+        assert not (tmp_path / "home" / "milvus").exists()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_wait_without_workers_hints_and_times_out(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`index --wait` with no worker running: a hint on stderr, then after --timeout exit 1 with the
     images reported as pending (nothing claimed as indexed)."""

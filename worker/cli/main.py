@@ -101,6 +101,24 @@ def db_upgrade(
 # --- worker / up -------------------------------------------------------------------------------
 
 
+def check_model_setting(settings: Settings) -> None:
+    """Refuse at once, before a stack starts, what its encode worker would refuse only after: a spec
+    that cannot load, CUDA asked for where there is none, pretrained weights neither cached nor
+    downloadable.
+
+    Raises:
+        ConfigError: naming IMGSYNC_MODEL or IMGSYNC_DEVICE.
+    """
+    from worker.encoders import create_encoder
+
+    create_encoder(settings.encoder).precheck()
+    if settings.device.strip().lower() not in ("auto", "cpu"):  # torch is imported only to check CUDA
+        from worker.encoders.device import resolve_device
+
+        resolve_device(settings.device)
+    check_weights_available(settings.model)
+
+
 def role_settings(settings: Settings, queues: list[str]) -> Settings:
     """The settings a worker of ``queues`` runs with. A worker that does not encode builds its models
     on the CPU: it needs only their preprocessing and identity, and its prefork children must not
@@ -241,14 +259,12 @@ def up(ctx: typer.Context) -> None:
     import threading
 
     from worker.cli.stack import EmbeddedStack
-    from worker.encoders import create_encoder
     from worker.ledger.db import upgrade
     from worker.sources.folder import FolderSource
 
     settings = settings_from(ctx)
     upgrade(settings.effective_database_url)
-    create_encoder(settings.encoder)  # a malformed spec fails here; weights load in the workers
-    check_weights_available(settings.model)
+    check_model_setting(settings)
     stack = EmbeddedStack(settings)
     stopping = False
 
@@ -291,6 +307,8 @@ def up(ctx: typer.Context) -> None:
             gone = stack.exited()
             if gone:
                 err_console.print(f"[bold red]a stack process ended: {'; '.join(gone)}[/]", highlight=False)
+                if (problem := stack.usage_error()) is not None:
+                    raise ConfigError(problem)  # exit 2, as the worker said
                 raise typer.Exit(EXIT_FAILURES)
             if not folder.is_alive():
                 err_console.print("[bold red]the folder source stopped (see the log above)[/]")
@@ -485,6 +503,7 @@ def demo(
     settings, notice = choose_demo_model(settings)
     if notice:
         err_console.print(f"[bold yellow]note:[/] {notice}", highlight=False)
+    check_model_setting(settings)
     upgrade(settings.effective_database_url)
     root = settings.home / "demo-catalog"
     with console.status(f"writing {images} product photos over {min(skus, images)} SKUs to {root} …"):
@@ -509,6 +528,8 @@ def demo(
         events = collect_events([str(root)], None)
         request_id = publish(settings, events)
         results = wait_for(settings, events, request_id, timeout=timeout, label="indexing", give_up=stopped)
+        if (problem := stack.usage_error()) is not None:
+            raise ConfigError(problem)  # exit 2, as the worker said
         print_results(results)
         sku = random.Random(1).choice(sorted(queries))
         query = queries[sku]

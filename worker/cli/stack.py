@@ -160,6 +160,23 @@ class EmbeddedStack:
                 gone.append(f"{name} worker (pid {p.pid}) {_status(code)}, log {logs / f'worker-{name}.log'}")
         return gone
 
+    def usage_error(self) -> str | None:
+        """The message of a worker that ended with exit status 2 (a configuration error it found at
+        start, e.g. a model architecture that does not exist), read from its log; else None."""
+        logs = self.log_dir or self.settings.home / "logs"
+        for name, p in zip(("cpu", "encode"), self.workers, strict=False):
+            if p.poll() == 2:
+                try:
+                    lines = (logs / f"worker-{name}.log").read_text(errors="replace").splitlines()
+                except OSError:
+                    lines = []
+                starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+                if not starts:
+                    return f"the {name} worker found a configuration error; see {logs / f'worker-{name}.log'}"
+                text = " ".join(" ".join(lines[starts[-1] :]).removeprefix("error:").split())  # the log wraps lines
+                return text if len(text) <= 800 else text[:800] + f" … (see {logs / f'worker-{name}.log'})"
+        return None
+
     def stop(self) -> None:
         """Warm-stop the workers (they finish or return their batch), flush Milvus, stop the server."""
         for p in self.workers:

@@ -31,6 +31,10 @@ def register_tiny_config() -> None:
 class TinyEncoder(OpenClipEncoder):
     """open_clip ``imgsync-tiny`` (64-d, 64×64 input), seeded random weights unless a file is given."""
 
+    def precheck(self) -> None:
+        register_tiny_config()
+        super().precheck()
+
     def _load(self) -> None:
         register_tiny_config()
         if not self.spec.weights:
