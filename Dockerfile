@@ -1,5 +1,7 @@
-# imgsync worker image. CPU by default; the CUDA wheels of torch run on GPU hosts as they are
-# (pass TORCH="torch==2.14.1 torchvision==0.29.1" or a CPU-only index build to slim it down).
+# imgsync worker image, one for CPU and GPU hosts. The default TORCH installs PyPI's torch, whose
+# x86_64 wheels bring the CUDA libraries (several GB): the image runs on CPU, and on CUDA when a GPU is
+# passed in. For a smaller CPU-only image install the CPU build instead, e.g.
+#   docker build --build-arg TORCH="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu" .
 FROM python:3.11-slim AS base
 
 ARG TORCH="torch==2.14.1 torchvision==0.29.1"

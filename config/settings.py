@@ -5,7 +5,10 @@ the ``.env`` file in the working directory, the defaults below. Every default se
 mode (no servers to install), rooted at ``IMGSYNC_HOME``.
 
 Sub-systems get frozen views (``Settings.encoder``, ``Settings.batching`` ...) passed by keyword;
-nothing outside this module reads ``os.environ``.
+no other module reads an ``IMGSYNC_*`` variable from ``os.environ``. Two read other variables of
+their own: ``worker/encoders/digest.py`` ``XDG_CACHE_HOME`` (where the weights-digest cache lies) and
+``worker/sources/sqs.py`` ``AWS_ENDPOINT_URL_SQS`` / ``AWS_ENDPOINT_URL`` (when one is set, boto3
+picks the SQS endpoint from it instead of the queue URL's host).
 """
 
 from __future__ import annotations
@@ -270,7 +273,7 @@ class Settings(BaseSettings):
     queue_encode: str = Field("encode", description="Queue name of the encode stage.")
     queue_sku: str = Field("sku", description="Queue name of the SKU refresh stage.")
     worker_concurrency: int = Field(
-        0, ge=0, le=256, description="Prefork processes of a CPU worker. 0: one per CPU core."
+        0, ge=0, le=256, description="Prefork processes of a CPU worker. 0: one per CPU core (`up`/`demo`: at most 4)."
     )
     max_retries: int = Field(5, ge=0, le=100, description="Retries of a transient failure before giving up.")
     retry_backoff_max: float = Field(
@@ -282,7 +285,7 @@ class Settings(BaseSettings):
         le=86_400,
         description=(
             "Redis broker: seconds before a message taken by a worker that died unacknowledged is delivered "
-            "again. Must exceed 2 × IMGSYNC_RETRY_BACKOFF_MAX (retries wait unacknowledged in the worker)."
+            "again. Must be at least 2 × IMGSYNC_RETRY_BACKOFF_MAX (retries wait unacknowledged in the worker)."
         ),
     )
     health_probe_seconds: float = Field(

@@ -1,4 +1,4 @@
-"""JSON documents printed by the CLI's ``--json`` mode (the public contract in DESIGN.md)."""
+"""JSON documents printed by the CLI's ``--json`` mode (the public contract: README.md, "JSON outputs")."""
 
 from __future__ import annotations
 
