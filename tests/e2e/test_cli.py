@@ -200,6 +200,30 @@ def test_index_lists_a_catalog_as_it_lies(tmp_path: Path) -> None:
     ]
 
 
+def test_index_takes_a_sku_folder_and_a_url_s_sku_as_a_person_reads_them(tmp_path: Path) -> None:
+    """A SKU folder given itself gives its images its name (as one of its files does); a folder with
+    images both loose and in SKU folders is refused; a URL's SKU is its percent-decoded folder, the
+    same SKU the local file gets; an s3:// key is taken as it is."""
+    from worker.cli.indexing import collect_events
+    from worker.errors import ConfigError
+
+    sku_dir = tmp_path / "cat" / "SKU ü 1"
+    sku_dir.mkdir(parents=True)
+    for name in ("a.jpg", "b.png"):
+        (sku_dir / name).write_bytes(b"x")
+    assert {e.sku for e in collect_events([str(sku_dir)], None)} == {"SKU ü 1"}
+    assert {e.sku for e in collect_events([str(sku_dir / "a.jpg")], None)} == {"SKU ü 1"}
+    assert {e.sku for e in collect_events([str(sku_dir)], "OTHER")} == {"OTHER"}
+    (sku_dir / "nested").mkdir()
+    (sku_dir / "nested" / "c.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="both directly and in SKU folders"):
+        collect_events([str(sku_dir)], None)
+    (url,) = collect_events(["https://cdn.example.com/img/SKU%20%C3%BC%201/my%20photo.jpg"], None)
+    assert url.sku == "SKU ü 1"
+    (key,) = collect_events(["s3://bucket/SKU%201/x.jpg"], None)
+    assert key.sku == "SKU%201"
+
+
 def test_status_json(home: Path, milvus_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """status --json is one valid document; ready when DB, broker and Milvus answer, exit 3 when not."""
     result = runner.invoke(app, ["status", "--json"])

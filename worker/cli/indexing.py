@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -38,6 +38,9 @@ STALL_HINT_SECONDS = 30.0
 def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
     """Events for files, folders laid out ``<sku>/<image>``, and ``s3://`` / ``http(s)://`` URIs.
 
+    A file's SKU is the folder it lies in, a URL's the last folder of its path (percent-decoded), and
+    a folder holding images only directly (a SKU folder itself) gives them its name.
+
     Raises:
         ConfigError: a path that does not exist, or an image whose SKU cannot be told.
     """
@@ -55,6 +58,8 @@ def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
     parsed = urlparse(target)
     if parsed.scheme in ("s3", "http", "https"):
         parts = [p for p in parsed.path.split("/") if p]
+        if parsed.scheme != "s3":  # a URL's path is percent-encoded; an s3:// uri names the key as it is
+            parts = [unquote(p) for p in parts]
         image_sku = sku or (parts[-2] if len(parts) >= 2 else None)
         if not image_sku:
             raise ConfigError(f"{target}: cannot tell its SKU from the key; pass --sku")
@@ -69,18 +74,19 @@ def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
     if path.is_file():  # its SKU is the folder it lies in (not the folder a symbolic link points to)
         yield str(path), sku or path.parent.name
         return
-    for file in walk_tree(path):
-        if file.suffix.lower() not in IMAGE_SUFFIXES or not file.is_file():
-            continue
-        rel = file.relative_to(path)
-        if sku:
-            yield str(file), sku
-        elif len(rel.parts) >= 2:
-            yield str(file), rel.parts[0]
-        else:
-            raise ConfigError(
-                f"{file}: images directly in {path} have no SKU folder (layout <sku>/<image>); pass --sku"
-            )
+    files = [f for f in walk_tree(path) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
+    flat = [f for f in files if f.parent == path]
+    if sku:
+        yield from ((str(f), sku) for f in files)
+    elif flat and len(flat) == len(files):  # a SKU folder itself: its images take its name, as one file does
+        yield from ((str(f), path.name) for f in files)
+    elif flat:
+        raise ConfigError(
+            f"{flat[0]}: {path} holds images both directly and in SKU folders (layout <sku>/<image>); "
+            "move them into a SKU folder, or pass --sku"
+        )
+    else:
+        yield from ((str(f), f.relative_to(path).parts[0]) for f in files)
 
 
 def publish(settings: Settings, events: Sequence[ImageEvent], *, force: bool = False) -> str:
