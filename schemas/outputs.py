@@ -139,3 +139,7 @@ class VerifyOutput(BaseModel):
     sku_mismatch: list[str]
     model_id: str | None = None
     repaired: dict[str, int] | None = None
+    #: with ``--model`` of a version that does not serve: its status, and how many indexed images it
+    #: holds no current vector of (a cutover or rollback re-queues them; not counted as problems)
+    status: str | None = None
+    uncovered: int | None = None

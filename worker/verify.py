@@ -1,5 +1,5 @@
-"""``imgsync verify``: compare the ledger (source of truth) with the serving Milvus collections, and
-enqueue exactly the fixes with ``--repair``.
+"""``imgsync verify``: compare the ledger (source of truth) with the serving Milvus collections (or,
+with ``--model``, a standby or building version's), and enqueue exactly the fixes with ``--repair``.
 
 Kinds of drift: ``missing`` (ledger says indexed, no vector), ``orphans`` (a vector the ledger does not
 hold as indexed), ``stale`` (the vector's content hash or model differs from the ledger's), and
@@ -20,10 +20,10 @@ from schemas.tasks import PreprocessPayload
 from worker.dispatch import Dispatcher
 from worker.encoders.base import l2_normalize
 from worker.index import IMAGES_ALIAS, SKUS_ALIAS, MilvusStore
-from worker.ledger import ImageState, Ledger
-from worker.ledger.tables import images
+from worker.ledger import ImageState, Ledger, VersionRow
+from worker.ledger.tables import image_vectors, images
 
-__all__ = ["VerifyReport", "verify", "repair", "SKU_TOLERANCE"]
+__all__ = ["VerifyReport", "verify", "verify_version", "repair", "SKU_TOLERANCE"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ class VerifyReport:
     stale: list[str] = field(default_factory=list)
     sku_mismatch: list[str] = field(default_factory=list)
     model_id: str | None = None
+    #: a version that does not serve: its collections, and how many indexed images it holds no
+    #: current vector of (not a problem: a cutover or rollback to it re-queues them)
+    version: VersionRow | None = None
+    uncovered: int | None = None
 
     @property
     def problems(self) -> int:
@@ -88,8 +92,64 @@ def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
     return report
 
 
-def _check_skus(store: MilvusStore, members: dict[str, list[str]], present: set[str]) -> list[str]:
-    stored = {r["sku"]: r for r in store.rows(SKUS_ALIAS, ["sku", "vector", "image_count"], _PAGE)}
+def verify_version(ledger: Ledger, store: MilvusStore, version: VersionRow) -> VerifyReport:
+    """Compare a version that does not serve (standby, building) with what the ledger records of it.
+
+    Such a version holds the vectors its records (``image_vectors``) name, possibly of content older
+    than the image's current one (then the image is *uncovered*: a cutover or rollback re-queues it).
+    ``missing``: a record whose vector is absent; ``stale``: a vector whose content or model is not
+    its record's; ``orphans``: a vector of an image the ledger holds as neither indexed nor waiting
+    (a rollback would serve it); ``sku_mismatch``: as for the serving version, over the images the
+    version records.
+    """
+    report = VerifyReport(model_id=version.model_id, version=version, uncovered=0)
+    in_milvus = {
+        r["image_id"]: (r.get("content_hash"), r.get("model_id"))
+        for r in store.rows(version.images_collection, ["image_id", "content_hash", "model_id"], _PAGE)
+    }
+    members: dict[str, list[str]] = defaultdict(list)
+    known: set[str] = set()  # indexed or waiting: a vector of theirs is no orphan
+    with ledger.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(images.c.image_id, images.c.sku, images.c.state, images.c.content_hash,
+                      image_vectors.c.content_hash.label("held_hash"), image_vectors.c.sku.label("held_sku"))
+            .select_from(images.outerjoin(image_vectors, sa.and_(image_vectors.c.image_id == images.c.image_id,
+                                                                  image_vectors.c.model_id == version.model_id)))
+        )  # fmt: skip
+        for r in rows:
+            if r.state in (ImageState.pending, ImageState.indexed):
+                known.add(r.image_id)
+            if r.state != ImageState.indexed:
+                continue
+            if r.held_hash is None or r.held_hash != r.content_hash or r.held_sku != r.sku:
+                report.uncovered = (report.uncovered or 0) + 1
+            if r.held_hash is None:
+                continue
+            if r.held_sku == r.sku:
+                members[r.sku].append(r.image_id)
+            held = in_milvus.get(r.image_id)
+            if held is None:
+                report.missing.append(r.image_id)
+            elif held != (r.held_hash, version.model_id):
+                report.stale.append(r.image_id)
+    report.orphans = sorted(set(in_milvus) - known)
+    report.missing.sort()
+    report.stale.sort()
+    awaiting = set(ledger.dirty_skus())
+    bad = _check_skus(store, members, set(in_milvus), images_in=version.images_collection, skus_in=version.skus_collection)
+    report.sku_mismatch = [s for s in bad if s not in awaiting]
+    return report
+
+
+def _check_skus(
+    store: MilvusStore,
+    members: dict[str, list[str]],
+    present: set[str],
+    *,
+    images_in: str = IMAGES_ALIAS,
+    skus_in: str = SKUS_ALIAS,
+) -> list[str]:
+    stored = {r["sku"]: r for r in store.rows(skus_in, ["sku", "vector", "image_count"], _PAGE)}
     bad = set(stored) - set(members)  # SKU vectors whose SKU has no images left
     for sku, ids in members.items():
         row = stored.get(sku)
@@ -97,7 +157,7 @@ def _check_skus(store: MilvusStore, members: dict[str, list[str]], present: set[
         if row is None:
             bad.add(sku)
             continue
-        vectors = store.image_vectors(IMAGES_ALIAS, have) if have else {}
+        vectors = store.image_vectors(images_in, have) if have else {}
         if not vectors or int(row["image_count"]) != len(vectors):
             bad.add(sku)
             continue
@@ -115,7 +175,7 @@ def repair(report: VerifyReport, ledger: Ledger, store: MilvusStore, dispatch: D
     events = [r.event("repair") for r in rows.values()]
     dispatch.preprocess_many([PreprocessPayload(event=ev, force=True) for ev in events])
     if report.orphans:
-        collection = store.serving_collection()
+        collection = report.version.images_collection if report.version is not None else store.serving_collection()
         if collection:
             store.delete_images(collection, report.orphans)
     if report.sku_mismatch:

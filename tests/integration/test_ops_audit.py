@@ -242,6 +242,68 @@ def test_a_model_spec_that_cannot_load_is_a_usage_error(home: Path, spec: str, d
     ledger.engine.dispose()
 
 
+def test_verify_checks_a_version_that_does_not_serve(home: Path, own_milvus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`verify --model` checks a building (or standby) version against what the ledger records of it:
+    clean when its vectors and SKU mean are its records', an image it does not hold yet counted as
+    uncovered (no problem); a record without vector (missing), a vector of other content (stale), a
+    vector of an image the ledger does not hold (orphan: a rollback would serve it) and the SKU mean
+    they break are found, exit 1; --repair deletes the orphan from that version's collection; a
+    retired version is refused (exit 2)."""
+    import numpy as np
+
+    from worker.encoders.base import l2_normalize
+    from worker.index.milvus_store import ImageEntity, store_for
+
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", own_milvus)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    store = store_for(settings, own_milvus)
+    ledger = _ledger()
+    na, nb = store.ensure_version("verify-a", 8), store.ensure_version("verify-b", 8)
+    ledger.register_version("verify-a", "tiny", na.images, na.skus, 8, serve_if_first=True)
+    ledger.register_version("verify-b", "random:8", nb.images, nb.skus, 8, serve_if_first=False)
+    events = [ImageEvent(uri=f"s3://b/SKU-V/{i}.jpg", sku="SKU-V") for i in range(3)]
+    ledger.accept_many(events, "r")
+    ledger.mark_indexed([IndexedImage(e.image_id, e.version, f"h{i}", "verify-a", "r") for i, e in enumerate(events)])
+    ledger.mark_indexed([IndexedImage(e.image_id, e.version, f"h{i}", "verify-b", "r") for i, e in enumerate(events[:2])])
+    rng = np.random.default_rng(3)
+    vecs = [l2_normalize(rng.normal(size=8).astype(np.float32)) for _ in range(3)]
+
+    def entity(i: int, image_id: str | None = None, content: str | None = None) -> ImageEntity:
+        return ImageEntity(image_id or events[i].image_id, "SKU-V", events[i].uri, vecs[i], content or f"h{i}", "verify-b", 0)
+
+    store.upsert_images(nb, [entity(0), entity(1)])
+    store.upsert_skus(nb, [("SKU-V", l2_normalize(np.mean(vecs[:2], axis=0)), 2)])
+    store.flush()
+    dirty = ledger.sku_generations(["SKU-V"])["SKU-V"][0]
+    assert ledger.finish_skus([("SKU-V", dirty, 3)], "verify-a") == []
+
+    def check(*extra: str) -> tuple[int, dict]:
+        result = runner.invoke(app, ["verify", "--model", "verify-b", "--json", *extra])
+        return result.exit_code, json.loads(result.stdout or "{}") if result.exit_code != 2 else result.output
+
+    code, doc = check()
+    assert code == 0, doc
+    assert (doc["problems"], doc["model_id"], doc["status"], doc["uncovered"]) == (0, "verify-b", "building", 1)
+    orphan = "f" * 32
+    store.delete_images(nb.images, [events[0].image_id])
+    store.upsert_images(nb, [entity(1, content="other"), entity(2, image_id=orphan)])
+    store.flush()
+    code, doc = check()
+    assert code == 1, doc
+    assert (doc["missing"], doc["stale"], doc["orphans"], doc["sku_mismatch"]) == (
+        [events[0].image_id], [events[1].image_id], [orphan], ["SKU-V"]
+    )
+    code, doc = check("--repair")
+    assert code == 1 and doc["repaired"]["orphans_deleted"] == 1, doc
+    store.flush()
+    assert store.get_images(nb.images, [orphan]) == []
+    ledger.retire("verify-b")
+    result = runner.invoke(app, ["verify", "--model", "verify-b"])
+    assert result.exit_code == 2 and "retired" in result.output
+    store.close()
+    ledger.engine.dispose()
+
+
 def test_reindex_help_shows_the_whole_model_spec() -> None:
     """`reindex --help` shows `--model`'s spec with its optional `[@weights]` (not eaten as markup)."""
     result = runner.invoke(app, ["reindex", "--help"], env={"COLUMNS": "200"})

@@ -32,7 +32,7 @@ from worker.cli.evaluate import evaluate
 from worker.cli.failures import failures_app
 from worker.cli.reindex import reindex
 from worker.cli.sources import sources_app
-from worker.cli.versions import cutover, retire, rollback
+from worker.cli.versions import cutover, resolve_version, retire, rollback
 from worker.encoders.hub import check_weights_available
 from worker.encoders.spec import parse_spec
 from worker.errors import ConfigError
@@ -392,10 +392,14 @@ def print_hits(hits: list[SearchHit], *, skus: bool, title: str = "search result
 def verify(
     ctx: typer.Context,
     repair: Annotated[bool, typer.Option("--repair", help="Enqueue exactly the fixes for what is found.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Check a standby or building version instead (model id, spec or unique prefix)."),
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare the ledger with Milvus: missing vectors, orphans, stale provenance, SKU vectors that are not
-    the mean of their images. Exit 1 when there are problems."""
+    the mean of their images, in the serving version (or --model's). Exit 1 when there are problems."""
     from schemas.outputs import VerifyOutput
     from worker import verify as verifying
     from worker.celery_app import configure, dispatcher
@@ -408,7 +412,14 @@ def verify(
     with milvus_session(settings) as uri:
         store = store_for(settings, uri)
         try:
-            report = verifying.verify(ledger, store)
+            target = resolve_version(ledger, model) if model is not None else None
+            if target is not None and target.status == "retired":
+                raise ConfigError(
+                    f"{target.model_id} is retired: it is no longer kept in sync (`imgsync reindex --all --model` builds it again)"
+                )
+            if target is not None and target.status == "serving":
+                target = None  # the serving version: the full check
+            report = verifying.verify(ledger, store) if target is None else verifying.verify_version(ledger, store, target)
             repaired = None
             if repair and report.problems:
                 configure(settings)
@@ -418,15 +429,19 @@ def verify(
     doc = VerifyOutput(
         problems=report.problems, missing=report.missing, orphans=report.orphans, stale=report.stale,
         sku_mismatch=report.sku_mismatch, model_id=report.model_id, repaired=repaired,
+        status=report.version.status if report.version is not None else None, uncovered=report.uncovered,
     )  # fmt: skip
     if json_out:
         emit_json(doc)
     else:
-        table = Table("kind", "count", "sample", title=f"verify ({doc.model_id or 'nothing serving'})")
+        title = f"verify ({doc.model_id or 'nothing serving'}{f', {doc.status}' if doc.status else ''})"
+        table = Table("kind", "count", "sample", title=title)
         for kind in ("missing", "orphans", "stale", "sku_mismatch"):
             items = getattr(doc, kind)
             table.add_row(kind, str(len(items)), plain(", ".join(items[:5])))
         console.print(table)
+        if doc.uncovered:
+            console.print(f"{doc.uncovered} indexed image(s) not yet held by this version (a cutover or rollback re-queues them)")
         if repaired:
             console.print("repair enqueued: " + ", ".join(f"{k}={v}" for k, v in repaired.items()))
     if doc.problems:
