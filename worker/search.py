@@ -73,7 +73,9 @@ def run_search(
     ledger = Ledger(make_engine(settings.effective_database_url))
     try:
         coll = store.serving_collection()
-        if coll is None:
+        if coll is None:  # nothing indexed yet: no hits, but a text query the model cannot take is still an error
+            if text is not None and (encoder or create_encoder(settings.encoder)).has_text_tower() is False:
+                raise ConfigError(f"model {settings.model} has no text tower: search by image instead")
             return []
         model_id = ledger.model_for_collection(coll)
         if model_id is None:

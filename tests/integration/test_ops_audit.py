@@ -304,6 +304,27 @@ def test_verify_checks_a_version_that_does_not_serve(home: Path, own_milvus: str
     ledger.engine.dispose()
 
 
+def test_a_text_search_on_an_empty_index_is_refused_for_an_image_only_model(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`search --text` before anything is indexed: an image-only model (timm) is a usage error, exit 2,
+    as it is once the index holds images; a model with a text tower answers no hits, exit 0."""
+    from worker.index import LiteServer
+
+    server = LiteServer(tmp_path / "empty-milvus")
+    server.start()
+    try:
+        monkeypatch.setenv("IMGSYNC_MILVUS_URI", server.uri)
+        monkeypatch.setenv("IMGSYNC_MODEL", "timm:resnet18")
+        refused = runner.invoke(app, ["search", "--text", "red shoe", "--json"])
+        assert refused.exit_code == 2 and "no text tower" in refused.stderr, refused.output
+        monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
+        answered = runner.invoke(app, ["search", "--text", "red shoe", "--json"])
+        assert answered.exit_code == 0 and json.loads(answered.stdout) == {"hits": []}, answered.output
+    finally:
+        server.stop()
+
+
 def test_reindex_help_shows_the_whole_model_spec() -> None:
     """`reindex --help` shows `--model`'s spec with its optional `[@weights]` (not eaten as markup)."""
     result = runner.invoke(app, ["reindex", "--help"], env={"COLUMNS": "200"})

@@ -163,6 +163,10 @@ class Encoder(ABC):
     def _load(self) -> None:
         """Build the model; set ``preprocess_cfg`` and ``dim``."""
 
+    def has_text_tower(self) -> bool | None:
+        """Whether the model encodes text; None when that is known only once it is loaded."""
+        return "text" in self.capabilities
+
     def precheck(self) -> None:
         """Refuse, without loading anything, a spec that cannot load: an unknown architecture, a
         missing weights file or folder (what can be told cheaply; loading checks the rest).

@@ -34,6 +34,10 @@ _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bo
 class HfEncoder(Encoder):
     """``hf:<hub id | local dir>`` or ``hf:<label>@<hub id | local dir>``."""
 
+    def has_text_tower(self) -> bool | None:
+        """Known from the model's config, read when it loads."""
+        return "text" in self.capabilities if self._loaded else None
+
     def precheck(self) -> None:
         """A local model folder exists (a hub id is only checked by loading)."""
         source = self.spec.weights or self.spec.name
