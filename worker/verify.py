@@ -173,7 +173,8 @@ def repair(report: VerifyReport, ledger: Ledger, store: MilvusStore, dispatch: D
     redo = report.missing + report.stale
     rows = ledger.rows(redo)
     events = [r.event("repair") for r in rows.values()]
-    dispatch.preprocess_many([PreprocessPayload(event=ev, force=True) for ev in events])
+    only = [report.version.model_id] if report.version is not None else []  # --model: that version alone
+    dispatch.preprocess_many([PreprocessPayload(event=ev, force=True, models=only) for ev in events])
     if report.orphans:
         collection = report.version.images_collection if report.version is not None else store.serving_collection()
         if collection:

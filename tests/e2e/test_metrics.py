@@ -84,7 +84,7 @@ def test_up_exporter_counts_match_ledger(tmp_path: Path, catalog) -> None:
         for reason in ("not_found", "fetch_timeout", "fetch_too_large", "forbidden_address", "unsupported_format",
                        "truncated", "decompression_bomb", "corrupt", "too_small", "retries_exhausted"):  # fmt: skip
             assert ("imgsync_failures_total", (("reason", reason),)) in s, reason
-        for stage in ("fetch", "decode", "encode", "upsert", "sku_refresh"):
+        for stage in ("fetch", "decode", "encode", "upsert", "device_decode", "sku_refresh"):
             assert ("imgsync_stage_seconds_count", (("stage", stage),)) in s, stage
         proc = subprocess.run(
             [sys.executable, "-m", "worker.cli", "index", str(root), "--wait", "--json", "--timeout", "180"],

@@ -212,7 +212,10 @@ def test_a_model_build_of_an_empty_scope_registers_no_version(
     ledger = _ledger()
     ledger.register_version("model-a", "tiny", "imgsync_images__a", "imgsync_skus__a", 64, serve_if_first=True)
     _indexed(ledger, "model-a", "s3://b/SKU-1/1.jpg")
-    for scope in (["--sku", "NOPE"], ["--prefix", "s3://nothing-here/"]):
+    (bad,) = [ImageEvent(uri="s3://b/SKU-F/1.jpg", sku="SKU-F")]
+    ledger.accept_many([bad], "r")
+    ledger.mark_failed(bad.image_id, bad.version, "corrupt", "garbage", "r")
+    for scope in (["--sku", "NOPE"], ["--prefix", "s3://nothing-here/"], ["--sku", "SKU-F"]):  # SKU-F: failed images only
         result = runner.invoke(app, ["reindex", *scope, "--model", "random:16", "--json"])
         assert result.exit_code == 0, result.output
         plan = json.loads(result.stdout)
@@ -293,10 +296,27 @@ def test_verify_checks_a_version_that_does_not_serve(home: Path, own_milvus: str
     assert (doc["missing"], doc["stale"], doc["orphans"], doc["sku_mismatch"]) == (
         [events[0].image_id], [events[1].image_id], [orphan], ["SKU-V"]
     )
-    code, doc = check("--repair")
-    assert code == 1 and doc["repaired"]["orphans_deleted"] == 1, doc
+    from worker import verify as verifying
+
+    class Recorder:  # what the repair sends, instead of a broker
+        def __init__(self) -> None:
+            self.payloads: list = []
+
+        def preprocess_many(self, payloads: list) -> None:
+            self.payloads += payloads
+
+        def refresh_skus(self, *_: object, **__: object) -> None:
+            pass
+
+    sent = Recorder()
+    report = verifying.verify_version(ledger, store, ledger.version("verify-b"))  # type: ignore[arg-type]
+    verifying.repair(report, ledger, store, sent)  # type: ignore[arg-type]
+    assert sorted(p.event.image_id for p in sent.payloads) == sorted([events[0].image_id, events[1].image_id])
+    assert all(p.models == ["verify-b"] and p.force for p in sent.payloads)  # that version alone, not the serving one
     store.flush()
     assert store.get_images(nb.images, [orphan]) == []
+    code, doc = check("--repair")
+    assert code == 1 and doc["orphans"] == [] and doc["repaired"]["reencode"] == 2, doc
     ledger.retire("verify-b")
     result = runner.invoke(app, ["verify", "--model", "verify-b"])
     assert result.exit_code == 2 and "retired" in result.output

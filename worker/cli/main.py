@@ -538,8 +538,12 @@ def demo(
         gone = list(folder.gone_under(folder.root))
         folder.ledger.engine.dispose()
         if gone:
-            wait_for(settings, gone, publish(settings, gone), timeout=timeout, show_progress=False, give_up=stopped)
-            console.print(f"removed {len(gone)} photos of an earlier, larger demo from the index")
+            removed = wait_for(settings, gone, publish(settings, gone), timeout=timeout, show_progress=False, give_up=stopped)
+            left = sum(r.outcome == "pending" for r in removed)
+            console.print(
+                f"removed {len(gone) - left} photos of an earlier, larger demo from the index"
+                + (f"; {left} still wait to be removed" if left else "")
+            )
         events = collect_events([str(root)], None)
         request_id = publish(settings, events)
         results = wait_for(settings, events, request_id, timeout=timeout, label="indexing", give_up=stopped)

@@ -45,6 +45,7 @@ class EmbeddedStack:
     stop_timeout: float = 60.0
     server: LiteServer | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _log_starts: dict[str, int] = field(default_factory=dict)  # worker name -> its log's size at spawn
     log_dir: Path | None = None
     #: the children's environment (set by start())
     env: dict[str, str] = field(default_factory=dict)
@@ -136,6 +137,7 @@ class EmbeddedStack:
         """Start one worker child of the running stack, logging to ``logs/worker-<name>.log``."""
         assert self.log_dir is not None, "start() the stack first"
         with (self.log_dir / f"worker-{name}.log").open("ab") as logf:
+            self._log_starts[name] = logf.tell()  # the log is appended to: this run's part starts here
             return subprocess.Popen(
                 worker_command(queues, concurrency=concurrency),
                 env=self.env,
@@ -167,7 +169,9 @@ class EmbeddedStack:
         for name, p in zip(("cpu", "encode"), self.workers, strict=False):
             if p.poll() == 2:
                 try:
-                    lines = (logs / f"worker-{name}.log").read_text(errors="replace").splitlines()
+                    with (logs / f"worker-{name}.log").open("rb") as f:
+                        f.seek(self._log_starts.get(name, 0))
+                        lines = f.read().decode(errors="replace").splitlines()
                 except OSError:
                     lines = []
                 starts = [i for i, line in enumerate(lines) if line.startswith("error:")]

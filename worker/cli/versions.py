@@ -102,7 +102,8 @@ def build_version(
             rt.__dict__["store"] = store_for(settings, uri)
             peek = _peek_version(rt.ledger, spec)
             active = {v.model_id for v in rt.ledger.versions()}
-            if dry_run or (narrow_scope and (peek is None or peek.model_id not in active) and not select()):
+            nothing = narrow_scope and not any(r.state in (ImageState.indexed, ImageState.pending) for r in select())
+            if dry_run or (nothing and (peek is None or peek.model_id not in active)):
                 if not dry_run:
                     err_console.print(f"no image in this scope: {spec} is not registered as a version")
                 target = peek if dry_run else None

@@ -34,6 +34,8 @@ def _isobmff(data: bytes) -> bool | None:
     """AVIF/HEIF: top-level boxes (size, type[, 64-bit size]) must tile the file."""
     if data[4:8] != b"ftyp":
         return None
+    if b"mdat" not in data:  # the coded picture never arrived (cut at a box boundary)
+        return True
     pos = 0
     while pos < len(data):
         if pos + 8 > len(data):
@@ -51,6 +53,10 @@ def _isobmff(data: bytes) -> bool | None:
     return pos > len(data)
 
 
+#: bytes per value of each TIFF field type
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 16: 8, 17: 8, 18: 8}
+
+
 def _tiff(data: bytes) -> bool | None:
     """TIFF: the first directory, and the strips or tiles it names, must lie inside the file."""
     if data[:4] == b"II*\0":
@@ -65,23 +71,21 @@ def _tiff(data: bytes) -> bool | None:
     if ifd + 2 > len(data):
         return True
     count = struct.unpack(order + "H", data[ifd : ifd + 2])[0]
-    if ifd + 2 + 12 * count > len(data):
+    if ifd + 2 + 12 * count + 4 > len(data):  # the entries and the next directory's offset
         return True
     fields: dict[int, list[int]] = {}
     for i in range(count):
         entry = data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
         tag, kind, n = struct.unpack(order + "HHI", entry[:8])
+        width = _TIFF_TYPE_SIZES.get(kind)
+        if width is None:
+            continue
+        if n * width > 4 and struct.unpack(order + "I", entry[8:12])[0] + n * width > len(data):
+            return True  # a value stored past the end (BitsPerSample, resolutions, offsets …)
         if kind not in (3, 4) or tag not in (273, 279, 324, 325):  # strip/tile offsets and byte counts
             continue
-        width = 2 if kind == 3 else 4
-        if n * width <= 4:
-            raw = entry[8 : 8 + n * width]
-        else:
-            at = struct.unpack(order + "I", entry[8:12])[0]
-            if at + n * width > len(data):
-                return True
-            raw = data[at : at + n * width]
-        fields[tag] = list(struct.unpack(f"{order}{n}{'H' if kind == 3 else 'I'}", raw))
+        at = ifd + 2 + 12 * i + 8 if n * width <= 4 else struct.unpack(order + "I", entry[8:12])[0]
+        fields[tag] = list(struct.unpack(f"{order}{n}{'H' if kind == 3 else 'I'}", data[at : at + n * width]))
     for offsets_tag, counts_tag in ((273, 279), (324, 325)):
         offsets, counts = fields.get(offsets_tag, []), fields.get(counts_tag, [])
         if any(o + c > len(data) for o, c in zip(offsets, counts, strict=False)):
@@ -108,14 +112,16 @@ def _jpeg(data: bytes) -> bool | None:
     while True:
         while pos < len(data) and data[pos] == 0xFF:  # fill bytes before a marker
             pos += 1
-        if pos + 3 > len(data):
+        if pos >= len(data):
             return True
         marker = data[pos]
-        if marker == 0xD9:  # EOI before any scan
+        if marker == 0xD9:  # EOI before any scan: nothing cut, nothing to show
             return False
         if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
             pos += 1
             continue
+        if pos + 3 > len(data):
+            return True
         length = int.from_bytes(data[pos + 1 : pos + 3], "big")
         if length < 2:
             return False

@@ -112,10 +112,11 @@ def metrics() -> Metrics:
 STAGE_OUTCOMES = {
     "preprocess": ("queued", "unchanged", "stale", "deleted", "retried", "failed"),
     "encode": ("indexed", "skipped", "retried", "failed", "requeued"),
+    "device_decode": ("decoded", "fallback"),  # JPEGs decoded by the encode worker (IMGSYNC_JPEG_DECODE)
     "sku": ("written", "deleted", "clean"),
 }
 #: ``imgsync_stage_seconds`` steps by stage
-STAGE_STEPS = {"preprocess": ("fetch", "decode"), "encode": ("encode", "upsert"), "sku": ("sku_refresh",)}
+STAGE_STEPS = {"preprocess": ("fetch", "decode"), "encode": ("encode", "upsert", "device_decode"), "sku": ("sku_refresh",)}
 
 
 def declare_worker_series(stages: Sequence[str], model_ids: Sequence[str] = ()) -> None:
@@ -129,8 +130,9 @@ def declare_worker_series(stages: Sequence[str], model_ids: Sequence[str] = ()) 
     m = metrics()
     tasks = {"preprocess": (TASK_PREPROCESS, TASK_PREPROCESS_BATCH), "encode": (TASK_ENCODE,), "sku": (TASK_REFRESH_SKU,)}
     for stage in stages:
-        for outcome in STAGE_OUTCOMES.get(stage, ()):
-            m.images.labels(stage, outcome)
+        for label in (stage, "device_decode") if stage == "encode" else (stage,):
+            for outcome in STAGE_OUTCOMES.get(label, ()):
+                m.images.labels(label, outcome)
         for step in STAGE_STEPS.get(stage, ()):
             m.stage_seconds.labels(step)
         for task in tasks.get(stage, ()):

@@ -261,3 +261,27 @@ def test_garbled_but_whole_file_is_corrupt(name: str) -> None:
         decode_image(bytes(data), LIMITS)
     except PermanentError as exc:
         assert exc.reason == Reason.corrupt, str(exc)
+
+
+@pytest.mark.parametrize("name", ["tiff-lzw", "tiff-deflate", "tiff-raw"])
+def test_tiff_cut_in_its_last_bytes_is_truncated(name: str) -> None:
+    """A TIFF whose directory (with its next-directory offset and the values stored after it) is at
+    the end, cut by its last 1 to 30 bytes, is truncated."""
+    data = _container(name)
+    for cut in range(1, 31):
+        with pytest.raises(PermanentError) as info:
+            decode_image(data[:-cut], LIMITS)
+        assert info.value.reason == Reason.truncated, (cut, str(info.value))
+
+
+def test_structure_edges_are_told_right() -> None:
+    """A JPEG that ends (EOI) before any scan was not cut; an AVIF cut at a box boundary, before its
+    coded picture arrived, was."""
+    from worker.imaging.containers import cut_short
+
+    jpeg = _container("jpeg")
+    assert not cut_short(jpeg[: jpeg.index(b"\xff\xda")] + b"\xff\xd9")
+    assert not cut_short(b"\xff\xd8\xff\xd9")
+    if "AVIF" in Image.SAVE:
+        avif = _container("avif")
+        assert cut_short(avif[: avif.index(b"mdat") - 4])  # every box before the coded picture, whole
