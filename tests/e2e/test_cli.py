@@ -224,6 +224,23 @@ def test_index_takes_a_sku_folder_and_a_url_s_sku_as_a_person_reads_them(tmp_pat
     assert key.sku == "SKU%201"
 
 
+def test_status_of_a_database_without_schema_is_a_setup_error(
+    home: Path, milvus_uri: str, pg_database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reachable PostgreSQL database that has no imgsync schema yet: `status --json` says not
+    ready, names `imgsync db upgrade`, exit 2 (a setup step missing, as `index` says), not 3 (a
+    service unreachable); after `db upgrade` it is ready."""
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", milvus_uri)
+    monkeypatch.setenv("IMGSYNC_DATABASE_URL", pg_database())
+    result = runner.invoke(app, ["status", "--json"])
+    doc = StatusOutput.model_validate_json(result.stdout)
+    assert result.exit_code == 2 and not doc.ready and "imgsync db upgrade" in doc.errors[0], result.output
+    assert runner.invoke(app, ["index", ".", "--json"]).exit_code == 2
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0 and StatusOutput.model_validate_json(result.stdout).ready, result.output
+
+
 def test_status_json(home: Path, milvus_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """status --json is one valid document; ready when DB, broker and Milvus answer, exit 3 when not."""
     result = runner.invoke(app, ["status", "--json"])

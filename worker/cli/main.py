@@ -18,6 +18,8 @@ from config.settings import Settings
 from schemas.outputs import SearchHit, SearchOutput, StatusOutput
 from worker.cli.common import (
     EXIT_FAILURES,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
     State,
     console,
     emit_json,
@@ -35,7 +37,7 @@ from worker.cli.sources import sources_app
 from worker.cli.versions import cutover, resolve_version, retire, rollback
 from worker.encoders.hub import check_weights_available
 from worker.encoders.spec import parse_spec
-from worker.errors import ConfigError
+from worker.errors import ConfigError, ServiceUnavailable
 
 __all__ = ["app", "main"]
 
@@ -458,9 +460,20 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     from worker.status import collect_status
 
     settings = settings_from(ctx)
+    schema_problem = None  # a reachable database without imgsync's schema: a setup step missing (exit 2)
     if not settings.database_url:
         ensure_schema(settings)  # embedded SQLite state: create it rather than report a missing table
+    else:
+        try:
+            ensure_schema(settings)
+        except ConfigError as exc:
+            schema_problem = str(exc)
+        except ServiceUnavailable:
+            pass  # reported by collect_status as not ready (exit 3)
     doc: StatusOutput = collect_status(settings)
+    if schema_problem:
+        doc.errors.insert(0, schema_problem)
+        doc.ready = False
     if json_out:
         emit_json(doc)
     else:
@@ -485,7 +498,7 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
             table.add_row("[red]error[/]", plain(e))
         console.print(table)
     if not doc.ready:
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_USAGE if schema_problem else EXIT_UNREACHABLE)
 
 
 # --- demo --------------------------------------------------------------------------------------
