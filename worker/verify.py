@@ -61,10 +61,7 @@ def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
         return report
     model_id = ledger.model_for_collection(collection)
     report.model_id = model_id
-    in_milvus = {
-        r["image_id"]: (r.get("content_hash"), r.get("model_id"))
-        for r in store.rows(IMAGES_ALIAS, ["image_id", "content_hash", "model_id"], _PAGE)
-    }
+    in_milvus = _held(store, IMAGES_ALIAS)
     members: dict[str, list[str]] = defaultdict(list)
     indexed: set[str] = set()
     in_flight: set[str] = set()  # first-time images whose vector may already be written
@@ -84,11 +81,7 @@ def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
                 report.missing.append(r.image_id)
             elif held != (r.content_hash, r.model_id) or (model_id and r.model_id != model_id):
                 report.stale.append(r.image_id)
-    report.orphans = sorted(set(in_milvus) - indexed - in_flight)
-    report.missing.sort()
-    report.stale.sort()
-    awaiting = set(ledger.dirty_skus())  # a refresh is already on its way for these
-    report.sku_mismatch = [s for s in _check_skus(store, members, set(in_milvus)) if s not in awaiting]
+    _conclude(report, ledger, store, in_milvus, members, known=indexed | in_flight)
     return report
 
 
@@ -102,11 +95,9 @@ def verify_version(ledger: Ledger, store: MilvusStore, version: VersionRow) -> V
     (a rollback would serve it); ``sku_mismatch``: as for the serving version, over the images the
     version records.
     """
-    report = VerifyReport(model_id=version.model_id, version=version, uncovered=0)
-    in_milvus = {
-        r["image_id"]: (r.get("content_hash"), r.get("model_id"))
-        for r in store.rows(version.images_collection, ["image_id", "content_hash", "model_id"], _PAGE)
-    }
+    report = VerifyReport(model_id=version.model_id, version=version)
+    in_milvus = _held(store, version.images_collection)
+    uncovered = 0
     members: dict[str, list[str]] = defaultdict(list)
     known: set[str] = set()  # indexed or waiting: a vector of theirs is no orphan
     with ledger.engine.connect() as conn:
@@ -121,8 +112,8 @@ def verify_version(ledger: Ledger, store: MilvusStore, version: VersionRow) -> V
                 known.add(r.image_id)
             if r.state != ImageState.indexed:
                 continue
-            if r.held_hash is None or r.held_hash != r.content_hash or r.held_sku != r.sku:
-                report.uncovered = (report.uncovered or 0) + 1
+            if (r.held_hash, r.held_sku) != (r.content_hash, r.sku):  # no record, or one of older content
+                uncovered += 1
             if r.held_hash is None:
                 continue
             if r.held_sku == r.sku:
@@ -132,13 +123,38 @@ def verify_version(ledger: Ledger, store: MilvusStore, version: VersionRow) -> V
                 report.missing.append(r.image_id)
             elif held != (r.held_hash, version.model_id):
                 report.stale.append(r.image_id)
+    report.uncovered = uncovered
+    collections = (version.images_collection, version.skus_collection)
+    _conclude(report, ledger, store, in_milvus, members, known=known, collections=collections)
+    return report
+
+
+def _held(store: MilvusStore, collection: str) -> dict[str, tuple[str | None, str | None]]:
+    """``image_id -> (content_hash, model_id)`` of every vector in ``collection``."""
+    return {
+        r["image_id"]: (r.get("content_hash"), r.get("model_id"))
+        for r in store.rows(collection, ["image_id", "content_hash", "model_id"], _PAGE)
+    }
+
+
+def _conclude(
+    report: VerifyReport,
+    ledger: Ledger,
+    store: MilvusStore,
+    in_milvus: dict[str, tuple[str | None, str | None]],
+    members: dict[str, list[str]],
+    *,
+    known: set[str],
+    collections: tuple[str, str] = (IMAGES_ALIAS, SKUS_ALIAS),
+) -> None:
+    """The findings every check ends with: orphans (vectors of images not ``known``), sorted lists,
+    and the SKU vectors that are not their members' mean (but for those a refresh is on its way for)."""
     report.orphans = sorted(set(in_milvus) - known)
     report.missing.sort()
     report.stale.sort()
     awaiting = set(ledger.dirty_skus())
-    bad = _check_skus(store, members, set(in_milvus), images_in=version.images_collection, skus_in=version.skus_collection)
+    bad = _check_skus(store, members, set(in_milvus), images_in=collections[0], skus_in=collections[1])
     report.sku_mismatch = [s for s in bad if s not in awaiting]
-    return report
 
 
 def _check_skus(

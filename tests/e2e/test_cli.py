@@ -358,7 +358,7 @@ def test_up_refuses_a_model_or_device_it_cannot_run_with_exit_2(tmp_path: Path, 
     found by the encode worker, and up then exits 2 with the worker's message (it exited 1, the
     reason only in the worker's log)."""
     if torch_cuda_available() and setting == "IMGSYNC_DEVICE":
-        pytest.skip("CUDA is present")
+        pytest.skip("CUDA is present here: the refusal of IMGSYNC_DEVICE=cuda needs a machine without it")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}

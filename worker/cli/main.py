@@ -406,7 +406,7 @@ def verify(
     from worker import verify as verifying
     from worker.celery_app import configure, dispatcher
     from worker.index.milvus_store import store_for
-    from worker.ledger import Ledger, make_engine
+    from worker.ledger import Ledger, VersionStatus, make_engine
 
     settings = settings_from(ctx)
     ensure_schema(settings)
@@ -415,11 +415,12 @@ def verify(
         store = store_for(settings, uri)
         try:
             target = resolve_version(ledger, model) if model is not None else None
-            if target is not None and target.status == "retired":
+            if target is not None and target.status == VersionStatus.retired:
                 raise ConfigError(
-                    f"{target.model_id} is retired: it is no longer kept in sync (`imgsync reindex --all --model` builds it again)"
+                    f"{target.model_id} is retired: it is no longer kept in sync "
+                    "(`imgsync reindex --all --model` builds it again)"
                 )
-            if target is not None and target.status == "serving":
+            if target is not None and target.status == VersionStatus.serving:
                 target = None  # the serving version: the full check
             report = verifying.verify(ledger, store) if target is None else verifying.verify_version(ledger, store, target)
             repaired = None

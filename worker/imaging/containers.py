@@ -80,12 +80,12 @@ def _tiff(data: bytes) -> bool | None:
         width = _TIFF_TYPE_SIZES.get(kind)
         if width is None:
             continue
-        if n * width > 4 and struct.unpack(order + "I", entry[8:12])[0] + n * width > len(data):
+        # a value of up to 4 bytes lies in the entry itself, a longer one where the entry points
+        at = ifd + 10 + 12 * i if n * width <= 4 else struct.unpack(order + "I", entry[8:12])[0]
+        if at + n * width > len(data):
             return True  # a value stored past the end (BitsPerSample, resolutions, offsets …)
-        if kind not in (3, 4) or tag not in (273, 279, 324, 325):  # strip/tile offsets and byte counts
-            continue
-        at = ifd + 2 + 12 * i + 8 if n * width <= 4 else struct.unpack(order + "I", entry[8:12])[0]
-        fields[tag] = list(struct.unpack(f"{order}{n}{'H' if kind == 3 else 'I'}", data[at : at + n * width]))
+        if kind in (3, 4) and tag in (273, 279, 324, 325):  # strip/tile offsets and byte counts
+            fields[tag] = list(struct.unpack(f"{order}{n}{'H' if kind == 3 else 'I'}", data[at : at + n * width]))
     for offsets_tag, counts_tag in ((273, 279), (324, 325)):
         offsets, counts = fields.get(offsets_tag, []), fields.get(counts_tag, [])
         if any(o + c > len(data) for o, c in zip(offsets, counts, strict=False)):
@@ -128,7 +128,7 @@ def _jpeg(data: bytes) -> bool | None:
         if pos + 1 + length > len(data):
             return True
         if marker == 0xDA:  # start of scan: entropy-coded data follows, up to the end-of-image marker
-            return b"\xff\xd9" not in data[pos + 1 + length :]
+            return data.find(b"\xff\xd9", pos + 1 + length) < 0
         pos += 1 + length
         if pos < len(data) and data[pos] != 0xFF:
             return False  # not a marker where one must be: damaged, not cut

@@ -78,7 +78,7 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
     if not data:
         raise PermanentError(Reason.corrupt, "empty file (0 bytes)")
     formats = accepted_formats()
-    with warnings.catch_warnings(), _pillow_pixel_limit(limits.max_pixels), _png_text_limit():
+    with warnings.catch_warnings(), _pillow_limits(limits.max_pixels):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(data), formats=sorted(formats))
@@ -123,19 +123,6 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
     return rgb
 
 
-@contextlib.contextmanager
-def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
-    """Pillow's own bomb guard (``Image.MAX_IMAGE_PIXELS``, which it also applies to TIFF tiles and
-    GIF frames) set to IMGSYNC_MAX_IMAGE_PIXELS for one decode, instead of Pillow's default of
-    89.5 megapixels (179 as a hard error), which would refuse images the setting accepts."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-
-
 #: The most one compressed PNG text or ICC chunk may inflate to. Pillow's own 1 MB refuses real
 #: pictures: Photoshop's bloated XMP, ImageMagick's hex "Raw profile" zTXt chunks (twice the
 #: profile's size). Pillow's 64 MB cap on all text of one image stays, so memory stays bounded.
@@ -143,14 +130,20 @@ PNG_TEXT_CHUNK_MAX = 32 * 2**20
 
 
 @contextlib.contextmanager
-def _png_text_limit() -> Iterator[None]:
-    """``PngImagePlugin.MAX_TEXT_CHUNK`` raised to :data:`PNG_TEXT_CHUNK_MAX` for one decode."""
-    previous = PngImagePlugin.MAX_TEXT_CHUNK
-    PngImagePlugin.MAX_TEXT_CHUNK = max(previous, PNG_TEXT_CHUNK_MAX)
+def _pillow_limits(max_pixels: int) -> Iterator[None]:
+    """Pillow's global limits set for one decode, then put back.
+
+    - Its bomb guard (``Image.MAX_IMAGE_PIXELS``, which it also applies to TIFF tiles and GIF
+      frames) is IMGSYNC_MAX_IMAGE_PIXELS, instead of its default of 89.5 megapixels (179 as a hard
+      error), which would refuse images the setting accepts.
+    - ``PngImagePlugin.MAX_TEXT_CHUNK`` is at least :data:`PNG_TEXT_CHUNK_MAX`.
+    """
+    pixels, text = Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_CHUNK
+    Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_CHUNK = max_pixels, max(text, PNG_TEXT_CHUNK_MAX)
     try:
         yield
     finally:
-        PngImagePlugin.MAX_TEXT_CHUNK = previous
+        Image.MAX_IMAGE_PIXELS, PngImagePlugin.MAX_TEXT_CHUNK = pixels, text
 
 
 def _damaged(exc: Exception, data: bytes) -> PermanentError:

@@ -122,22 +122,20 @@ class LiteServer:
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         chosen_here = not self.port
-        for attempt in range(1, self.port_attempts + 1):
+        if not chosen_here and _port_open(self.port):
+            raise ServiceUnavailable(
+                "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"port {self.port}: another program listens on it"
+            )
+        taken: _PortTaken | None = None
+        for _ in range(self.port_attempts if chosen_here else 1):
             if chosen_here:
                 self.port = free_port()
-            elif _port_open(self.port):
-                raise ServiceUnavailable(
-                    "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"port {self.port}: another program listens on it"
-                )
             try:
                 return self._start_on_port()
             except _PortTaken as exc:
-                if not chosen_here or attempt == self.port_attempts:
-                    raise ServiceUnavailable(
-                        "Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"port {self.port}: {exc}"
-                    ) from None
-                log.warning("Milvus Lite port %d was taken (%s): trying another", self.port, exc)
-        raise AssertionError("unreachable")  # pragma: no cover
+                taken = exc
+                log.warning("Milvus Lite port %d was taken (%s)", self.port, exc)
+        raise ServiceUnavailable("Milvus Lite", "IMGSYNC_HOME", str(self.data_dir), f"port {self.port}: {taken}")
 
     def _start_on_port(self) -> str:
         cmd = [

@@ -108,12 +108,15 @@ def metrics() -> Metrics:
     return _metrics
 
 
-#: ``imgsync_images_total`` outcomes by stage (what the tasks count)
+#: ``imgsync_images_total`` stage labels and their outcomes (what the tasks count), by the stage
+#: whose worker counts them: the encode worker also counts the JPEGs it decodes (IMGSYNC_JPEG_DECODE)
 STAGE_OUTCOMES = {
-    "preprocess": ("queued", "unchanged", "stale", "deleted", "retried", "failed"),
-    "encode": ("indexed", "skipped", "retried", "failed", "requeued"),
-    "device_decode": ("decoded", "fallback"),  # JPEGs decoded by the encode worker (IMGSYNC_JPEG_DECODE)
-    "sku": ("written", "deleted", "clean"),
+    "preprocess": {"preprocess": ("queued", "unchanged", "stale", "deleted", "retried", "failed")},
+    "encode": {
+        "encode": ("indexed", "skipped", "retried", "failed", "requeued"),
+        "device_decode": ("decoded", "fallback"),
+    },
+    "sku": {"sku": ("written", "deleted", "clean")},
 }
 #: ``imgsync_stage_seconds`` steps by stage
 STAGE_STEPS = {"preprocess": ("fetch", "decode"), "encode": ("encode", "upsert", "device_decode"), "sku": ("sku_refresh",)}
@@ -130,8 +133,8 @@ def declare_worker_series(stages: Sequence[str], model_ids: Sequence[str] = ()) 
     m = metrics()
     tasks = {"preprocess": (TASK_PREPROCESS, TASK_PREPROCESS_BATCH), "encode": (TASK_ENCODE,), "sku": (TASK_REFRESH_SKU,)}
     for stage in stages:
-        for label in (stage, "device_decode") if stage == "encode" else (stage,):
-            for outcome in STAGE_OUTCOMES.get(label, ()):
+        for label, outcomes in STAGE_OUTCOMES.get(stage, {}).items():
+            for outcome in outcomes:
                 m.images.labels(label, outcome)
         for step in STAGE_STEPS.get(stage, ()):
             m.stage_seconds.labels(step)
