@@ -26,8 +26,9 @@ class EncodeFlusher:
 
     def __init__(self, runtime: Callable[[], Runtime], dispatcher: Callable[[], Dispatcher]) -> None:
         self._rt, self._dispatch = runtime, dispatcher
-        #: the writer threads: Milvus upsert, then the ledger's record
-        self.writer = WriteBehind(self._upsert, self._record)
+        #: the writer threads (each writes a whole batch: Milvus and the ledger, under a claim);
+        #: two where the ledger locks rows, one on SQLite, whose claim holds the whole file
+        self.writer = WriteBehind(self._write)
         #: encode flushes run so far (the writer's batches are numbered by flush)
         self.flushes = 0
 
@@ -41,6 +42,8 @@ class EncodeFlusher:
         for every write."""
         self.flushes += 1
         behind = self.writer if hold else None
+        if behind is not None and not behind.running:
+            behind.writers = 1 if self._rt().ledger.engine.dialect.name == "sqlite" else 2
         total: Counter[str] = Counter(indexed=0, skipped=0, retried=0, failed=0)
         chunks = even_chunks(list(payloads), batch)
         try:
@@ -56,9 +59,9 @@ class EncodeFlusher:
                 if started is None:
                     continue
                 if behind is not None and (behind.images or overlap == "on" or _on_device(started)):
-                    behind.submit(self.flushes, started)  # written in order, while this thread goes on
+                    behind.submit(self.flushes, started)  # written while this thread goes on
                 else:
-                    total.update(self._record(self._upsert(started)))
+                    total.update(self._write(started))
             if behind is not None and not (chunks and gate().is_open()):
                 behind.drain()  # the idle timer's empty flush, or a paused worker: write everything now
         except BaseException:
@@ -81,22 +84,12 @@ class EncodeFlusher:
             total["retried"] += len(chunk)
             return None
 
-    def _upsert(self, started: encode_stage.StartedEncode) -> encode_stage.UpsertedEncode | Counter[str]:
-        """The first write stage: wait for the vectors, upsert them (or the outcomes, when the batch
-        had to be re-published)."""
+    def _write(self, started: encode_stage.StartedEncode) -> Counter[str]:
+        """The writer's step: wait for the vectors, upsert and record them; the outcome counts."""
         try:
-            return encode_stage.upsert_encode(self._rt(), self._dispatch(), started)
-        except Exception:  # noqa: BLE001 - upsert_encode handles group faults; this is the ledger/broker itself
+            return Counter(encode_stage.finish_encode(self._rt(), self._dispatch(), started).__dict__)
+        except Exception:  # noqa: BLE001 - finish_encode handles group faults; this is the ledger/broker itself
             return self._republish(started.payloads)
-
-    def _record(self, upserted: encode_stage.UpsertedEncode | Counter[str]) -> Counter[str]:
-        """The second write stage: record the upserted batch in the ledger; its outcomes."""
-        if isinstance(upserted, Counter):
-            return upserted
-        try:
-            return Counter(encode_stage.record_encode(self._rt(), self._dispatch(), upserted).__dict__)
-        except Exception:  # noqa: BLE001 - record_encode handles group faults; this is the ledger/broker itself
-            return self._republish(upserted.payloads)
 
     def _republish(self, payloads: list[EncodePayload]) -> Counter[str]:
         log.exception("encode: batch of %d could not be written: re-publishing", len(payloads))

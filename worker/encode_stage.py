@@ -1,7 +1,7 @@
 """The encode stage: a micro-batch of preprocessed images through the model into Milvus and the
-ledger, in three steps that write-behind can run apart (:mod:`worker.write_behind`):
-:func:`start_encode` (stale items, pixels, forward pass queued), :func:`upsert_encode` (Milvus) and
-:func:`record_encode` (ledger, SKU refresh). :func:`encode_batch` runs them in turn.
+ledger, in two steps that write-behind can run apart (:mod:`worker.write_behind`):
+:func:`start_encode` (stale items, pixels, forward pass queued) and :func:`finish_encode` (Milvus and
+the ledger, under a claim of the images' rows; SKU refresh). :func:`encode_batch` runs them in turn.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from schemas.reasons import Reason
-from schemas.tasks import EncodePayload, PreprocessPayload
+from schemas.tasks import EncodePayload
 from worker.dispatch import Dispatcher
 from worker.encoders.base import Encoder, PendingVectors
 from worker.errors import ImgsyncError, TransientError
@@ -26,7 +26,7 @@ from worker.index.milvus_store import VersionNames
 from worker.ledger import ImageState, IndexedImage, VersionRow
 from worker.metrics import metrics
 from worker.metrics.gpu_gauges import record_gpu_memory
-from worker.pipeline import model_pixels, prepare_pixels, record_failure, restore_if_overtaken
+from worker.pipeline import model_pixels, prepare_pixels, record_failure
 from worker.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -38,9 +38,6 @@ __all__ = [
     "finish_encode",
     "StartedEncode",
     "StartedGroup",
-    "upsert_encode",
-    "record_encode",
-    "UpsertedEncode",
     "EncodeResult",
 ]
 
@@ -143,43 +140,91 @@ def start_encode(rt: Runtime, dispatch: Dispatcher, payloads: Sequence[EncodePay
 
 
 def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> EncodeResult:
-    """The second half of :func:`encode_batch`: :func:`upsert_encode`, then :func:`record_encode`.
-    Never raises for a group's fault (its items are retried alone)."""
-    return record_encode(rt, dispatch, upsert_encode(rt, dispatch, started))
-
-
-@dataclass
-class UpsertedEncode:
-    """A started micro-batch whose vectors are in Milvus (:func:`upsert_encode`): what
-    :func:`record_encode` records. ``settled``: the outcomes known so far (failed groups included)."""
-
-    payloads: list[EncodePayload]
-    groups: list[tuple[StartedGroup, VersionNames]]
-    settled: EncodeResult
-
-
-def upsert_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> UpsertedEncode:
-    """Wait for each group's vectors and upsert them into Milvus; a group that fails (device error,
-    Milvus down) has its items retried alone."""
+    """The second half of :func:`encode_batch`: wait for each group's vectors, then, holding the
+    batch's ledger rows (:meth:`Ledger.claim`), upsert into Milvus the items whose version is still
+    their image's newest and record them in the same transaction. An older encode can therefore
+    never overwrite a newer vector: an event accepted while the batch was encoded waits for the
+    claim, and the items it overtook are dropped unwritten. After the claim: failed groups' items
+    retried alone, pixels dropped, lag observed, one SKU refresh asked for. Never raises for a
+    group's fault; raises when the ledger itself fails (the caller re-publishes the batch)."""
+    m = metrics()
     settled = started.settled
-    done: list[tuple[StartedGroup, VersionNames]] = []
+    ready: list[tuple[StartedGroup, np.ndarray, VersionNames]] = []
+    failed: list[tuple[StartedGroup, list[EncodePayload], Exception]] = []
     for group in started.groups:
-        names = _upsert_group(rt, dispatch, group)
-        if isinstance(names, EncodeResult):
-            settled += names
-        else:
-            done.append((group, names))
-    return UpsertedEncode(started.payloads, done, settled)
+        try:
+            begun = time.perf_counter()
+            vectors = group.vectors.result()
+            m.stage_seconds.labels("encode").observe(group.launch_seconds + time.perf_counter() - begun)
+            ready.append((group, vectors, rt.names_for(group.version)))
+        except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
+            failed.append((group, group.live, exc))
+    written: list[tuple[StartedGroup, list[EncodePayload]]] = []
+    dirty: set[str] = set()
+    if ready:
+        record_gpu_memory(m)
+        claim = rt.ledger.claim(p.event.image_id for group, _, _ in ready for p in group.live)
+        try:
+            for group, vectors, names in ready:
+                keep = [(p, v) for p, v in zip(group.live, vectors, strict=True) if claim.holds(p.event.image_id, p.event.version)]
+                try:
+                    _upsert(rt, group.model_id, names, keep)
+                except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
+                    failed.append((group, [p for p, _ in keep], exc))
+                    continue
+                written.append((group, [p for p, _ in keep]))
+            _, dirty = rt.ledger.mark_indexed(
+                [
+                    IndexedImage(p.event.image_id, p.event.version, p.content_hash, g.model_id, p.request_id)
+                    for g, items in written
+                    for p in items
+                ],
+                claim=claim,
+            )
+        finally:
+            claim.release()
+    for group, items, exc in failed:
+        kept = {id(p) for p in items}
+        overtaken = [p for p in group.live if id(p) not in kept]  # dropped unwritten before the group failed
+        rt.pixels.delete_many([p.pixel_key for p in overtaken])
+        settled += group.settled + EncodeResult(0, len(overtaken), 0, 0) + _group_failed(rt, dispatch, group.model_id, items, exc)
+    now = time.time()
+    for group, items in written:
+        rt.pixels.delete_many([p.pixel_key for p in group.live])
+        for p in items:
+            m.lag_seconds.labels(group.model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
+        # the items a newer event overtook while they were encoded: left to it, unwritten
+        settled += group.settled + EncodeResult(len(items), len(group.live) - len(items), 0, 0)
+    if dirty:
+        dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
+    _count_encode(indexed=settled.indexed, skipped=settled.skipped, retried=settled.retried, failed=settled.failed)
+    return settled
 
 
-def record_encode(rt: Runtime, dispatch: Dispatcher, upserted: UpsertedEncode) -> EncodeResult:
-    """Record upserted groups in the ledger, drop their pixels, ask for the SKU refresh; count the
-    batch's outcomes."""
-    total = upserted.settled
-    for group, names in upserted.groups:
-        total += _record_group(rt, dispatch, group, names)
-    _count_encode(indexed=total.indexed, skipped=total.skipped, retried=total.retried, failed=total.failed)
-    return total
+def _upsert(rt: Runtime, model_id: str, names: VersionNames, items: list[tuple[EncodePayload, np.ndarray]]) -> None:
+    """Upsert a group's vectors (``items``: payload, vector) into its version's collection."""
+    if not items:
+        return
+    m = metrics()
+    m.batch_size.labels(model_id).observe(len(items))
+    now_ms = int(time.time() * 1000)
+    started = time.perf_counter()
+    rt.store.upsert_images(
+        names,
+        [
+            ImageEntity(
+                image_id=p.event.image_id,
+                sku=p.event.sku,
+                uri=p.event.uri,
+                vector=v,
+                content_hash=p.content_hash,
+                model_id=model_id,
+                indexed_at=now_ms,
+            )
+            for p, v in items
+        ],
+    )
+    m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
 
 
 def _start_group(
@@ -204,75 +249,6 @@ def _start_group(
     except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
         return EncodeResult(0, 0, retried, failed) + _group_failed(rt, dispatch, model_id, live, exc)
     return StartedGroup(model_id, version, live, vectors, launch, EncodeResult(0, 0, retried, failed))
-
-
-def _upsert_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup) -> VersionNames | EncodeResult:
-    """Wait for a started group's vectors and upsert them: the collections written, or the
-    group's outcome when it failed (each item retried alone)."""
-    m = metrics()
-    model_id, live = group.model_id, group.live
-    try:
-        started = time.perf_counter()
-        vectors = group.vectors.result()
-        m.stage_seconds.labels("encode").observe(group.launch_seconds + time.perf_counter() - started)
-        names = rt.names_for(group.version)
-        m.batch_size.labels(model_id).observe(len(live))
-        record_gpu_memory(m)
-        now_ms = int(time.time() * 1000)
-        started = time.perf_counter()
-        rt.store.upsert_images(
-            names,
-            [
-                ImageEntity(
-                    image_id=p.event.image_id,
-                    sku=p.event.sku,
-                    uri=p.event.uri,
-                    vector=v,
-                    content_hash=p.content_hash,
-                    model_id=model_id,
-                    indexed_at=now_ms,
-                )
-                for p, v in zip(live, vectors, strict=True)
-            ],
-        )
-        m.stage_seconds.labels("upsert").observe(time.perf_counter() - started)
-    except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-        return group.settled + _group_failed(rt, dispatch, model_id, live, exc)
-    return names
-
-
-def _record_group(rt: Runtime, dispatch: Dispatcher, group: StartedGroup, names: VersionNames) -> EncodeResult:
-    """Record an upserted group in the ledger (an image deleted meanwhile leaves Milvus again), drop
-    its pixels, observe its lag, ask for its SKUs' refresh."""
-    m = metrics()
-    model_id, live = group.model_id, group.live
-    recorded, dirty = rt.ledger.mark_indexed(
-        [IndexedImage(p.event.image_id, p.event.version, p.content_hash, model_id, p.request_id) for p in live]
-    )
-    done = set(recorded)
-    overtaken = {p.event.image_id: (p.content_hash, p.event.sku) for p in live if p.event.image_id not in done}
-    if overtaken:  # a newer event came while we encoded: Milvus must not keep what we wrote
-        gone, redo = rt.ledger.settle_overtaken(model_id, overtaken)
-        rt.store.delete_images(names.images, gone)  # never resurrect a deleted or failed image
-        for image_id in gone:  # unless a re-create was written in between: its vector just went
-            restore_if_overtaken(rt, dispatch, image_id)
-        if redo:  # a vector the ledger does not hold, whose newer event may have been "unchanged"
-            dispatch.preprocess_many(
-                [
-                    PreprocessPayload(
-                        event=r.event("repair"), request_id=r.request_id or "", force=True, models=[model_id]
-                    )
-                    for r in redo
-                ]
-            )
-    now = time.time()
-    rt.pixels.delete_many([p.pixel_key for p in live])
-    for p in live:
-        if p.event.image_id in done:
-            m.lag_seconds.labels(model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
-    if dirty:
-        dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
-    return group.settled + EncodeResult(len(recorded), len(overtaken), 0, 0)
 
 
 def _group_failed(

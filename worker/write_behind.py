@@ -1,11 +1,13 @@
 """Write-behind for the encode worker: started micro-batches are written (vectors waited for, upserted
-into Milvus, recorded in the ledger) by threads of their own, in order, while the worker's main
-thread receives the next messages and starts the next forward passes.
+into Milvus and recorded in the ledger under a claim of their rows) by writer threads, while the
+worker's main thread receives the next messages and starts the next forward passes.
 
-Writing is a chain of stages, one thread each (the encode worker's: upsert into Milvus, then record
-in the ledger), so that batch k is recorded while batch k + 1 is upserted. On CUDA a started
-batch's forward pass runs on the GPU; the first stage waits for its vectors
-(``PendingVectors.result()``, without the GIL). The stages spend most of their time waiting for
+Each batch is written whole by one writer (:func:`worker.encode_stage.finish_encode`); with two
+writers, batch k + 1 is upserted while batch k is recorded. Their order needs no thread of its own:
+the ledger claim makes an image's writes follow its versions (a writer holding an image's row
+makes the other wait for it), and on SQLite the claim holds the whole file, so the writers take
+turns. On CUDA a started batch's forward pass runs on the GPU; the writer waits for its vectors
+(``PendingVectors.result()``, without the GIL). The writers spend most of their time waiting for
 Milvus and the database (network round trips, also without the GIL). The main thread meanwhile
 takes the next messages from the broker, reads the ledger and the pixel store and queues the next
 forward pass. Nothing is acknowledged before it is written: the task reports how many of its most recent
@@ -20,18 +22,12 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from worker.encode_stage import StartedEncode
 
 __all__ = ["WriteBehind"]
 
 log = logging.getLogger(__name__)
-
-
-def _then(stage: Callable[[Any], Any], previous: Future[Any]) -> Any:
-    """Run ``stage`` on what the previous stage returned (its exception, if it raised, passes on)."""
-    return stage(previous.result())
 
 
 @dataclass
@@ -42,31 +38,27 @@ class _Job:
 
 
 class WriteBehind:
-    """Writes started batches through ``stages`` (each stage's result is the next one's argument;
-    the last returns the batch's outcome counts), one thread per stage, in the order the batches
-    were submitted. At most ``depth`` batches are submitted and not yet written: :meth:`submit`
-    waits for the oldest beyond that (so a slow Milvus slows the worker instead of piling up pixels
-    and device memory). Used from one thread (the encode worker's main thread)."""
+    """Writes started batches with ``write`` (which returns a batch's outcome counts) on ``writers``
+    threads. At most ``depth`` batches are submitted and not yet written: :meth:`submit` waits for
+    the oldest beyond that (so a slow Milvus slows the worker instead of piling up pixels and device
+    memory). Outcomes are collected in submission order. Used from one thread (the encode worker's
+    main thread)."""
 
-    def __init__(self, *stages: Callable[[Any], Any], depth: int = 3) -> None:
-        self._stages = stages
+    def __init__(self, write: Callable[[StartedEncode], Counter[str]], *, depth: int = 3, writers: int = 1) -> None:
+        self._write = write
         self._depth = max(1, depth)
-        self._pools: list[ThreadPoolExecutor] = []
+        self.writers = max(1, writers)
+        self._pool: ThreadPoolExecutor | None = None
         self._jobs: deque[_Job] = deque()
         self._done: Counter[str] = Counter()
 
     def submit(self, flush: int, started: StartedEncode) -> None:
-        """Queue ``started`` (from flush number ``flush``) for writing after what is queued."""
+        """Queue ``started`` (from flush number ``flush``) for writing."""
         while len(self._jobs) >= self._depth:
             self._settle_oldest()
-        if not self._pools:
-            self._pools = [
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"imgsync-writer-{i}") for i in range(len(self._stages))
-            ]
-        future: Future[Any] = self._pools[0].submit(self._stages[0], started)
-        for pool, stage in zip(self._pools[1:], self._stages[1:], strict=True):
-            future = pool.submit(_then, stage, future)  # each stage's thread takes batches in order
-        self._jobs.append(_Job(flush, started.images, future))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.writers, thread_name_prefix="imgsync-writer")
+        self._jobs.append(_Job(flush, started.images, self._pool.submit(self._write, started)))
 
     def drain(self) -> None:
         """Wait until everything submitted is written."""
@@ -81,13 +73,19 @@ class WriteBehind:
         return out
 
     @property
+    def running(self) -> bool:
+        """Whether the writer threads exist (``writers`` is read when the first batch is submitted)."""
+        return self._pool is not None
+
+    @property
     def images(self) -> int:
         """Images submitted and not yet written."""
         return sum(j.images for j in self._jobs if not j.future.done())
 
     def open_flushes(self, current: int) -> int:
         """How many of the most recent flushes, up to ``current``, are not wholly written: their
-        messages must not be acknowledged yet (jobs finish in order, so they are a suffix)."""
+        messages must not be acknowledged yet (from the oldest unwritten one on, since writers may
+        finish out of order)."""
         undone = [j.flush for j in self._jobs if not j.future.done()]
         return current - min(undone) + 1 if undone else 0
 

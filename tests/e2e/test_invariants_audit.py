@@ -4,6 +4,7 @@ ledger, Milvus Lite server and the tiny model, interleaving the steps the way co
 
 from __future__ import annotations
 
+import threading
 import uuid
 from pathlib import Path
 
@@ -23,10 +24,12 @@ from worker.runtime import Runtime
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def env(make_settings, milvus_uri: str, tiny_encoder):
-    """Settings, a runtime (own home, shared Milvus server and model) and a recording dispatcher."""
-    settings = make_settings(milvus_uri=milvus_uri, max_retries=2)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request, make_settings, milvus_uri: str, tiny_encoder):
+    """Settings, a runtime (own home, shared Milvus server and model) and a recording dispatcher;
+    the ledger in the home's SQLite file or in a fresh PostgreSQL database."""
+    db = {"database_url": request.getfixturevalue("pg_database")()} if request.param == "postgresql" else {}
+    settings = make_settings(milvus_uri=milvus_uri, max_retries=2, **db)
     upgrade(settings.effective_database_url)
     rt = Runtime(settings)
     rt.__dict__["encoder"] = tiny_encoder
@@ -187,9 +190,23 @@ def test_an_upsert_written_while_a_failure_removes_vectors_is_indexed_again(env,
     _assert_true(rt, ev1.image_id, sku)
 
 
-def test_a_recreate_written_while_a_stale_encode_is_removed_is_indexed_again(env, tmp_path: Path) -> None:
-    """A stale encode finishes after its image was deleted, so its vector is removed again; a
-    re-create written just before that removal lost its vector with it, and is encoded again."""
+def _spy_upserts(rt: Runtime) -> list[tuple[str, str]]:
+    """Record ``(image_id, content_hash)`` of every entity upserted into Milvus from now on."""
+    sent: list[tuple[str, str]] = []
+    real_upsert = rt.store.upsert_images
+
+    def spy(names, entities):  # type: ignore[no-untyped-def]
+        sent.extend((e.image_id, e.content_hash) for e in entities)
+        return real_upsert(names, entities)
+
+    rt.store.upsert_images = spy
+    return sent
+
+
+def test_a_stale_encode_finished_after_a_delete_and_a_recreate_writes_nothing(env, tmp_path: Path) -> None:
+    """An encode started before its image was deleted and re-created finishes last: it writes
+    nothing to Milvus (its version is no longer the image's newest), so the re-create's vector
+    stays, and the image ends indexed with it."""
     _settings, rt, d = env
     sku = f"S-{uuid.uuid4().hex[:6]}"
     path = write_image(tmp_path / sku / "e.jpg", 13)
@@ -197,19 +214,63 @@ def test_a_recreate_written_while_a_stale_encode_is_removed_is_indexed_again(env
     write_image(path, 14)
     started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
     assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, action=Action.delete, version=f"{3:040d}")) == "deleted"
-    recreate = ImageEvent(uri=ev1.uri, sku=sku, version=f"{4:040d}")
-    real_delete = rt.store.delete_images
-
-    def recreate_written_first(collection: str, image_ids) -> None:  # type: ignore[no-untyped-def]
-        rt.store.delete_images = real_delete  # once
-        assert _process(rt, d, recreate) == "queued"
-        run_until_idle(rt, d)  # the re-create's vector is written ...
-        real_delete(collection, image_ids)  # ... then the stale encode's cleanup removes it
-
-    rt.store.delete_images = recreate_written_first
-    encode_stage.finish_encode(rt, d, started)
+    assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{4:040d}")) == "queued"
+    run_until_idle(rt, d)
+    sent = _spy_upserts(rt)
+    result = encode_stage.finish_encode(rt, d, started)
+    assert (result.indexed, result.skipped) == (0, 1) and sent == []
     run_until_idle(rt, d)
     assert rt.ledger.get(ev1.image_id).state == "indexed"  # type: ignore[union-attr]
+    _assert_true(rt, ev1.image_id, sku)
+
+
+@pytest.mark.parametrize("third", [False, True])
+def test_an_older_encode_waits_for_a_newer_write_and_never_overwrites_it(env, tmp_path: Path, third: bool) -> None:
+    """Two encode workers cross: the newer one (version 3) has upserted its vector and not yet
+    recorded it when the older one (version 2, started before version 3 was accepted) finishes.
+    The older one waits for the newer one's claim on the image's row, then finds itself overtaken
+    and writes nothing: Milvus keeps version 3's vector. ``third``: a fourth event with version 3's
+    bytes comes after, and is judged unchanged (the vector it trusts is the right one)."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "h.jpg", 21)
+    ev1 = _indexed(rt, d, path, sku, 1)
+    write_image(path, 22)
+    older = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    write_image(path, 23)
+    newer = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{3:040d}"))
+    newer_hash = newer.groups[0].live[0].content_hash
+    upserted, go_on = threading.Event(), threading.Event()
+    sent = _spy_upserts(rt)
+    spied = rt.store.upsert_images
+
+    def held_after_upsert(names, entities):  # type: ignore[no-untyped-def]
+        spied(names, entities)
+        if threading.current_thread().name == "newer":
+            upserted.set()
+            assert go_on.wait(30)
+
+    rt.store.upsert_images = held_after_upsert
+    results: dict[str, encode_stage.EncodeResult] = {}
+
+    def finish(name: str, started: encode_stage.StartedEncode) -> None:
+        results[name] = encode_stage.finish_encode(rt, d, started)
+
+    writers = {n: threading.Thread(target=finish, args=(n, s), name=n) for n, s in (("newer", newer), ("older", older))}
+    writers["newer"].start()
+    assert upserted.wait(30)
+    writers["older"].start()
+    writers["older"].join(1.0)
+    assert writers["older"].is_alive(), "the older encode did not wait for the newer one's claim"
+    go_on.set()
+    for t in writers.values():
+        t.join(30)
+    assert (results["newer"].indexed, results["older"].indexed, results["older"].skipped) == (1, 0, 1)
+    assert sent == [(ev1.image_id, newer_hash)]
+    if third:
+        assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{4:040d}")) == "unchanged"
+    run_until_idle(rt, d)
+    assert rt.ledger.get(ev1.image_id).content_hash == newer_hash  # type: ignore[union-attr]
     _assert_true(rt, ev1.image_id, sku)
 
 
@@ -225,17 +286,10 @@ def test_one_event_delivered_twice_into_a_batch_is_upserted_once(env, tmp_path: 
     bodies = d.take(TASK_ENCODE)
     assert len(bodies) == 2
     payloads = [EncodePayload.model_validate(body) for body, _ in bodies]
-    sent: list[list[str]] = []
-    real_upsert = rt.store.upsert_images
-
-    def spy(names, entities):  # type: ignore[no-untyped-def]
-        sent.append([e.image_id for e in entities])
-        return real_upsert(names, entities)
-
-    rt.store.upsert_images = spy
+    sent = _spy_upserts(rt)
     encode_stage.encode_batch(rt, d, payloads)
     run_until_idle(rt, d)
-    assert sent == [[ev.image_id]]
+    assert [i for i, _ in sent] == [ev.image_id]
     assert all(rt.pixels.get(p.pixel_key) is None for p in payloads)
     assert rt.ledger.get(ev.image_id).state == "indexed"  # type: ignore[union-attr]
     _assert_true(rt, ev.image_id, sku)

@@ -232,14 +232,14 @@ def test_write_behind_writes_in_its_thread_while_the_flush_returns(
     monkeypatch.setattr(task, "overlap", "on")
     monkeypatch.setattr(task, "_solo_pid", os.getpid())
     gate, writer_threads = threading.Event(), set()
-    real = encode_stage.upsert_encode
+    real = encode_stage.finish_encode
 
     def held_up(rt, d, started):  # type: ignore[no-untyped-def]
         writer_threads.add(threading.current_thread().name)
         assert gate.wait(30)
         return real(rt, d, started)
 
-    monkeypatch.setattr(encode_stage, "upsert_encode", held_up)
+    monkeypatch.setattr(encode_stage, "finish_encode", held_up)
     rt = celery_app.runtime()
     names = rt.names_for(rt.version_for(rt.serving().model_id))  # type: ignore[arg-type]
     ids = [e.image_id for e in events]

@@ -1,5 +1,6 @@
-"""The encode worker's writer thread: batches are written in order, at most ``depth`` wait, and the
-flushes whose batches are not written yet are reported (their messages wait for their acks)."""
+"""The encode worker's writer threads: batches are written (in order with one writer), at most
+``depth`` wait, and the flushes whose batches are not written yet are reported (their messages wait
+for their acks)."""
 
 from __future__ import annotations
 
@@ -75,27 +76,29 @@ def test_a_write_that_raises_is_logged_and_the_writer_goes_on(caplog) -> None:  
     assert "writing a batch of 2 images failed unexpectedly" in caplog.text
 
 
-def test_two_stages_overlap_batches_and_keep_their_order() -> None:
-    """Stages in a chain, one thread each: batch b's first stage (the Milvus upsert) runs while
-    batch a's second stage (the ledger) runs, and each stage takes the batches in order."""
-    seen: list[str] = []
-    b_upserting = threading.Event()
+def test_two_writers_write_batches_side_by_side_and_a_late_one_holds_its_flush_open() -> None:
+    """writers=2: batch b is written while batch a is (a only ends once b has started); b finishing
+    first leaves flush 1's a open, so flushes 1 and 2 both still wait for their acks; outcomes are
+    collected once both are written."""
+    b_started, a_release = threading.Event(), threading.Event()
+    threads: set[str] = set()
 
-    def upsert(b):  # type: ignore[no-untyped-def]
-        seen.append(f"upsert {b.name}")
-        if b.name == "b":
-            b_upserting.set()
-        return b
-
-    def record(b):  # type: ignore[no-untyped-def]
-        if b.name == "a":  # only ends once b's upsert has run beside it
-            assert b_upserting.wait(10)
-        seen.append(f"record {b.name}")
+    def write(b):  # type: ignore[no-untyped-def]
+        threads.add(threading.current_thread().name)
+        if b.name == "a":
+            assert b_started.wait(10) and a_release.wait(10)
+        else:
+            b_started.set()
         return Counter(indexed=b.images)
 
-    wb = WriteBehind(upsert, record, depth=3)
+    wb = WriteBehind(write, depth=3, writers=2)
     wb.submit(1, _batch("a"))
-    wb.submit(2, _batch("b"))
+    wb.submit(2, _batch("b", 3))
+    assert b_started.wait(10)
+    deadline = time.monotonic() + 10
+    while wb.images != 2 and time.monotonic() < deadline:  # b written, a not
+        time.sleep(0.01)
+    assert wb.images == 2 and wb.open_flushes(2) == 2 and wb.collect() == Counter()
+    a_release.set()
     wb.drain()
-    assert seen.index("upsert b") < seen.index("record a") < seen.index("record b")
-    assert wb.collect() == Counter(indexed=4)
+    assert len(threads) == 2 and wb.collect() == Counter(indexed=5) and wb.open_flushes(2) == 0

@@ -20,7 +20,7 @@ from worker.ledger.db import reader
 from worker.ledger.housekeeping import HousekeepingMixin
 from worker.ledger.tables import ImageState, VersionStatus, image_vectors, images, index_versions, skus
 
-__all__ = ["Ledger", "Acceptance", "Accepted", "ImageRow", "IndexedImage", "KnownImage", "VersionRow", "Coverage"]
+__all__ = ["Ledger", "Acceptance", "Accepted", "ImageRow", "IndexClaim", "IndexedImage", "KnownImage", "VersionRow", "Coverage"]
 
 
 def _now() -> datetime:
@@ -95,6 +95,24 @@ class IndexedImage:
     content_hash: str
     model_id: str
     request_id: str
+
+
+class IndexClaim:
+    """A transaction holding images' ledger rows while their vectors are written (:meth:`Ledger.claim`).
+    ``current``: ``image_id -> (version, sku)`` of the claimed images that are not deleted."""
+
+    def __init__(self, conn: Connection, current: dict[str, tuple[str, str]]) -> None:
+        self.conn = conn
+        self.current = current
+
+    def holds(self, image_id: str, version: str) -> bool:
+        """Whether ``version`` is still ``image_id``'s newest event (and not a delete)."""
+        row = self.current.get(image_id)
+        return row is not None and row[0] == version
+
+    def release(self) -> None:
+        """Close the transaction (rolled back unless committed). Idempotent."""
+        self.conn.close()
 
 
 @dataclass(frozen=True)
@@ -293,86 +311,80 @@ class Ledger(HousekeepingMixin):
                 .values(outcome="unchanged", request_id=request_id or images.c.request_id, updated_at=_now())
             )
 
-    def mark_indexed(self, done: Sequence[IndexedImage]) -> tuple[list[str], set[str]]:
-        """Record vectors Milvus accepted and mark their SKUs dirty, in one transaction.
+    def claim(self, image_ids: Iterable[str]) -> IndexClaim:
+        """Open a transaction that holds ``image_ids``' rows (PostgreSQL: ``FOR UPDATE``, in id order;
+        SQLite: ``BEGIN IMMEDIATE`` holds the file) until :meth:`mark_indexed` records in it or
+        :meth:`IndexClaim.release` drops it. No newer event can be accepted for them meanwhile, so a
+        vector written to Milvus under the claim for a version the claim holds is never overwritten
+        by an older one: writes to Milvus happen in the order of the ledger's versions."""
+        conn = self.engine.connect()
+        try:
+            conn.begin()
+            current: dict[str, tuple[str, str]] = {}  # image_id -> (version, sku) of live rows
+            for chunk in _chunks(sorted(set(image_ids)), 500):
+                q = (
+                    sa.select(images.c.image_id, images.c.version, images.c.sku)
+                    .where(images.c.image_id.in_(chunk), images.c.state != ImageState.deleted)
+                    .order_by(images.c.image_id)
+                )
+                for r in conn.execute(q.with_for_update() if self._lock_rows else q):
+                    current[r.image_id] = (r.version, r.sku)
+        except BaseException:
+            conn.close()  # rolls back
+            raise
+        return IndexClaim(conn, current)
+
+    def mark_indexed(self, done: Sequence[IndexedImage], claim: IndexClaim | None = None) -> tuple[list[str], set[str]]:
+        """Record vectors Milvus accepted and mark their SKUs dirty, in one transaction: ``claim``'s
+        (which it commits and closes), or one of its own.
 
         Every model version remembers which vector it holds (``image_vectors``); the image's own state
         follows the serving version. Returns the image ids recorded and the SKUs marked; ids whose
         version was overtaken (a newer event arrived meanwhile) are left to the newer event.
         """
+        if claim is None:
+            claim = self.claim(d.image_id for d in done)
+        try:
+            out = self._record_indexed(claim.conn, done, claim.current)
+            claim.conn.commit()
+        finally:
+            claim.release()
+        return out
+
+    def _record_indexed(
+        self, conn: Connection, done: Sequence[IndexedImage], current: dict[str, tuple[str, str]]
+    ) -> tuple[list[str], set[str]]:
         now = _now()
         recorded: list[str] = []
         dirty: set[str] = set()
-        with self.engine.begin() as conn:
-            statuses = {
-                r.model_id: r.status
-                for r in conn.execute(
-                    sa.select(index_versions.c.model_id, index_versions.c.status).where(
-                        index_versions.c.model_id.in_(sorted({d.model_id for d in done}))
-                    )
+        statuses = {
+            r.model_id: r.status
+            for r in conn.execute(
+                sa.select(index_versions.c.model_id, index_versions.c.status).where(
+                    index_versions.c.model_id.in_(sorted({d.model_id for d in done}))
                 )
-            }
-            current: dict[str, tuple[str, str]] = {}  # image_id -> (version, sku) of live rows
-            for chunk in _chunks(sorted({d.image_id for d in done}), 500):
-                q = sa.select(images.c.image_id, images.c.version, images.c.sku).where(
-                    images.c.image_id.in_(chunk), images.c.state != ImageState.deleted
-                )
-                for r in conn.execute(q.with_for_update() if self._lock_rows else q):
-                    current[r.image_id] = (r.version, r.sku)
-            vector_rows: dict[tuple[str, str], dict] = {}  # one per (image, model): a multi-row upsert must not repeat a key
-            serving_rows: dict[str, dict] = {}
-            for item in done:
-                row = current.get(item.image_id)
-                if row is None or row[0] != item.version:
-                    continue  # overtaken by a newer event, or deleted
-                vector_rows[(item.image_id, item.model_id)] = {
-                    "image_id": item.image_id, "model_id": item.model_id, "version": item.version, "sku": row[1],
-                    "content_hash": item.content_hash, "indexed_at": now,
-                }  # fmt: skip
-                if statuses.get(item.model_id) == VersionStatus.serving:
-                    serving_rows[item.image_id] = {"b_id": item.image_id, "b_hash": item.content_hash, "b_model": item.model_id}
-                recorded.append(item.image_id)
-                dirty.add(row[1])
-            if vector_rows:
-                self._put_vectors(conn, list(vector_rows.values()))
-            if serving_rows:
-                self._set_indexed(conn, list(serving_rows.values()), now)
-            self._mark_dirty(conn, dirty, now)
+            )
+        }
+        vector_rows: dict[tuple[str, str], dict] = {}  # one per (image, model): a multi-row upsert must not repeat a key
+        serving_rows: dict[str, dict] = {}
+        for item in done:
+            row = current.get(item.image_id)
+            if row is None or row[0] != item.version:
+                continue  # overtaken by a newer event, or deleted
+            vector_rows[(item.image_id, item.model_id)] = {
+                "image_id": item.image_id, "model_id": item.model_id, "version": item.version, "sku": row[1],
+                "content_hash": item.content_hash, "indexed_at": now,
+            }  # fmt: skip
+            if statuses.get(item.model_id) == VersionStatus.serving:
+                serving_rows[item.image_id] = {"b_id": item.image_id, "b_hash": item.content_hash, "b_model": item.model_id}
+            recorded.append(item.image_id)
+            dirty.add(row[1])
+        if vector_rows:
+            self._put_vectors(conn, list(vector_rows.values()))
+        if serving_rows:
+            self._set_indexed(conn, list(serving_rows.values()), now)
+        self._mark_dirty(conn, dirty, now)
         return recorded, dirty
-
-    def settle_overtaken(
-        self, model_id: str, written: dict[str, tuple[str, str]]
-    ) -> tuple[list[str], list[ImageRow]]:
-        """Images whose vector ``model_id``'s version took after a newer event overtook them
-        (``image_id -> (content_hash, sku)`` written; :meth:`mark_indexed` left them to the newer
-        event). Returns those whose newest event deletes them or that failed (the caller removes the
-        vector again), and the rows of those for which the version recorded another vector: that
-        record is dropped (a serving image waits, pending, and leaves its SKU) and the caller has
-        them encoded again, since the newer event may have found its content unchanged already."""
-        now = _now()
-        gone: list[str] = []
-        redo: list[ImageRow] = []
-        dirty: set[str] = set()
-        ids = sorted(written)
-        with self.engine.begin() as conn:
-            status = conn.execute(
-                sa.select(index_versions.c.status).where(index_versions.c.model_id == model_id)
-            ).scalar()
-            rows = self._get_many(conn, ids, lock=True)
-            held = self._vector_rows(conn, ids)
-            for image_id in ids:
-                row = rows.get(image_id)
-                if _owes_no_vector(row):
-                    gone.append(image_id)
-                    continue
-                recorded = held[image_id].get(model_id)
-                if recorded is None or recorded == written[image_id]:
-                    continue  # nothing recorded (the newer event encodes), or the same vector
-                if self._forget_vectors(conn, row, model_id, serving=status == VersionStatus.serving, now=now):
-                    dirty.add(row.sku)
-                redo.append(row)
-            self._mark_dirty(conn, dirty, now)
-        return gone, redo
 
     @staticmethod
     def _forget_vectors(conn: Connection, row: ImageRow, model_id: str | None, *, serving: bool, now: datetime) -> bool:
