@@ -231,7 +231,7 @@ class Settings(BaseSettings):
     encode_overlap: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(
-            "Encode worker: write micro-batches (Milvus, ledger) in a thread of their own while the next ones are "
+            "Encode worker: write micro-batches (Milvus, ledger) in writer threads of their own while the next ones are "
             "received and their forward passes run; a batch's messages are acknowledged once it is written. auto: on when "
             "the model runs on CUDA (its forward pass is asynchronous there; on a CPU the threads would only compete for "
             "the cores). Only in a worker with the solo pool (a GPU worker)."

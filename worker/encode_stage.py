@@ -43,6 +43,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: the most a Milvus upsert may take (retries included) while its batch holds a ledger claim: well
+#: under the 30 s other SQLite writers wait for the file's lock before they give up
+CLAIMED_UPSERT_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class EncodeResult:
@@ -165,12 +169,17 @@ def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> 
         record_gpu_memory(m)
         claim = rt.ledger.claim(p.event.image_id for group, _, _ in ready for p in group.live)
         try:
+            down: Exception | None = None  # Milvus failed for a group: the next ones fail alike, unasked
             for group, vectors, names in ready:
-                keep = [(p, v) for p, v in zip(group.live, vectors, strict=True) if claim.holds(p.event.image_id, p.event.version)]
+                keep: list[tuple[EncodePayload, np.ndarray]] = []
                 try:
+                    keep = [(p, v) for p, v in zip(group.live, vectors, strict=True) if claim.holds(p.event.image_id, p.event.version)]
+                    if down is not None and keep:
+                        raise down
                     _upsert(rt, group.model_id, names, keep)
                 except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-                    failed.append((group, [p for p, _ in keep], exc))
+                    failed.append((group, [p for p, _ in keep] or group.live, exc))
+                    down = exc if isinstance(exc, ImgsyncError) and exc.reason in TRIPPING_REASONS else down
                     continue
                 written.append((group, [p for p, _ in keep]))
             _, dirty = rt.ledger.mark_indexed(
@@ -211,7 +220,8 @@ def _upsert(rt: Runtime, model_id: str, names: VersionNames, items: list[tuple[E
     started = time.perf_counter()
     rt.store.upsert_images(
         names,
-        [
+        timeout=CLAIMED_UPSERT_SECONDS,
+        entities=[
             ImageEntity(
                 image_id=p.event.image_id,
                 sku=p.event.sku,

@@ -195,9 +195,9 @@ def _spy_upserts(rt: Runtime) -> list[tuple[str, str]]:
     sent: list[tuple[str, str]] = []
     real_upsert = rt.store.upsert_images
 
-    def spy(names, entities):  # type: ignore[no-untyped-def]
+    def spy(names, entities, **kw):  # type: ignore[no-untyped-def]
         sent.extend((e.image_id, e.content_hash) for e in entities)
-        return real_upsert(names, entities)
+        return real_upsert(names, entities, **kw)
 
     rt.store.upsert_images = spy
     return sent
@@ -224,6 +224,27 @@ def test_a_stale_encode_finished_after_a_delete_and_a_recreate_writes_nothing(en
     _assert_true(rt, ev1.image_id, sku)
 
 
+def test_an_encode_of_a_version_that_failed_meanwhile_writes_nothing(env, tmp_path: Path) -> None:
+    """Another copy of the same event failed the image (at the same version) while this copy was
+    encoded: the claim leaves a failed image out, so no vector of it is written, nor recorded."""
+    _settings, rt, d = env
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / "k.jpg", 31)
+    ev1 = _indexed(rt, d, path, sku, 1)
+    write_image(path, 32)
+    ev2 = ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}")
+    started = _started_encode(rt, d, ev2)
+    path.write_bytes(b"\xff\xd8\xff\xe0 cut short")  # the other copy reads a broken file
+    assert _process(rt, d, ev2) == "failed"
+    sent = _spy_upserts(rt)
+    result = encode_stage.finish_encode(rt, d, started)
+    assert (result.indexed, result.skipped) == (0, 1) and sent == []
+    run_until_idle(rt, d)
+    assert rt.ledger.get(ev1.image_id).state == "failed"  # type: ignore[union-attr]
+    assert rt.ledger.vector_rows(ev1.image_id) == {}
+    _assert_true(rt, ev1.image_id, sku)
+
+
 @pytest.mark.parametrize("third", [False, True])
 def test_an_older_encode_waits_for_a_newer_write_and_never_overwrites_it(env, tmp_path: Path, third: bool) -> None:
     """Two encode workers cross: the newer one (version 3) has upserted its vector and not yet
@@ -244,8 +265,8 @@ def test_an_older_encode_waits_for_a_newer_write_and_never_overwrites_it(env, tm
     sent = _spy_upserts(rt)
     spied = rt.store.upsert_images
 
-    def held_after_upsert(names, entities):  # type: ignore[no-untyped-def]
-        spied(names, entities)
+    def held_after_upsert(names, entities, **kw):  # type: ignore[no-untyped-def]
+        spied(names, entities, **kw)
         if threading.current_thread().name == "newer":
             upserted.set()
             assert go_on.wait(30)

@@ -205,7 +205,9 @@ class MilvusStore:
 
     # --- images --------------------------------------------------------------------------------
 
-    def upsert_images(self, names: VersionNames, entities: Sequence[ImageEntity]) -> None:
+    def upsert_images(self, names: VersionNames, entities: Sequence[ImageEntity], *, timeout: float | None = None) -> None:
+        """Upsert image entities. ``timeout``: seconds for the call and pymilvus' retries of it
+        (without one, a server that stops answering holds the caller as long as pymilvus retries)."""
         if not entities:
             return
         rows = [
@@ -221,7 +223,7 @@ class MilvusStore:
             for e in entities
         ]
         with _wrap("upsert images"):
-            self.client.upsert(names.images, rows)
+            self.client.upsert(names.images, rows, timeout=timeout)
 
     def image_vectors(self, collection: str, image_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Vectors by primary key (no filter scan)."""

@@ -99,14 +99,15 @@ class IndexedImage:
 
 class IndexClaim:
     """A transaction holding images' ledger rows while their vectors are written (:meth:`Ledger.claim`).
-    ``current``: ``image_id -> (version, sku)`` of the claimed images that are not deleted."""
+    ``current``: ``image_id -> (version, sku)`` of the claimed images neither deleted nor failed (a
+    failed image owes no vector, even one of its own version encoded by another copy of its event)."""
 
     def __init__(self, conn: Connection, current: dict[str, tuple[str, str]]) -> None:
         self.conn = conn
         self.current = current
 
     def holds(self, image_id: str, version: str) -> bool:
-        """Whether ``version`` is still ``image_id``'s newest event (and not a delete)."""
+        """Whether ``version`` is still ``image_id``'s newest event (not a delete, not failed)."""
         row = self.current.get(image_id)
         return row is not None and row[0] == version
 
@@ -159,7 +160,8 @@ def _owes_no_vector(row: ImageRow | None) -> bool:
 
 
 class Ledger(HousekeepingMixin):
-    """SQL operations on the ledger tables; every method is one short transaction."""
+    """SQL operations on the ledger tables; every method is one short transaction, except a
+    :meth:`claim`, which stays open while its batch's vectors are upserted into Milvus."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -324,7 +326,7 @@ class Ledger(HousekeepingMixin):
             for chunk in _chunks(sorted(set(image_ids)), 500):
                 q = (
                     sa.select(images.c.image_id, images.c.version, images.c.sku)
-                    .where(images.c.image_id.in_(chunk), images.c.state != ImageState.deleted)
+                    .where(images.c.image_id.in_(chunk), images.c.state.not_in((ImageState.deleted, ImageState.failed)))
                     .order_by(images.c.image_id)
                 )
                 for r in conn.execute(q.with_for_update() if self._lock_rows else q):
