@@ -26,9 +26,9 @@ class EncodeFlusher:
 
     def __init__(self, runtime: Callable[[], Runtime], dispatcher: Callable[[], Dispatcher]) -> None:
         self._rt, self._dispatch = runtime, dispatcher
-        #: the writer threads (each writes a whole batch: Milvus and the ledger, under a claim);
-        #: two where the ledger locks rows, one on SQLite, whose claim holds the whole file
-        self.writer = WriteBehind(self._write)
+        #: the writer threads (each writes a whole batch: Milvus and the ledger, under a claim),
+        #: made on first use (:meth:`_writer`)
+        self._behind: WriteBehind | None = None
         #: encode flushes run so far (the writer's batches are numbered by flush)
         self.flushes = 0
 
@@ -41,9 +41,7 @@ class EncodeFlusher:
         messages must wait for their acknowledgement. An empty flush (or a paused worker) waits
         for every write."""
         self.flushes += 1
-        behind = self.writer if hold else None
-        if behind is not None and not behind.running:
-            behind.writers = 1 if self._rt().ledger.engine.dialect.name == "sqlite" else 2
+        behind = self._writer() if hold else None
         total: Counter[str] = Counter(indexed=0, skipped=0, retried=0, failed=0)
         chunks = even_chunks(list(payloads), batch)
         try:
@@ -74,6 +72,13 @@ class EncodeFlusher:
                 total["held"] = held
                 total["held_flushes"] = behind.open_flushes(self.flushes)
         return dict(total)
+
+    def _writer(self) -> WriteBehind:
+        """Two writers where the ledger locks rows (batch k is recorded while batch k + 1 is
+        upserted); one on SQLite, whose claim holds the whole file."""
+        if self._behind is None:
+            self._behind = WriteBehind(self._write, writers=2 if self._rt().ledger.locks_rows else 1)
+        return self._behind
 
     def _start(self, chunk: list[EncodePayload], total: Counter[str]) -> encode_stage.StartedEncode | None:
         try:

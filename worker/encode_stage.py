@@ -152,9 +152,10 @@ def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> 
     retried alone, pixels dropped, lag observed, one SKU refresh asked for. Never raises for a
     group's fault; raises when the ledger itself fails (the caller re-publishes the batch)."""
     m = metrics()
-    settled = started.settled
     ready: list[tuple[StartedGroup, np.ndarray, VersionNames]] = []
-    failed: list[tuple[StartedGroup, list[EncodePayload], Exception]] = []
+    #: each group's outcome: the items it wrote (or, with an error, retries), the items a newer
+    #: event overtook (dropped unwritten), and the error that failed it
+    outcomes: list[tuple[StartedGroup, list[EncodePayload], list[EncodePayload], Exception | None]] = []
     for group in started.groups:
         try:
             begun = time.perf_counter()
@@ -162,8 +163,7 @@ def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> 
             m.stage_seconds.labels("encode").observe(group.launch_seconds + time.perf_counter() - begun)
             ready.append((group, vectors, rt.names_for(group.version)))
         except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-            failed.append((group, group.live, exc))
-    written: list[tuple[StartedGroup, list[EncodePayload]]] = []
+            outcomes.append((group, group.live, [], exc))
     dirty: set[str] = set()
     if ready:
         record_gpu_memory(m)
@@ -171,39 +171,41 @@ def finish_encode(rt: Runtime, dispatch: Dispatcher, started: StartedEncode) -> 
         try:
             down: Exception | None = None  # Milvus failed for a group: the next ones fail alike, unasked
             for group, vectors, names in ready:
-                keep: list[tuple[EncodePayload, np.ndarray]] = []
+                held = [claim.holds(p.event.image_id, p.event.version) for p in group.live]
+                items = [p for p, h in zip(group.live, held) if h]
+                overtaken = [p for p, h in zip(group.live, held) if not h]
                 try:
-                    keep = [(p, v) for p, v in zip(group.live, vectors, strict=True) if claim.holds(p.event.image_id, p.event.version)]
-                    if down is not None and keep:
+                    if down is not None and items:
                         raise down
-                    _upsert(rt, group.model_id, names, keep)
+                    _upsert(rt, group.model_id, names, [(p, v) for p, v, h in zip(group.live, vectors, held, strict=True) if h])
                 except Exception as exc:  # noqa: BLE001 - the whole group failed: each item retries alone
-                    failed.append((group, [p for p, _ in keep] or group.live, exc))
+                    outcomes.append((group, items, overtaken, exc))
                     down = exc if isinstance(exc, ImgsyncError) and exc.reason in TRIPPING_REASONS else down
                     continue
-                written.append((group, [p for p, _ in keep]))
+                outcomes.append((group, items, overtaken, None))
             _, dirty = rt.ledger.mark_indexed(
                 [
                     IndexedImage(p.event.image_id, p.event.version, p.content_hash, g.model_id, p.request_id)
-                    for g, items in written
+                    for g, items, _, exc in outcomes
+                    if exc is None
                     for p in items
                 ],
                 claim=claim,
             )
         finally:
             claim.release()
-    for group, items, exc in failed:
-        kept = {id(p) for p in items}
-        overtaken = [p for p in group.live if id(p) not in kept]  # dropped unwritten before the group failed
-        rt.pixels.delete_many([p.pixel_key for p in overtaken])
-        settled += group.settled + EncodeResult(0, len(overtaken), 0, 0) + _group_failed(rt, dispatch, group.model_id, items, exc)
+    settled = started.settled
     now = time.time()
-    for group, items in written:
+    for group, items, overtaken, exc in outcomes:  # after the claim: recording a failure writes the ledger
+        settled += group.settled + EncodeResult(0, len(overtaken), 0, 0)
+        if exc is not None:
+            rt.pixels.delete_many([p.pixel_key for p in overtaken])  # the retried items keep theirs
+            settled += _group_failed(rt, dispatch, group.model_id, items, exc)
+            continue
         rt.pixels.delete_many([p.pixel_key for p in group.live])
         for p in items:
             m.lag_seconds.labels(group.model_id).observe(max(0.0, now - p.event.event_time.timestamp()))
-        # the items a newer event overtook while they were encoded: left to it, unwritten
-        settled += group.settled + EncodeResult(len(items), len(group.live) - len(items), 0, 0)
+        settled += EncodeResult(len(items), 0, 0, 0)
     if dirty:
         dispatch.refresh_skus(sorted(dirty))  # one message for the batch's SKUs
     _count_encode(indexed=settled.indexed, skipped=settled.skipped, retried=settled.retried, failed=settled.failed)

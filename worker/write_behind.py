@@ -47,7 +47,7 @@ class WriteBehind:
     def __init__(self, write: Callable[[StartedEncode], Counter[str]], *, depth: int = 3, writers: int = 1) -> None:
         self._write = write
         self._depth = max(1, depth)
-        self.writers = max(1, writers)
+        self._writers = max(1, writers)
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: deque[_Job] = deque()
         self._done: Counter[str] = Counter()
@@ -57,7 +57,7 @@ class WriteBehind:
         while len(self._jobs) >= self._depth:
             self._settle_oldest()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.writers, thread_name_prefix="imgsync-writer")
+            self._pool = ThreadPoolExecutor(max_workers=self._writers, thread_name_prefix="imgsync-writer")
         self._jobs.append(_Job(flush, started.images, self._pool.submit(self._write, started)))
 
     def drain(self) -> None:
@@ -71,11 +71,6 @@ class WriteBehind:
             self._settle_oldest()
         out, self._done = self._done, Counter()
         return out
-
-    @property
-    def running(self) -> bool:
-        """Whether the writer threads exist (``writers`` is read when the first batch is submitted)."""
-        return self._pool is not None
 
     @property
     def images(self) -> int:

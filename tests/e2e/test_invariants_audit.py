@@ -60,6 +60,18 @@ def _started_encode(rt: Runtime, d: RecordingDispatcher, ev: ImageEvent) -> enco
     return encode_stage.start_encode(rt, d, [EncodePayload.model_validate(body)])
 
 
+def _overtaken_encode(
+    rt: Runtime, d: RecordingDispatcher, tmp_path: Path, name: str, seed: int
+) -> tuple[str, Path, ImageEvent, encode_stage.StartedEncode]:
+    """An image of a new SKU indexed at version 1, then changed, and its version 2 encode started
+    (not written yet): ``(sku, path, version 1's event, started encode)``."""
+    sku = f"S-{uuid.uuid4().hex[:6]}"
+    path = write_image(tmp_path / sku / name, seed)
+    ev1 = _indexed(rt, d, path, sku, 1)
+    write_image(path, seed + 1)
+    return sku, path, ev1, _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+
+
 def _assert_true(rt: Runtime, image_id: str, sku: str) -> None:
     """Milvus holds exactly what the ledger says: the indexed image's current content, nothing for
     another state, and the SKU vector is the mean of its members."""
@@ -107,11 +119,7 @@ def test_a_stale_encode_never_outlives_a_revert_to_indexed_content(env, tmp_path
 def test_a_stale_encode_never_revives_a_failed_image(env, tmp_path: Path) -> None:
     """An older encode written after the image's newer version failed leaves no vector behind."""
     _settings, rt, d = env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    path = write_image(tmp_path / sku / "b.jpg", 3)
-    ev1 = _indexed(rt, d, path, sku, 1)
-    write_image(path, 4)
-    started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    sku, path, ev1, started = _overtaken_encode(rt, d, tmp_path, "b.jpg", 3)
     path.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all" * 10)
     assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{3:040d}")) == "failed"
     encode_stage.finish_encode(rt, d, started)
@@ -124,11 +132,7 @@ def test_a_stale_encode_written_while_a_delete_runs_does_not_resurrect(env, tmp_
     """An older encode written between a delete's vector removal and its ledger record leaves no
     vector behind (its record already sees the delete as the image's newest event)."""
     _settings, rt, d = env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    path = write_image(tmp_path / sku / "c.jpg", 5)
-    ev1 = _indexed(rt, d, path, sku, 1)
-    write_image(path, 6)
-    started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    sku, path, ev1, started = _overtaken_encode(rt, d, tmp_path, "c.jpg", 5)
     gone = ImageEvent(uri=ev1.uri, sku=sku, action=Action.delete, version=f"{3:040d}")
     assert rt.ledger.accept(gone, "r3").current
     pipeline.remove_vectors(rt, [gone.image_id])  # delete_image, first half
@@ -208,11 +212,7 @@ def test_a_stale_encode_finished_after_a_delete_and_a_recreate_writes_nothing(en
     nothing to Milvus (its version is no longer the image's newest), so the re-create's vector
     stays, and the image ends indexed with it."""
     _settings, rt, d = env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    path = write_image(tmp_path / sku / "e.jpg", 13)
-    ev1 = _indexed(rt, d, path, sku, 1)
-    write_image(path, 14)
-    started = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    sku, path, ev1, started = _overtaken_encode(rt, d, tmp_path, "e.jpg", 13)
     assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, action=Action.delete, version=f"{3:040d}")) == "deleted"
     assert _process(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{4:040d}")) == "queued"
     run_until_idle(rt, d)
@@ -228,12 +228,8 @@ def test_an_encode_of_a_version_that_failed_meanwhile_writes_nothing(env, tmp_pa
     """Another copy of the same event failed the image (at the same version) while this copy was
     encoded: the claim leaves a failed image out, so no vector of it is written, nor recorded."""
     _settings, rt, d = env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    path = write_image(tmp_path / sku / "k.jpg", 31)
-    ev1 = _indexed(rt, d, path, sku, 1)
-    write_image(path, 32)
-    ev2 = ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}")
-    started = _started_encode(rt, d, ev2)
+    sku, path, ev1, started = _overtaken_encode(rt, d, tmp_path, "k.jpg", 31)
+    ev2 = started.payloads[0].event
     path.write_bytes(b"\xff\xd8\xff\xe0 cut short")  # the other copy reads a broken file
     assert _process(rt, d, ev2) == "failed"
     sent = _spy_upserts(rt)
@@ -253,11 +249,7 @@ def test_an_older_encode_waits_for_a_newer_write_and_never_overwrites_it(env, tm
     and writes nothing: Milvus keeps version 3's vector. ``third``: a fourth event with version 3's
     bytes comes after, and is judged unchanged (the vector it trusts is the right one)."""
     _settings, rt, d = env
-    sku = f"S-{uuid.uuid4().hex[:6]}"
-    path = write_image(tmp_path / sku / "h.jpg", 21)
-    ev1 = _indexed(rt, d, path, sku, 1)
-    write_image(path, 22)
-    older = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{2:040d}"))
+    sku, path, ev1, older = _overtaken_encode(rt, d, tmp_path, "h.jpg", 21)
     write_image(path, 23)
     newer = _started_encode(rt, d, ImageEvent(uri=ev1.uri, sku=sku, version=f"{3:040d}"))
     newer_hash = newer.groups[0].live[0].content_hash

@@ -166,7 +166,8 @@ class Ledger(HousekeepingMixin):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._reader = reader(engine)  # read-only transactions: no SQLite write lock
-        self._lock_rows = engine.dialect.name != "sqlite"  # SQLite: BEGIN IMMEDIATE locks the file
+        #: rows are locked one by one (PostgreSQL); SQLite's BEGIN IMMEDIATE locks the whole file
+        self.locks_rows = engine.dialect.name != "sqlite"
 
     # --- events --------------------------------------------------------------------------------
 
@@ -329,7 +330,7 @@ class Ledger(HousekeepingMixin):
                     .where(images.c.image_id.in_(chunk), images.c.state.not_in((ImageState.deleted, ImageState.failed)))
                     .order_by(images.c.image_id)
                 )
-                for r in conn.execute(q.with_for_update() if self._lock_rows else q):
+                for r in conn.execute(q.with_for_update() if self.locks_rows else q):
                     current[r.image_id] = (r.version, r.sku)
         except BaseException:
             conn.close()  # rolls back
@@ -347,15 +348,14 @@ class Ledger(HousekeepingMixin):
         if claim is None:
             claim = self.claim(d.image_id for d in done)
         try:
-            out = self._record_indexed(claim.conn, done, claim.current)
+            out = self._record_indexed(claim, done)
             claim.conn.commit()
         finally:
             claim.release()
         return out
 
-    def _record_indexed(
-        self, conn: Connection, done: Sequence[IndexedImage], current: dict[str, tuple[str, str]]
-    ) -> tuple[list[str], set[str]]:
+    def _record_indexed(self, claim: IndexClaim, done: Sequence[IndexedImage]) -> tuple[list[str], set[str]]:
+        conn = claim.conn
         now = _now()
         recorded: list[str] = []
         dirty: set[str] = set()
@@ -370,17 +370,17 @@ class Ledger(HousekeepingMixin):
         vector_rows: dict[tuple[str, str], dict] = {}  # one per (image, model): a multi-row upsert must not repeat a key
         serving_rows: dict[str, dict] = {}
         for item in done:
-            row = current.get(item.image_id)
-            if row is None or row[0] != item.version:
-                continue  # overtaken by a newer event, or deleted
+            if not claim.holds(item.image_id, item.version):
+                continue  # overtaken by a newer event, deleted or failed
+            sku = claim.current[item.image_id][1]
             vector_rows[(item.image_id, item.model_id)] = {
-                "image_id": item.image_id, "model_id": item.model_id, "version": item.version, "sku": row[1],
+                "image_id": item.image_id, "model_id": item.model_id, "version": item.version, "sku": sku,
                 "content_hash": item.content_hash, "indexed_at": now,
             }  # fmt: skip
             if statuses.get(item.model_id) == VersionStatus.serving:
                 serving_rows[item.image_id] = {"b_id": item.image_id, "b_hash": item.content_hash, "b_model": item.model_id}
             recorded.append(item.image_id)
-            dirty.add(row[1])
+            dirty.add(sku)
         if vector_rows:
             self._put_vectors(conn, list(vector_rows.values()))
         if serving_rows:
@@ -1010,14 +1010,14 @@ class Ledger(HousekeepingMixin):
         out: dict[str, ImageRow] = {}
         for chunk in _chunks(image_ids, 500):
             q = sa.select(images).where(images.c.image_id.in_(chunk)).order_by(images.c.image_id)
-            if lock and self._lock_rows:
+            if lock and self.locks_rows:
                 q = q.with_for_update()
             out.update((row.image_id, row) for row in (_row(r) for r in conn.execute(q)) if row is not None)
         return out
 
     def _get(self, conn: Connection, image_id: str, *, lock: bool) -> ImageRow | None:
         q = sa.select(images).where(images.c.image_id == image_id)
-        if lock and self._lock_rows:
+        if lock and self.locks_rows:
             q = q.with_for_update()
         return _row(conn.execute(q).first())
 
