@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-__all__ = ["VerifyOutput", "WorkerInfo", "FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
+__all__ = ["ErrorInfo", "ErrorOutput", "VerifyOutput", "WorkerInfo", "FailureItem", "FailuresOutput", "IndexResult", "IndexOutput", "SearchHit", "SearchOutput", "StatusOutput"]
 
 
 def _utc(value: datetime) -> datetime:
@@ -143,3 +143,20 @@ class VerifyOutput(BaseModel):
     #: holds no current vector of (a cutover or rollback re-queues them; not counted as problems)
     status: str | None = None
     uncovered: int | None = None
+
+
+class ErrorInfo(BaseModel):
+    #: ``usage`` (exit status 2: a setting, an argument or the schema) or ``unreachable`` (exit status 3)
+    kind: Literal["usage", "unreachable"]
+    exit_status: int
+    message: str
+    #: for ``unreachable``: the service (broker, database, Milvus…) and the setting that names its address
+    service: str | None = None
+    setting: str | None = None
+
+
+class ErrorOutput(BaseModel):
+    """Any ``--json`` command that stops on an error before its own document: the error, on stdout, so a
+    script reading stdout always gets one JSON document (the same line goes to stderr too)."""
+
+    error: ErrorInfo

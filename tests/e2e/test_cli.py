@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from schemas.outputs import StatusOutput
+from schemas.outputs import ErrorOutput, StatusOutput
 from worker.cli.main import app
 from worker.index.lite_server import free_port
 
@@ -101,11 +101,15 @@ def test_unreachable_milvus_is_exit_3(home: Path, tmp_path: Path, monkeypatch: p
     assert result.exit_code == 3, result.output
     assert "IMGSYNC_MILVUS_URI" in result.output and uri in result.output
     assert "Traceback" not in result.output
+    error = ErrorOutput.model_validate_json(result.stdout).error  # --json: the error is stdout's one document
+    assert (error.kind, error.exit_status, error.setting) == ("unreachable", 3, "IMGSYNC_MILVUS_URI")
+    assert uri in error.message
 
 
 def test_index_json_without_wait_and_an_unreachable_broker(home: Path, tmp_path: Path) -> None:
     """`index --json` without --wait reports the request and what it queued; with a broker that does
-    not answer it exits 3 naming IMGSYNC_BROKER_URL (password masked), no traceback, nothing on stdout."""
+    not answer it exits 3 naming IMGSYNC_BROKER_URL (password masked), no traceback, and stdout holds
+    one JSON document: the error."""
     from tests.helpers import photo
 
     (tmp_path / "cat" / "S1").mkdir(parents=True)
@@ -122,7 +126,10 @@ def test_index_json_without_wait_and_an_unreachable_broker(home: Path, tmp_path:
     )  # fmt: skip
     assert proc.returncode == 3, proc.stderr
     assert "IMGSYNC_BROKER_URL" in proc.stderr and "Traceback" not in proc.stderr
-    assert "hunter2" not in proc.stderr and proc.stdout == ""
+    assert "hunter2" not in proc.stderr and "hunter2" not in proc.stdout
+    error = json.loads(proc.stdout)["error"]
+    assert (error["kind"], error["exit_status"], error["setting"]) == ("unreachable", 3, "IMGSYNC_BROKER_URL")
+    assert error["service"] == "broker" and "redis://:***@127.0.0.1" in error["message"]
 
 
 def test_search_needs_exactly_one_query(home: Path) -> None:
@@ -136,7 +143,8 @@ def test_search_with_an_unreadable_image_is_exit_2_on_an_empty_index(home: Path)
     (it used to answer "no hits", exit 0)."""
     result = runner.invoke(app, ["search", "--image", "/no/such/query.jpg", "--json"])
     assert result.exit_code == 2, result.output
-    assert "/no/such/query.jpg" in result.output and result.stdout.strip() == ""
+    assert "/no/such/query.jpg" in result.stderr
+    assert "/no/such/query.jpg" in ErrorOutput.model_validate_json(result.stdout).error.message
 
 
 @pytest.mark.parametrize("args", [["failures", "list", "--json"], ["status", "--json"], ["index", ".", "--json"]])
@@ -150,12 +158,28 @@ def test_an_embedded_home_that_cannot_be_written_is_exit_2(tmp_path: Path, monke
     monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "a-file" / "home"))
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert "IMGSYNC_HOME" in result.output and "Traceback" not in result.output and result.stdout.strip() == ""
+    assert "IMGSYNC_HOME" in result.stderr and "Traceback" not in result.output
+    assert "IMGSYNC_HOME" in ErrorOutput.model_validate_json(result.stdout).error.message
     (tmp_path / "home2" / "state.db").mkdir(parents=True)
     monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home2"))
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "IMGSYNC_HOME" in result.output and "Traceback" not in result.output
+
+
+def test_a_usage_error_under_json_is_one_error_document(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --json, a command stopped by a usage error (a path that is not there, a bad setting) still
+    prints one JSON document on stdout, the error, and exits 2; the line on stderr says the same."""
+    result = runner.invoke(app, ["index", "/no/such/folder", "--json"])
+    assert result.exit_code == 2, result.output
+    error = ErrorOutput.model_validate_json(result.stdout).error
+    assert (error.kind, error.exit_status) == ("usage", 2) and "/no/such/folder" in error.message
+    assert " ".join(error.message.split()) in " ".join(result.stderr.split())
+
+    monkeypatch.setenv("IMGSYNC_BATCH_MAX", "zero")
+    result = runner.invoke(app, ["failures", "list", "--json"])
+    assert result.exit_code == 2, result.output
+    assert "IMGSYNC_BATCH_MAX" in ErrorOutput.model_validate_json(result.stdout).error.message
 
 
 def test_index_missing_path_is_exit_2(home: Path) -> None:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from config.settings import Settings
 from schemas.events import ImageEvent
+from schemas.outputs import ErrorOutput
 from tests.helpers import photo
 from worker.cli.main import app
 from worker.encoders.spec import anchored_spec
@@ -240,7 +241,9 @@ def test_a_model_spec_that_cannot_load_is_a_usage_error(home: Path, spec: str, d
     ledger = _ledger()
     result = runner.invoke(app, ["reindex", "--all", "--model", spec, "--json", *(["--dry-run"] if dry_run else [])])
     assert result.exit_code == 2, result.output
-    assert result.stdout == "" and "--model" in result.stderr and "IMGSYNC_MODEL" not in result.stderr, result.stderr
+    assert "--model" in result.stderr and "IMGSYNC_MODEL" not in result.stderr, result.stderr
+    error = ErrorOutput.model_validate_json(result.stdout).error  # --json: the error is stdout's one document
+    assert error.kind == "usage" and "--model" in error.message
     assert [v.spec for v in ledger.versions()] in ([], ["tiny"])
     ledger.engine.dispose()
 

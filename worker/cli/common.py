@@ -103,17 +103,19 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = kwargs.get("ctx") or (args[0] if args and isinstance(args[0], typer.Context) else None)
         debug = bool(ctx and ctx.obj and ctx.obj.debug)
+        as_json = bool(kwargs.get("json_out"))
+        _emitted.clear()
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            _fail(exc, EXIT_USAGE, debug)
+            _fail(exc, EXIT_USAGE, debug, as_json)
         except (ServiceUnavailable, TransientError) as exc:
-            _fail(exc, EXIT_UNREACHABLE, debug)
+            _fail(exc, EXIT_UNREACHABLE, debug, as_json)
         except Exception as exc:  # noqa: BLE001 - only the broker's connection errors are expected here
             unreachable = _broker_unreachable(exc)
             if unreachable is None:
                 raise
-            _fail(unreachable, EXIT_UNREACHABLE, debug)
+            _fail(unreachable, EXIT_UNREACHABLE, debug, as_json)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -134,10 +136,24 @@ def _broker_unreachable(exc: Exception) -> ServiceUnavailable | None:
     return ServiceUnavailable("broker", "IMGSYNC_BROKER_URL", safe_url(str(app.conf.broker_url or "")), str(exc))
 
 
-def _fail(exc: Exception, code: int, debug: bool) -> None:
+def _fail(exc: Exception, code: int, debug: bool, as_json: bool) -> None:
     if debug:
         err_console.print_exception()
     err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
+    if as_json and not _emitted:  # stdout still owes its one document: the error is that document
+        from schemas.outputs import ErrorInfo, ErrorOutput
+
+        emit_json(
+            ErrorOutput(
+                error=ErrorInfo(
+                    kind="usage" if code == EXIT_USAGE else "unreachable",
+                    exit_status=code,
+                    message=str(exc),
+                    service=getattr(exc, "service", None),
+                    setting=getattr(exc, "setting", None),
+                )
+            )
+        )
     raise typer.Exit(code)
 
 
@@ -146,8 +162,13 @@ def plain(value: object) -> Text:
     return Text("" if value is None else str(value))
 
 
+#: non-empty once this invocation has written its JSON document (an error after it adds no second one)
+_emitted: list[bool] = []
+
+
 def emit_json(doc: BaseModel | dict[str, Any]) -> None:
     """One JSON document on stdout, nothing else there."""
+    _emitted.append(True)
     if isinstance(doc, BaseModel):
         text = doc.model_dump_json()
     else:
