@@ -451,3 +451,85 @@ def test_a_bucket_indexed_by_hand_still_takes_its_events(ledger: Ledger, tmp_pat
     assert ledger.accept_many([upload]).current == [upload]
     old = ImageEvent(uri="s3://b/SKU-1/a.jpg", sku="SKU-1", version="0055AED6DCD90281E0")
     assert ledger.accept_many([old]).current == []  # sequencer order still holds
+
+
+# --- lock order on PostgreSQL: writers that cross on rows wait, never deadlock -------------------
+
+
+@pytest.fixture
+def pg_ledger(pg_url: str) -> Ledger:
+    led = empty_ledger(pg_url)
+    yield led
+    led.engine.dispose()
+
+
+def test_accept_many_marks_the_skus_images_left_in_key_order(pg_ledger: Ledger) -> None:
+    """Two images leave SKU-B and SKU-A (events in that order) while another transaction holds SKU-A's
+    row and then takes SKU-B's, in the key order every writer uses. accept_many takes SKU-A first and
+    waits; it used to take SKU-B first (event order), and the other transaction then deadlocked
+    against it (PostgreSQL aborts one side)."""
+    import threading
+    import time
+
+    from worker.ledger.tables import skus
+
+    ledger = pg_ledger
+    from_b, from_a = ev("s3://b/x/1.jpg", sku="SKU-B"), ev("s3://b/x/2.jpg", sku="SKU-A")
+    ledger.accept_many([from_b, from_a], "r0")
+    ledger.mark_indexed([indexed(from_b), indexed(from_a)])  # both SKU rows exist now
+    moves = [ev(from_b.uri, sku="SKU-C", version=20), ev(from_a.uri, sku="SKU-C", version=20)]
+    got: list[object] = []
+
+    with ledger.engine.connect() as other:
+        tx = other.begin()
+        other.execute(sa.select(skus.c.sku).where(skus.c.sku == "SKU-A").with_for_update())
+        t = threading.Thread(target=lambda: got.append(_catch(lambda: ledger.accept_many(moves, "r1"))))
+        t.start()
+        time.sleep(1.0)  # accept_many now waits for SKU-A (or, in event order, holds SKU-B)
+        other.execute(sa.update(skus).where(skus.c.sku == "SKU-B").values(updated_at=sa.func.now()))
+        tx.commit()
+        t.join(30)
+    assert not t.is_alive() and len(got) == 1 and not isinstance(got[0], Exception), got
+    assert got[0].left_skus == ["SKU-A", "SKU-B"]  # type: ignore[attr-defined]
+    assert {s for s in ledger.dirty_skus()} >= {"SKU-A", "SKU-B"}
+
+
+def test_the_redrive_touch_skips_rows_an_encode_holds(pg_ledger: Ledger) -> None:
+    """An image held by an encode's claim is being worked on: the redrive's touch skips it at once (no
+    wait, no crossing of the claim's id order) and takes the other stalled images and SKUs."""
+    from datetime import UTC, datetime, timedelta
+
+    from worker.ledger.tables import images, skus
+
+    ledger = pg_ledger
+    held, free = ev("s3://b/SKU-1/held.jpg"), ev("s3://b/SKU-1/free.jpg")
+    ledger.accept_many([held, free], "r0")
+    ledger.mark_dirty(["SKU-1"])
+    hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with ledger.engine.begin() as conn:
+        conn.execute(images.update().values(updated_at=hour_ago))
+        conn.execute(skus.update().values(updated_at=hour_ago))
+    import threading
+
+    claim = ledger.claim([held.image_id])
+    got: list[object] = []
+    t = threading.Thread(
+        target=lambda: got.append(
+            _catch(lambda: ledger.touch_stalled([free.image_id, held.image_id], ["SKU-1"], hour_ago + timedelta(minutes=1)))
+        )
+    )
+    t.start()
+    t.join(10)  # it used to wait for the claim (an UPDATE over the held row)
+    claim.release()
+    t.join(30)
+    assert got == [([free.image_id], ["SKU-1"])], got
+    assert ledger.get(held.image_id).updated_at.replace(tzinfo=UTC) == hour_ago  # type: ignore[union-attr]
+    # released: the next look takes it
+    assert ledger.touch_stalled([held.image_id], [], hour_ago + timedelta(minutes=1))[0] == [held.image_id]
+
+
+def _catch(fn):  # type: ignore[no-untyped-def]
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the test reports it
+        return exc

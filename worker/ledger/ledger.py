@@ -190,7 +190,10 @@ class Ledger(HousekeepingMixin):
         now = _now()
         with self.engine.begin() as conn:
             prev = self._get(conn, event.image_id, lock=True)
-            return self._accept(conn, event, request_id, prev, now, None)
+            got = self._accept(conn, event, request_id, prev, now, None)
+            if got.left_sku is not None:
+                self._mark_dirty(conn, [got.left_sku], now)
+            return got
 
     def accept_many(self, events: Sequence[ImageEvent], request_id: str = "") -> Accepted:
         """:meth:`accept` for many events in one transaction, as a publisher records them before it
@@ -229,6 +232,7 @@ class Ledger(HousekeepingMixin):
                 if inserts:
                     conn.execute(images.insert(), inserts)
                 todo = later
+            self._mark_dirty(conn, left, now)  # once, sorted: SKU locks in the order every writer takes them
         return Accepted(current, sorted(left))
 
     def _accept(
@@ -241,7 +245,8 @@ class Ledger(HousekeepingMixin):
         inserts: list[dict] | None,
     ) -> Acceptance:
         """One event against its row ``prev`` (read under lock); new rows go to ``inserts`` when
-        given (one statement for many), else are inserted here."""
+        given (one statement for many), else are inserted here. The SKU the image left is the caller's
+        to mark dirty (after all of its image rows, as every writer locks them)."""
         if prev is not None and prev.version > event.version:
             if request_id:
                 conn.execute(
@@ -278,7 +283,6 @@ class Ledger(HousekeepingMixin):
             values["attempts"] = 0
         conn.execute(images.update().where(images.c.image_id == event.image_id).values(**values))
         if moved:
-            self._mark_dirty(conn, [prev.sku], now)
             return Acceptance(current=True, previous=prev, left_sku=prev.sku)
         return Acceptance(current=True, previous=prev)
 
@@ -983,26 +987,40 @@ class Ledger(HousekeepingMixin):
         self, image_ids: Sequence[str], sku_ids: Sequence[str], idle_since: datetime
     ) -> tuple[list[str], list[str]]:
         """Restart the idle clock of stalled work about to be sent again; returns the image ids and SKUs
-        still stalled (the others moved on meanwhile and must not be sent)."""
+        still stalled (the others moved on meanwhile and must not be sent).
+
+        Rows are locked first, in key order, skipping rows another transaction holds: a row under an
+        encode's claim or an accept is being worked on, not stalled, and an UPDATE over an IN list
+        would lock in whatever order its plan reads, crossing a claim's id order (a deadlock)."""
         now = _now()
         out_images: list[str] = []
         out_skus: list[str] = []
         with self.engine.begin() as conn:
-            for chunk in _chunks(list(image_ids), 500):
-                out_images += conn.execute(
-                    images.update()
-                    .where(images.c.image_id.in_(chunk), self._stalled(), images.c.updated_at < idle_since)
-                    .values(updated_at=now)
-                    .returning(images.c.image_id)
-                ).scalars()
-            for chunk in _chunks(list(sku_ids), 500):
-                out_skus += conn.execute(
-                    skus.update()
-                    .where(skus.c.sku.in_(chunk), skus.c.dirty_gen > skus.c.clean_gen, skus.c.updated_at < idle_since)
-                    .values(updated_at=now)
-                    .returning(skus.c.sku)
-                ).scalars()
+            for chunk in _chunks(sorted(set(image_ids)), 500):
+                ids = self._lock_skipping(
+                    conn, images.c.image_id, chunk, self._stalled(), images.c.updated_at < idle_since
+                )
+                if ids:
+                    conn.execute(images.update().where(images.c.image_id.in_(ids)).values(updated_at=now))
+                out_images += ids
+            for chunk in _chunks(sorted(set(sku_ids)), 500):
+                ids = self._lock_skipping(
+                    conn, skus.c.sku, chunk, skus.c.dirty_gen > skus.c.clean_gen, skus.c.updated_at < idle_since
+                )
+                if ids:
+                    conn.execute(skus.update().where(skus.c.sku.in_(ids)).values(updated_at=now))
+                out_skus += ids
         return out_images, out_skus
+
+    def _lock_skipping(
+        self, conn: Connection, key: sa.Column, chunk: list[str], *where: sa.ColumnElement[bool]
+    ) -> list[str]:
+        """The keys of ``chunk`` whose rows match ``where``, locked in key order, skipping locked rows
+        (PostgreSQL; SQLite's write transaction holds the whole file)."""
+        q = sa.select(key).where(key.in_(chunk), *where).order_by(key)
+        if self.locks_rows:
+            q = q.with_for_update(skip_locked=True)
+        return list(conn.execute(q).scalars())
 
     # --- helpers -------------------------------------------------------------------------------
 
