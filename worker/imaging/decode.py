@@ -103,6 +103,8 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
                 f"{width}×{height} = {width * height} pixels is over IMGSYNC_MAX_IMAGE_PIXELS={limits.max_pixels}",
             )
         fmt = img.format  # exif_transpose returns an image without .format
+        if fmt == "PNG" and img.mode == "RGB" and data[24:25] == b"\x10":  # IHDR bit depth 16
+            _key_to_8bit(img)
         try:
             if fmt == "PNG":  # chunk CRCs: Pillow skips them when decoding pixel data
                 Image.open(io.BytesIO(data), formats=["PNG"]).verify()
@@ -211,6 +213,15 @@ def _to_rgb(img: Image.Image, fmt: str | None) -> Image.Image:
         return rgb
     background = Image.new("RGB", rgb.size, (255, 255, 255))
     return Image.composite(rgb, background, alpha)
+
+
+def _key_to_8bit(img: Image.Image) -> None:
+    """A 16-bit RGB PNG's colour key (tRNS) names 16-bit values, but Pillow reads the pixels as 8 bits
+    (their high bytes), so the key matched nothing and its pixels stayed opaque: key the high bytes
+    too. Pixels within 1/256 of the key colour go transparent with it; at 8 bits they are that colour."""
+    key = img.info.get("transparency")
+    if isinstance(key, tuple) and len(key) == 3:
+        img.info["transparency"] = tuple(int(v) >> 8 for v in key)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -69,6 +69,42 @@ def test_16bit_grey_png_colour_key_is_matched_before_scaling() -> None:
     assert (out[16:, :] == round(30000 * 255 / 65535)).all()
 
 
+def _png48(arr: np.ndarray, key: tuple[int, int, int]) -> bytes:
+    """A 16-bit RGB PNG with a tRNS colour key, written chunk by chunk (Pillow cannot write 16-bit RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    h, w, _ = arr.shape
+    rows = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"tRNS", struct.pack(">HHH", *key))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_16bit_rgb_png_colour_key_is_transparent() -> None:
+    """A 16-bit RGB PNG's tRNS key names 16-bit values; Pillow reads the pixels as 8 bits, and the
+    key used to match nothing (the keyed area stayed the key colour). Now the keyed pixels are white
+    and the others keep their colour."""
+    arr = np.empty((32, 40, 3), np.uint16)
+    arr[...] = (0x8000, 0x4000, 0x2000)
+    arr[:8, :8] = (0x1234, 0x5678, 0x9ABC)  # the key colour
+    out = np.asarray(decode_image(_png48(arr, (0x1234, 0x5678, 0x9ABC)), LIMITS))
+    assert (out[:8, :8] == 255).all()
+    assert (out[8:, :] == (0x80, 0x40, 0x20)).all() and (out[:8, 8:] == (0x80, 0x40, 0x20)).all()
+    # a 16-bit key whose values all fit in 8 bits (near black) keys those pixels, not 8-bit values
+    arr[:8, :8] = (0x0010, 0x0010, 0x0010)
+    arr[8:16, :8] = (0x1010, 0x1010, 0x1010)  # 8-bit 0x10 everywhere: stays opaque
+    out = np.asarray(decode_image(_png48(arr, (0x0010, 0x0010, 0x0010)), LIMITS))
+    assert (out[:8, :8] == 255).all() and (out[8:16, :8] == 0x10).all()
+
+
 def test_configured_pixel_limit_governs_not_pillows_default(monkeypatch: pytest.MonkeyPatch) -> None:
     """An image under IMGSYNC_MAX_IMAGE_PIXELS decodes even when Pillow's own bomb limit (89.5 MP by
     default, which refused 90–100 MP photos under the default 100 MP setting) is lower; over the
