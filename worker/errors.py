@@ -52,10 +52,13 @@ class ServiceUnavailable(TransientError):
     """A required service (broker, database, Milvus) cannot be reached: transient for a worker, exit
     status 3 for the CLI. The message names the setting and the address tried."""
 
-    def __init__(self, service: str, setting: str, target: str, cause: str) -> None:
+    def __init__(self, service: str, setting: str, target: str, cause: str, *, state: str = "unreachable") -> None:
         reason = Reason.index_unavailable if service.lower().startswith("milvus") else Reason.internal_error
         target, cause = hide_passwords(target), hide_passwords(cause)
-        super().__init__(reason, f"{service} unreachable at {target} ({setting}): {cause}")
+        super().__init__(reason, f"{service} {state} at {target} ({setting}): {cause}")
         self.service = service
         self.setting = setting
         self.target = target
+        self.cause = cause
+        #: what is wrong with it: ``unreachable``, ``failing`` (it answered, then failed), ``full``
+        self.state = state

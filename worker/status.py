@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from config.settings import Settings
 from schemas.outputs import StatusOutput, VersionInfo, WorkerInfo
@@ -36,8 +38,45 @@ def queue_depths(settings: Settings) -> dict[str, int | None]:
     return out
 
 
+#: free space under IMGSYNC_HOME below which status and ``index --wait`` warn (embedded writers stop
+#: at zero: SQLite answers "database or disk is full", Milvus Lite's WAL and the pixel store ENOSPC)
+LOW_DISK_BYTES = 64 * 2**20
+
+
+def disk_problem(settings: Settings, low: int | None = None) -> str | None:
+    """A line naming IMGSYNC_HOME when the embedded stack keeps data there (broker, state database,
+    pixel store or Milvus Lite) and its filesystem has less than ``low`` (:data:`LOW_DISK_BYTES`)
+    bytes free; else None."""
+    low = LOW_DISK_BYTES if low is None else low
+    used = (
+        settings.embedded_broker
+        or not settings.database_url
+        or not settings.milvus_uri
+        or settings.effective_pixel_store == str(settings.pixel_dir)
+    )
+    if not used:
+        return None
+    where = Path(settings.home).expanduser().resolve()
+    probe = where
+    while not probe.exists() and probe != probe.parent:  # not made yet: the filesystem it will be on
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return None
+    if free >= low:
+        return None
+    return (
+        f"IMGSYNC_HOME ({where}) has {free / 2**20:.1f} MiB free: the embedded broker, state database, "
+        "pixel store and Milvus Lite cannot write once it is full. Free space there: images the ledger "
+        "holds as waiting are sent again by the redrive (IMGSYNC_REDRIVE_AFTER_SECONDS)"
+    )
+
+
 def collect_status(settings: Settings) -> StatusOutput:
     errors: list[str] = []
+    if (disk := disk_problem(settings)) is not None:
+        errors.append(disk)
     ledger_counts: dict[str, int] = {}
     failures: dict[str, int] = {}
     live: list[dict] = []

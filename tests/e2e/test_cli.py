@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -436,3 +437,54 @@ def test_human_output_shows_user_data_verbatim(home: Path, tmp_path: Path) -> No
     result = runner.invoke(app, ["index", str(tmp_path / "cat"), "--wait", "--timeout", "0.5"], env={"COLUMNS": "300"})
     assert result.exit_code == 1  # no workers: pending
     assert "[red]SKU" in result.stdout  # rich would have swallowed "[red]" as a style
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB filesystem (tmpfs) to fill up; skipped where this process may not mount one."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt: Path) -> None:
+    import shutil
+
+    with open(mnt / "filler", "wb") as f:
+        try:
+            while shutil.disk_usage(mnt).free > 0:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass  # full
+
+
+def test_a_full_disk_under_imgsync_home_is_said_not_a_traceback(full_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedded IMGSYNC_HOME on a real filesystem that runs full: `index` exits 3 with one line that
+    names the state database and the free space under IMGSYNC_HOME (it was a raw sqlite traceback,
+    exit 1), its --json error document says the same, and `status` lists the full disk."""
+    from tests.helpers import photo
+
+    monkeypatch.setenv("IMGSYNC_HOME", str(full_disk / "home"))
+    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
+    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")
+    (tmp_path / "cat" / "S1").mkdir(parents=True)
+    photo(64, 64, seed=7).save(tmp_path / "cat" / "S1" / "a.jpg")
+    assert runner.invoke(app, ["db", "upgrade"]).exit_code == 0
+    _fill(full_disk)
+
+    result = runner.invoke(app, ["index", str(tmp_path / "cat"), "--json"])
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    error = ErrorOutput.model_validate_json(result.stdout).error
+    assert error.setting in ("IMGSYNC_DATABASE_URL", "IMGSYNC_BROKER_URL", "IMGSYNC_HOME"), error
+    assert "full" in error.message and f"IMGSYNC_HOME ({full_disk / 'home'}) has 0.0 MiB free" in error.message
+
+    doc = StatusOutput.model_validate_json(runner.invoke(app, ["status", "--json"]).stdout)
+    assert any(e.startswith(f"IMGSYNC_HOME ({full_disk / 'home'})") for e in doc.errors), doc.errors

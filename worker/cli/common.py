@@ -109,13 +109,15 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             _fail(exc, EXIT_USAGE, debug, as_json)
-        except (ServiceUnavailable, TransientError) as exc:
+        except ServiceUnavailable as exc:
+            _fail(_with_disk_hint(exc, ctx), EXIT_UNREACHABLE, debug, as_json)
+        except TransientError as exc:
             _fail(exc, EXIT_UNREACHABLE, debug, as_json)
-        except Exception as exc:  # noqa: BLE001 - only the broker's connection errors are expected here
-            unreachable = _broker_unreachable(exc)
+        except Exception as exc:  # noqa: BLE001 - only a service's or the disk's faults are expected here
+            unreachable = _broker_unreachable(exc) or _store_failing(exc)
             if unreachable is None:
                 raise
-            _fail(unreachable, EXIT_UNREACHABLE, debug, as_json)
+            _fail(_with_disk_hint(unreachable, ctx), EXIT_UNREACHABLE, debug, as_json)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -134,6 +136,45 @@ def _broker_unreachable(exc: Exception) -> ServiceUnavailable | None:
     from worker.ledger.db import safe_url
 
     return ServiceUnavailable("broker", "IMGSYNC_BROKER_URL", safe_url(str(app.conf.broker_url or "")), str(exc))
+
+
+def _store_failing(exc: Exception) -> ServiceUnavailable | None:
+    """A state database that failed mid-command (connection lost, "database or disk is full") or a
+    write refused for lack of space, as ServiceUnavailable naming what failed; else None."""
+    import errno
+
+    from sqlalchemy.exc import OperationalError as DatabaseError
+
+    if isinstance(exc, DatabaseError):
+        cause = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc).splitlines()[0]
+        return ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", _state_url(), cause, state="failing")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = exc.filename or "a file"
+        return ServiceUnavailable("disk", "IMGSYNC_HOME", str(where), "no space left on device", state="full")
+    return None
+
+
+def _state_url() -> str:
+    from worker.ledger.db import safe_url
+
+    try:
+        return safe_url(Settings().effective_database_url)
+    except Exception:  # noqa: BLE001 - settings that do not parse were reported before any database use
+        return "the state database"
+
+
+def _with_disk_hint(exc: ServiceUnavailable, ctx: typer.Context | None) -> ServiceUnavailable:
+    """``exc``, its message followed by the free-space line when IMGSYNC_HOME's disk is (nearly) full."""
+    from worker.status import disk_problem
+
+    settings = ctx.obj.settings if ctx is not None and isinstance(ctx.obj, State) else None
+    try:
+        disk = disk_problem(settings or Settings())
+    except Exception:  # noqa: BLE001 - a hint only
+        disk = None
+    if disk is None or disk in str(exc):
+        return exc
+    return ServiceUnavailable(exc.service, exc.setting, exc.target, f"{exc.cause}; {disk}", state=exc.state)
 
 
 def _fail(exc: Exception, code: int, debug: bool, as_json: bool) -> None:

@@ -196,10 +196,7 @@ def wait_for(
                     last_change = time.monotonic()
                 elif not hinted and time.monotonic() - last_change > STALL_HINT_SECONDS:
                     hinted = True
-                    err_console.print(
-                        f"[yellow]no progress for {STALL_HINT_SECONDS:.0f}s: are workers running? "
-                        "(`imgsync up` for the embedded stack; `imgsync status` shows queue depths)[/]"
-                    )
+                    err_console.print(f"[yellow]{escape(_stall_hint(settings))}[/]", highlight=False)
                 if len(done) == len(by_id) or (deadline is not None and time.monotonic() > deadline):
                     break
                 why = give_up() if give_up is not None else None
@@ -216,6 +213,20 @@ def wait_for(
             or IndexResult(uri=ev.uri, image_id=image_id, sku=ev.sku, outcome="pending", reason=None)
         )
     return results
+
+
+def _stall_hint(settings: Settings) -> str:
+    """What to say when nothing has progressed for a while: a full disk under IMGSYNC_HOME when that
+    is it, else the usual suspects."""
+    from worker.status import disk_problem
+
+    disk = disk_problem(settings)
+    if disk is not None:
+        return f"no progress for {STALL_HINT_SECONDS:.0f}s: {disk}"
+    return (
+        f"no progress for {STALL_HINT_SECONDS:.0f}s: are workers running? "
+        "(`imgsync up` for the embedded stack; `imgsync status` shows queue depths)"
+    )
 
 
 def _settled(settings: Settings, events: Sequence[ImageEvent], request_id: str) -> list[IndexResult]:

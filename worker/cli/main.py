@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from config.settings import Settings
 from schemas.outputs import SearchHit, SearchOutput, StatusOutput
@@ -304,8 +305,13 @@ def up(ctx: typer.Context) -> None:
         f"[bold green]imgsync up[/]: Milvus {uri}, model {settings.model}, data {settings.home}, "
         f"watching {settings.effective_watch_folder}, metrics {metrics_at}, logs {stack.log_dir}. Ctrl-C stops."
     )
+    disk_said: str | None = None  # the free-space warning last shown, so that it shows once per episode
+    disk_looked = 0.0
     try:
         while not stopping:
+            if time.monotonic() - disk_looked > DISK_LOOK_SECONDS:
+                disk_looked = time.monotonic()
+                disk_said = _say_disk(settings, disk_said)
             gone = stack.exited()
             if gone:
                 err_console.print(f"[bold red]a stack process ended: {'; '.join(gone)}[/]", highlight=False)
@@ -463,7 +469,10 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     settings = settings_from(ctx)
     schema_problem = None  # a reachable database without imgsync's schema: a setup step missing (exit 2)
     if not settings.database_url:
-        ensure_schema(settings)  # embedded SQLite state: create it rather than report a missing table
+        try:
+            ensure_schema(settings)  # embedded SQLite state: create it rather than report a missing table
+        except ServiceUnavailable:
+            pass  # it cannot be written (a full disk): collect_status reports what answers and what does not
     else:
         try:
             ensure_schema(settings)
@@ -500,6 +509,23 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         console.print(table)
     if not doc.ready:
         raise typer.Exit(EXIT_USAGE if schema_problem else EXIT_UNREACHABLE)
+
+
+#: how often `up` looks at the free space under IMGSYNC_HOME
+DISK_LOOK_SECONDS = 10.0
+
+
+def _say_disk(settings: Settings, said: str | None) -> str | None:
+    """Warn (once) when IMGSYNC_HOME's disk runs (nearly) full, say when it has room again; what
+    stands said now."""
+    from worker.status import disk_problem
+
+    problem = disk_problem(settings)
+    if problem is not None and said is None:
+        err_console.print(Text.assemble(("warning:", "bold yellow"), " ", problem), highlight=False)
+    elif problem is None and said is not None:
+        err_console.print(Text.assemble(("disk:", "bold green"), f" IMGSYNC_HOME ({settings.home}) has room again"))
+    return problem
 
 
 # --- demo --------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 
-from worker.errors import ServiceUnavailable
+from worker.errors import ServiceUnavailable, hide_passwords
 
 __all__ = [
     "make_engine", "reader", "begin_immediate", "upgrade", "current_revision", "safe_url", "sqlite_pragmas", "MIGRATIONS_DIR", "READ_ONLY",
@@ -165,5 +165,10 @@ def head_revision() -> str:
 
 
 def safe_url(url: str) -> str:
-    """``url`` (a database, Redis or AMQP URL) without its password, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
+    """``url`` (a database, Redis or AMQP URL) without its password, for messages. A URL SQLAlchemy
+    cannot parse (the embedded broker's ``imgsync-sqlite://``, a kombu transport name) is shown with
+    its password masked all the same."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return hide_passwords(url)
