@@ -3,6 +3,7 @@ names the setting, masks passwords, and gives the CLI exit status 2 for every co
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -172,12 +173,18 @@ def test_tiny_weights_and_random_dims_stay_valid(text: str, expected: ModelSpec)
     ],
 )
 def test_cli_exits_2_naming_the_setting(tmp_path: Path, setting: str, value: str, args: list[str]) -> None:
-    """The real CLI refuses a malformed setting with exit status 2, nothing on stdout, the setting on stderr."""
+    """The real CLI refuses a malformed setting with exit status 2, the setting on stderr; on stdout
+    nothing, or with --json the error as its one JSON document."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
     env.update({"IMGSYNC_HOME": str(tmp_path / "home"), "IMGSYNC_MODEL": "tiny", "IMGSYNC_METRICS_PORT": "0", setting: value})
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
-    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    if "--json" in args:
+        error = json.loads(proc.stdout)["error"]
+        assert (error["kind"], error["exit_status"]) == ("usage", 2) and setting in error["message"]
+    else:
+        assert proc.stdout == ""
     assert setting in proc.stderr and "Traceback" not in proc.stderr
-    assert "s3cret" not in proc.stderr
+    assert "s3cret" not in proc.stderr and "s3cret" not in proc.stdout
