@@ -23,7 +23,8 @@ class IndexResult(BaseModel):
     uri: str
     image_id: str
     sku: str
-    outcome: Literal["indexed", "unchanged", "failed", "pending"]
+    #: ``deleted``: only for the deletes of ``index --prune`` (images whose files are gone)
+    outcome: Literal["indexed", "unchanged", "failed", "pending", "deleted"]
     reason: str | None = None
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from config.settings import Settings
 from schemas.events import image_id_for, normalize_uri
 from schemas.outputs import IndexOutput
-from tests.helpers import reference_open_clip
+from tests.helpers import photo, reference_open_clip
 from tests.stack import MODES, running_stack
 from worker.index import IMAGES_ALIAS, SKUS_ALIAS, MilvusStore
 from worker.index.milvus_store import GRPC_OPTIONS
@@ -149,6 +149,55 @@ def test_folder_indexes_end_to_end(stack: dict, catalog) -> None:
     assert quick.queued == 0 and quick.request_id
     assert sorted(r.image_id for r in quick.results) == sorted(ids)
     assert {r.outcome for r in quick.results} == {"unchanged"}
+    store.close()
+
+
+def test_prune_deletes_what_is_gone_from_the_folder(stack: dict, tmp_path: Path, catalog) -> None:
+    """`index FOLDER --prune`: an image the ledger holds under the folder whose file is gone is deleted
+    (outcome `deleted`): its vector leaves Milvus, its SKU's vector is the mean of what is left, the
+    images still there are unchanged. Without --prune nothing is deleted; a folder emptied entirely
+    is pruned too; images elsewhere are not touched."""
+    root = catalog(n_skus=2, per_sku=2, root=tmp_path / "prune" / "cat")
+    elsewhere = tmp_path / "prune" / "cat-2"  # a sibling whose name extends root's
+    (elsewhere / "OTHER").mkdir(parents=True)
+    photo(200, 150, seed=99).save(elsewhere / "OTHER" / "1.jpg")
+    code, out = index_json(stack, str(root), str(elsewhere))
+    assert code == 0 and {r.outcome for r in out.results} == {"indexed"}, out
+    files = sorted(root.rglob("*.jpg"))
+    ids = {f: image_id_for(normalize_uri(str(f))) for f in files}
+    gone = root / "SKU-1" / "1.jpg"
+    gone.unlink()
+
+    code, out = index_json(stack, str(root))
+    assert code == 0 and sorted(r.outcome for r in out.results) == ["unchanged"] * 3  # no --prune: kept
+
+    code, out = index_json(stack, str(root), "--prune")
+    assert code == 0, out
+    outcomes = {r.image_id: r.outcome for r in out.results}
+    assert outcomes == {i: ("deleted" if f == gone else "unchanged") for f, i in ids.items()}
+    store = MilvusStore(stack["uri"])
+    held = {r["image_id"]: r for r in store.get_images(IMAGES_ALIAS, list(ids.values()))}
+    assert set(held) == {i for f, i in ids.items() if f != gone}
+    ledger = Ledger(make_engine(stack["settings"].effective_database_url))
+    assert ledger.get(ids[gone]).state == "deleted"  # type: ignore[union-attr]
+    wait_skus_clean(stack["settings"])
+    left = held[ids[root / "SKU-1" / "2.jpg"]]["vector"]
+    sku = store.get_skus(SKUS_ALIAS, ["SKU-1"])[0]
+    np.testing.assert_allclose(np.asarray(sku["vector"]), np.asarray(left), atol=1e-5)
+    assert sku["image_count"] == 1
+
+    for f in files:
+        f.unlink(missing_ok=True)
+    code, out = index_json(stack, str(root), "--prune")
+    assert code == 0 and sorted(r.outcome for r in out.results) == ["deleted"] * 3, out
+    assert store.get_images(IMAGES_ALIAS, list(ids.values())) == []
+    other = image_id_for(normalize_uri(str(next(elsewhere.rglob("*.jpg")))))
+    assert [r["image_id"] for r in store.get_images(IMAGES_ALIAS, [other])] == [other]
+    # nothing left to prune, nothing to index: said as such
+    proc = run_cli(stack, "index", str(root), "--prune", "--json")
+    assert proc.returncode == 2 and "no images found" in json.loads(proc.stdout)["error"]["message"]
+    proc = run_cli(stack, "index", "s3://bucket/SKU-1/a.jpg", "--prune", "--json")
+    assert proc.returncode == 2 and "--prune" in json.loads(proc.stdout)["error"]["message"]
     store.close()
 
 

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from config.settings import Settings
-from schemas.events import ImageEvent, normalize_uri, normalize_version, path_from_uri
+from schemas.events import Action, ImageEvent, normalize_uri, normalize_version, path_from_uri
 from schemas.outputs import IndexResult
 from worker.errors import ConfigError
 from worker.ledger import Ledger, make_engine
@@ -50,6 +50,36 @@ def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
             ev = ImageEvent(uri=uri, sku=image_sku, source="cli")
             events.setdefault(ev.image_id, ev)
     return list(events.values())
+
+
+def pruned_events(settings: Settings, targets: Sequence[str], present: set[str]) -> list[ImageEvent]:
+    """``index --prune``: a delete per image the ledger holds under each folder target whose file is
+    gone (not one of ``present``, the images being indexed).
+
+    Raises:
+        ConfigError: no target is a local folder.
+    """
+    from worker.sources.folder import gone_under
+
+    folders = []
+    for target in targets:
+        if urlparse(target).scheme in ("s3", "http", "https"):
+            continue
+        path = path_from_uri(normalize_uri(target))  # as image uris name it: absolute, links kept
+        if path.is_dir():
+            folders.append(path)
+    if not folders:
+        raise ConfigError("--prune deletes what is gone from a folder: give at least one local folder")
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    try:
+        out: dict[str, ImageEvent] = {}
+        for folder in folders:
+            for ev in gone_under(ledger, folder, "cli"):
+                if ev.image_id not in present:
+                    out.setdefault(ev.image_id, ev)
+    finally:
+        ledger.engine.dispose()
+    return list(out.values())
 
 
 def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
@@ -183,6 +213,8 @@ def wait_for(
                         outcome = "indexed" if row.state in ("indexed", "deleted") else row.state
                     if outcome:
                         ev = by_id[image_id]
+                        if ev.action is Action.delete and outcome == "indexed":
+                            outcome = "deleted"  # index --prune: the delete is done
                         done[image_id] = IndexResult(
                             uri=ev.uri,
                             image_id=image_id,
@@ -253,7 +285,7 @@ def print_results(results: Sequence[IndexResult]) -> None:
     counts: dict[str, int] = {}
     for r in results:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
-    failed = [r for r in results if r.outcome not in ("indexed", "unchanged")]
+    failed = [r for r in results if r.outcome not in ("indexed", "unchanged", "deleted")]
     if failed:
         table = Table("outcome", "reason", "sku", "uri", title="not indexed")
         for r in failed[:50]:

@@ -343,14 +343,23 @@ def index(
     wait: Annotated[bool, typer.Option("--wait", help="Follow the images to their outcome.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-encode even unchanged images.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Folders: also delete from the index the images under them whose files are gone (outcome 'deleted').",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Enqueue images for indexing; with --wait print one result per image (exit 1 if any failed)."""
-    from worker.cli.indexing import collect_events, submit_and_report
+    from worker.cli.indexing import collect_events, pruned_events, submit_and_report
 
     settings = settings_from(ctx)
     ensure_schema(settings)
     events = collect_events(targets, sku)
+    if prune:
+        events += pruned_events(settings, targets, {e.image_id for e in events})
     if not events:
         raise ConfigError(f"no images found in {', '.join(targets)}")
     if not submit_and_report(settings, events, force=force, wait=wait, timeout=timeout, json_out=json_out):

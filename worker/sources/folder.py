@@ -149,9 +149,7 @@ class FolderSource:
 
     def gone_under(self, top: Path) -> Iterator[ImageEvent]:
         """A delete per image the ledger holds under ``top`` whose file is gone."""
-        for row in self.ledger.select(uri_prefix=top.as_uri() + "/"):
-            if not path_from_uri(row.uri).exists():
-                yield self.delete_for(row.uri, row.sku)
+        return gone_under(self.ledger, top, SOURCE)
 
     def _publish_all(self, events: Iterable[ImageEvent]) -> int:
         n, chunk = 0, []
@@ -287,6 +285,14 @@ class FolderSource:
                 backoff = min(max(backoff * 2, 1.0), self.MAX_BACKOFF)
                 log.warning("folder: %s; retrying in %.0f s", exc, backoff, exc_info=log.isEnabledFor(logging.DEBUG))
                 stop.wait(backoff)
+
+
+def gone_under(ledger: Any, top: Path, source: str) -> Iterator[ImageEvent]:
+    """A delete, versioned now, per image the ledger holds (not deleted) under the folder ``top`` whose
+    file is gone: the folder source's rescan, and ``imgsync index FOLDER --prune``."""
+    for row in ledger.select(uri_prefix=top.as_uri() + "/"):
+        if not path_from_uri(row.uri).exists():
+            yield ImageEvent(uri=row.uri, sku=row.sku, action=Action.delete, version=time.time_ns(), source=source)
 
 
 def _image_suffixes() -> frozenset[str]:
