@@ -631,7 +631,7 @@ class Ledger(HousekeepingMixin):
                     model_id=model_id,
                     updated_at=now,
                 ),
-                [{"b_sku": sku, "b_gen": gen, "b_count": count} for sku, gen, count in done],
+                [{"b_sku": sku, "b_gen": gen, "b_count": count} for sku, gen, count in sorted(done)],  # key order
             )
         return [sku for sku, gen, _ in done if current.get(sku, 0) != gen]
 
