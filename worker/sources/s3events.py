@@ -19,7 +19,8 @@ Rules, in the order they apply to a record:
   may well still be there. It becomes an upsert, which reads the key's current version: unchanged
   content costs no forward pass, an older version that became current is encoded, a restored object
   comes back, and a key with no version left fails as ``not_found`` (its vector removed). Other
-  kinds (``ObjectAccessed``, tagging, ACL, restore, replication) and S3's ``s3:TestEvent`` are
+  kinds (``ObjectAccessed``, tagging (MinIO's ``ObjectCreated:PutTagging`` and the like too), ACL,
+  restore, replication) and S3's ``s3:TestEvent`` are
   skipped. The ``s3:`` prefix MinIO puts on record names is ignored.
 - **Key.** Record keys are form-encoded (``/`` as ``%2F``, space as ``+``, ``+`` as ``%2B``, UTF-8
   percent-encoded): decoded with :func:`urllib.parse.unquote_plus`; a key that is not valid UTF-8
@@ -173,13 +174,19 @@ def decode_key(raw: str) -> str:
 _NO_VERSION = frozenset({"", "null"})
 
 
+#: MinIO's ``ObjectCreated:`` kinds that change an object's metadata, not its bytes
+_METADATA_ONLY = ("PutTagging", "DeleteTagging", "PutRetention", "PutLegalHold")
+
+
 def action_for(kind: str, version_id: str | None = None) -> Action | None:
     """The action of an event kind (``ObjectCreated:Put``; an ``s3:`` prefix is ignored), or None.
     A ``Delete`` of one version (``version_id`` given) is an upsert: the key's current version, if
-    any is left, is what the index must hold."""
+    any is left, is what the index must hold. MinIO's tag, retention and legal-hold changes come
+    as ``ObjectCreated:`` kinds but leave the bytes alone: None (a bucket-wide retention change
+    would otherwise re-read every object)."""
     kind = kind.removeprefix("s3:")
     if kind.startswith("ObjectCreated:"):
-        return Action.upsert
+        return None if kind.removeprefix("ObjectCreated:") in _METADATA_ONLY else Action.upsert
     if kind.startswith(("ObjectRemoved:", "LifecycleExpiration:")):
         one_version = (version_id or "") not in _NO_VERSION and not kind.endswith(":DeleteMarkerCreated")
         return Action.upsert if one_version else Action.delete
@@ -243,7 +250,10 @@ def convert_document(doc: Any, rules: KeyRules, source: str) -> Conversion:
             raise InvalidNotification("an SNS envelope inside an SNS envelope")
         return convert_document(inner, rules, source)
     if doc.get("Event") == "s3:TestEvent":
-        S3TestEvent.model_validate(doc)
+        try:
+            S3TestEvent.model_validate(doc)
+        except ValidationError as exc:
+            raise InvalidNotification(f"s3:TestEvent: {_first_error(exc)}") from exc
         return Conversion(skipped=Counter({Skip.test_event.value: 1}))
     if "detail-type" in doc or doc.get("source") == "aws.s3":
         if doc.get("source") != "aws.s3":
@@ -300,6 +310,8 @@ def _loads(text: str | bytes, what: str) -> Any:
         return json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidNotification(f"{what} is not JSON: {exc}") from exc
+    except RecursionError as exc:  # nested deeper than the parser goes: no notification is
+        raise InvalidNotification(f"{what} is JSON nested too deeply to be a notification") from exc
 
 
 def _first_error(exc: ValidationError) -> str:
