@@ -55,7 +55,8 @@ class ServiceUnavailable(TransientError):
     def __init__(self, service: str, setting: str, target: str, cause: str, *, state: str = "unreachable") -> None:
         reason = Reason.index_unavailable if service.lower().startswith("milvus") else Reason.internal_error
         target, cause = hide_passwords(target), hide_passwords(cause)
-        super().__init__(reason, f"{service} {state} at {target} ({setting}): {cause}")
+        named = f" ({setting})" if setting else ""
+        super().__init__(reason, f"{service} {state} at {target}{named}: {cause}")
         self.service = service
         self.setting = setting
         self.target = target

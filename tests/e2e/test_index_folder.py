@@ -4,6 +4,7 @@ Milvus Lite server, the ``imgsync index`` CLI as a user runs it."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -155,8 +156,8 @@ def test_folder_indexes_end_to_end(stack: dict, catalog) -> None:
 def test_prune_deletes_what_is_gone_from_the_folder(stack: dict, tmp_path: Path, catalog) -> None:
     """`index FOLDER --prune`: an image the ledger holds under the folder whose file is gone is deleted
     (outcome `deleted`): its vector leaves Milvus, its SKU's vector is the mean of what is left, the
-    images still there are unchanged. Without --prune nothing is deleted; a folder emptied entirely
-    is pruned too; images elsewhere are not touched."""
+    images still there are unchanged. Without --prune nothing is deleted; a SKU folder removed entirely
+    or a file removed and given itself are pruned too; images elsewhere are not touched."""
     root = catalog(n_skus=2, per_sku=2, root=tmp_path / "prune" / "cat")
     elsewhere = tmp_path / "prune" / "cat-2"  # a sibling whose name extends root's
     (elsewhere / "OTHER").mkdir(parents=True)
@@ -186,16 +187,23 @@ def test_prune_deletes_what_is_gone_from_the_folder(stack: dict, tmp_path: Path,
     np.testing.assert_allclose(np.asarray(sku["vector"]), np.asarray(left), atol=1e-5)
     assert sku["image_count"] == 1
 
+    # a SKU folder removed, given itself; a file removed, given itself
+    shutil.rmtree(root / "SKU-2")
+    (root / "SKU-1" / "2.jpg").unlink()
+    code, out = index_json(stack, str(root / "SKU-2"), str(root / "SKU-1" / "2.jpg"), "--prune")
+    assert code == 0, out
+    assert sorted((Path(r.uri).parent.name, Path(r.uri).name, r.outcome) for r in out.results) == [
+        ("SKU-1", "2.jpg", "deleted"), ("SKU-2", "1.jpg", "deleted"), ("SKU-2", "2.jpg", "deleted"),
+    ]  # fmt: skip
+    assert store.get_images(IMAGES_ALIAS, list(ids.values())) == []
+    # a folder emptied entirely, given itself: its images were pruned already, nothing is left to do
     for f in files:
         f.unlink(missing_ok=True)
-    code, out = index_json(stack, str(root), "--prune")
-    assert code == 0 and sorted(r.outcome for r in out.results) == ["deleted"] * 3, out
+    proc = run_cli(stack, "index", str(root), "--prune", "--json")
+    assert proc.returncode == 2 and "no images found" in json.loads(proc.stdout)["error"]["message"]
     assert store.get_images(IMAGES_ALIAS, list(ids.values())) == []
     other = image_id_for(normalize_uri(str(next(elsewhere.rglob("*.jpg")))))
     assert [r["image_id"] for r in store.get_images(IMAGES_ALIAS, [other])] == [other]
-    # nothing left to prune, nothing to index: said as such
-    proc = run_cli(stack, "index", str(root), "--prune", "--json")
-    assert proc.returncode == 2 and "no images found" in json.loads(proc.stdout)["error"]["message"]
     proc = run_cli(stack, "index", "s3://bucket/SKU-1/a.jpg", "--prune", "--json")
     assert proc.returncode == 2 and "--prune" in json.loads(proc.stdout)["error"]["message"]
     store.close()

@@ -533,3 +533,13 @@ def _catch(fn):  # type: ignore[no-untyped-def]
         return fn()
     except Exception as exc:  # noqa: BLE001 - the test reports it
         return exc
+
+
+def test_a_uri_prefix_scope_is_case_exact(ledger: Ledger) -> None:
+    """SQLite's LIKE ignores ASCII case: a prefix scope (reindex --prefix, index --prune, the folder
+    source's rescan) took "Cat/" images for "cat/" ones."""
+    lower, upper = ev("file:///x/cat/S1/a.jpg", sku="S1"), ev("file:///x/Cat/S9/a.jpg", sku="S9")
+    ledger.accept_many([lower, upper], "r")
+    assert [r.uri for r in ledger.select(uri_prefix="file:///x/cat/")] == [lower.uri]
+    assert [r.uri for r in ledger.select(uri_prefix="file:///x/Cat/")] == [upper.uri]
+    assert sorted(r.uri for r in ledger.select(uri_prefix="file:///x/")) == sorted([lower.uri, upper.uri])

@@ -53,6 +53,10 @@ def test_safe_url_masks_a_url_sqlalchemy_cannot_parse() -> None:
     assert safe_url("imgsync-sqlite:///tmp/h/broker.db") == "imgsync-sqlite:///tmp/h/broker.db"
     assert safe_url("weird-scheme://user:hunter2@host/x") == "weird-scheme://user:***@host/x"
     assert safe_url("redis://:hunter2@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    # kombu's failover lists: each URL masked (one crashed the error path, the other leaked pw2 encoded)
+    assert safe_url("redis://:pw1@127.0.0.1:1;redis://:pw2@127.0.0.1:2") == "redis://:***@127.0.0.1:1;redis://:***@127.0.0.1:2"
+    masked = safe_url("redis://:pw1@127.0.0.1:1/0;redis://:pw2@127.0.0.1:2/0")
+    assert "pw1" not in masked and "pw2" not in masked and masked.count(";") == 1
 
 
 def _app(fault: Exception) -> typer.Typer:
@@ -79,6 +83,16 @@ def test_a_write_refused_for_lack_of_space_is_exit_3_naming_the_file(tmp_path: P
     error = json.loads(result.stdout)["error"]
     assert (error["kind"], error["service"], error["setting"]) == ("unreachable", "disk", "IMGSYNC_HOME")
     assert "disk full at" in error["message"] and "x.px" in error["message"] and "Traceback" not in result.output
+
+
+def test_a_full_disk_elsewhere_is_not_blamed_on_imgsync_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
+    fault = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "elsewhere" / "catalog" / "x.jpg"))
+    result = runner.invoke(_app(fault), ["run", "--json"])
+    assert result.exit_code == 3, result.output
+    error = json.loads(result.stdout)["error"]
+    assert error["setting"] is None and error["message"].startswith(f"disk full at {tmp_path / 'elsewhere'}")
+    assert "IMGSYNC_HOME" not in error["message"].split(":")[0]
 
 
 def test_a_state_database_failing_mid_command_is_exit_3_naming_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -149,9 +150,18 @@ def _store_failing(exc: Exception) -> ServiceUnavailable | None:
         cause = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc).splitlines()[0]
         return ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", _state_url(), cause, state="failing")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        where = exc.filename or "a file"
-        return ServiceUnavailable("disk", "IMGSYNC_HOME", str(where), "no space left on device", state="full")
+        where = str(exc.filename or "a file")
+        setting = "IMGSYNC_HOME" if _under_home(where) else ""  # a file elsewhere is on another disk, maybe
+        return ServiceUnavailable("disk", setting, where, "no space left on device", state="full")
     return None
+
+
+def _under_home(path: str) -> bool:
+    try:
+        home = Path(Settings().home).expanduser().absolute()
+        return Path(path).absolute().is_relative_to(home)
+    except Exception:  # noqa: BLE001 - settings that do not parse were reported before any write
+        return False
 
 
 def _state_url() -> str:
@@ -190,8 +200,8 @@ def _fail(exc: Exception, code: int, debug: bool, as_json: bool) -> None:
                     kind="usage" if code == EXIT_USAGE else "unreachable",
                     exit_status=code,
                     message=str(exc),
-                    service=getattr(exc, "service", None),
-                    setting=getattr(exc, "setting", None),
+                    service=getattr(exc, "service", None) or None,
+                    setting=getattr(exc, "setting", None) or None,
                 )
             )
         )

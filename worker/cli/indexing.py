@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from rich.markup import escape
@@ -35,17 +36,21 @@ CLOCK_SLACK = timedelta(seconds=5)
 STALL_HINT_SECONDS = 30.0
 
 
-def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
+def collect_events(targets: Sequence[str], sku: str | None, *, missing_ok: bool = False) -> list[ImageEvent]:
     """Events for files, folders laid out ``<sku>/<image>``, and ``s3://`` / ``http(s)://`` URIs.
 
     A file's SKU is the folder it lies in, a URL's the last folder of its path (percent-decoded), and
-    a folder holding images only directly (a SKU folder itself) gives them its name.
+    a folder holding images only directly (a SKU folder itself) gives them its name. ``missing_ok``
+    (``--prune``): a path that is gone gives no event instead of an error.
 
     Raises:
         ConfigError: a path that does not exist, or an image whose SKU cannot be told.
     """
     events: dict[str, ImageEvent] = {}
     for target in targets:
+        local = _local_path(target) if missing_ok else None
+        if local is not None and not local.exists():
+            continue
         for uri, image_sku in _expand(target, sku):
             ev = ImageEvent(uri=uri, sku=image_sku, source="cli")
             events.setdefault(ev.image_id, ev)
@@ -54,20 +59,15 @@ def collect_events(targets: Sequence[str], sku: str | None) -> list[ImageEvent]:
 
 def pruned_events(settings: Settings, targets: Sequence[str], present: set[str]) -> list[ImageEvent]:
     """``index --prune``: a delete per image the ledger holds under each folder target whose file is
-    gone (not one of ``present``, the images being indexed).
+    gone (not one of ``present``, the images being indexed). A target that is gone itself (a SKU
+    folder or a file removed) prunes what the ledger holds there.
 
     Raises:
-        ConfigError: no target is a local folder.
+        ConfigError: no target is a local folder or a local path that is gone.
     """
     from worker.sources.folder import gone_under
 
-    folders = []
-    for target in targets:
-        if urlparse(target).scheme in ("s3", "http", "https"):
-            continue
-        path = path_from_uri(normalize_uri(target))  # as image uris name it: absolute, links kept
-        if path.is_dir():
-            folders.append(path)
+    folders = [p for p in (_local_path(t) for t in targets) if p is not None and (p.is_dir() or not p.exists())]
     if not folders:
         raise ConfigError("--prune deletes what is gone from a folder: give at least one local folder")
     ledger = Ledger(make_engine(settings.effective_database_url))
@@ -80,6 +80,17 @@ def pruned_events(settings: Settings, targets: Sequence[str], present: set[str])
     finally:
         ledger.engine.dispose()
     return list(out.values())
+
+
+def _local_path(target: str) -> Path | None:
+    """The local path a target names as image uris name it (absolute, links kept); None for a URL or
+    a target that names no local path."""
+    if urlparse(target).scheme in ("s3", "http", "https"):
+        return None
+    try:
+        return path_from_uri(normalize_uri(target))
+    except ValueError:
+        return None
 
 
 def _expand(target: str, sku: str | None) -> Iterable[tuple[str, str]]:
@@ -206,15 +217,17 @@ def wait_for(
                 since = watermark
                 for image_id, row in candidates:
                     outcome = None
+                    ev = by_id[image_id]
+                    pruning = ev.action is Action.delete  # index --prune
                     if row.request_id == request_id and row.outcome:
-                        outcome = row.outcome
-                    elif row.version > by_id[image_id].version and row.state != "pending":
+                        outcome = "deleted" if pruning and row.outcome == "indexed" else row.outcome
+                    elif row.version > ev.version and row.state != "pending":
                         # a newer event for the image overtook ours: report where it stands now
-                        outcome = "indexed" if row.state in ("indexed", "deleted") else row.state
+                        if row.state == "deleted":
+                            outcome = "deleted" if pruning else "indexed"
+                        else:
+                            outcome = "indexed" if row.state == "indexed" else row.state
                     if outcome:
-                        ev = by_id[image_id]
-                        if ev.action is Action.delete and outcome == "indexed":
-                            outcome = "deleted"  # index --prune: the delete is done
                         done[image_id] = IndexResult(
                             uri=ev.uri,
                             image_id=image_id,

@@ -357,7 +357,7 @@ def index(
 
     settings = settings_from(ctx)
     ensure_schema(settings)
-    events = collect_events(targets, sku)
+    events = collect_events(targets, sku, missing_ok=prune)
     if prune:
         events += pruned_events(settings, targets, {e.image_id for e in events})
     if not events:

@@ -167,8 +167,10 @@ def head_revision() -> str:
 def safe_url(url: str) -> str:
     """``url`` (a database, Redis or AMQP URL) without its password, for messages. A URL SQLAlchemy
     cannot parse (the embedded broker's ``imgsync-sqlite://``, a kombu transport name) is shown with
-    its password masked all the same."""
+    its password masked all the same, and so is each URL of a ``;``-separated failover list."""
+    if ";" in url:
+        return ";".join(safe_url(part) for part in url.split(";"))
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
+    except Exception:  # noqa: BLE001 - any URL SQLAlchemy cannot parse (ArgumentError, a bad port's ValueError)
         return hide_passwords(url)

@@ -878,7 +878,11 @@ class Ledger(HousekeepingMixin):
             q = q.where(images.c.sku == sku)
         if uri_prefix:
             escaped = uri_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            q = q.where(images.c.uri.like(escaped + "%", escape="\\"))
+            q = q.where(
+                images.c.uri.like(escaped + "%", escape="\\"),
+                # SQLite's LIKE ignores ASCII case: the prefix must also match exactly ("Cat/" is not "cat/")
+                sa.func.substr(images.c.uri, 1, len(uri_prefix)) == uri_prefix,
+            )
         with self._reader.connect() as conn:
             return [r for r in (_row(x) for x in conn.execute(q.order_by(images.c.uri))) if r is not None]
 

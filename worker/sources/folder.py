@@ -288,9 +288,13 @@ class FolderSource:
 
 
 def gone_under(ledger: Any, top: Path, source: str) -> Iterator[ImageEvent]:
-    """A delete, versioned now, per image the ledger holds (not deleted) under the folder ``top`` whose
-    file is gone: the folder source's rescan, and ``imgsync index FOLDER --prune``."""
-    for row in ledger.select(uri_prefix=top.as_uri() + "/"):
+    """A delete, versioned now, per image the ledger holds (not deleted) at or under ``top`` (a folder,
+    or a file or folder that is gone) whose file is gone: the folder source's rescan, and
+    ``imgsync index FOLDER --prune``."""
+    base = top.as_uri()
+    for row in ledger.select(uri_prefix=base):
+        if row.uri != base and not row.uri.startswith(base + "/"):
+            continue  # a sibling whose name extends top's ("cat-2" beside "cat")
         if not path_from_uri(row.uri).exists():
             yield ImageEvent(uri=row.uri, sku=row.sku, action=Action.delete, version=time.time_ns(), source=source)
 
