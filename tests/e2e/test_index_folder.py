@@ -153,12 +153,16 @@ def test_folder_indexes_end_to_end(stack: dict, catalog) -> None:
     store.close()
 
 
-def test_prune_deletes_what_is_gone_from_the_folder(stack: dict, tmp_path: Path, catalog) -> None:
+def test_prune_deletes_what_is_gone_from_the_folder(stack: dict, tmp_path: Path) -> None:
     """`index FOLDER --prune`: an image the ledger holds under the folder whose file is gone is deleted
     (outcome `deleted`): its vector leaves Milvus, its SKU's vector is the mean of what is left, the
     images still there are unchanged. Without --prune nothing is deleted; a SKU folder removed entirely
     or a file removed and given itself are pruned too; images elsewhere are not touched."""
-    root = catalog(n_skus=2, per_sku=2, root=tmp_path / "prune" / "cat")
+    root = tmp_path / "prune" / "cat"  # SKUs of its own: the stack is shared with the other tests
+    for s in (1, 2):
+        (root / f"PRUNE-{s}").mkdir(parents=True)
+        for i in (1, 2):
+            photo(160 + 40 * i, 120, seed=500 + 10 * s + i).save(root / f"PRUNE-{s}" / f"{i}.jpg")
     elsewhere = tmp_path / "prune" / "cat-2"  # a sibling whose name extends root's
     (elsewhere / "OTHER").mkdir(parents=True)
     photo(200, 150, seed=99).save(elsewhere / "OTHER" / "1.jpg")
@@ -166,7 +170,7 @@ def test_prune_deletes_what_is_gone_from_the_folder(stack: dict, tmp_path: Path,
     assert code == 0 and {r.outcome for r in out.results} == {"indexed"}, out
     files = sorted(root.rglob("*.jpg"))
     ids = {f: image_id_for(normalize_uri(str(f))) for f in files}
-    gone = root / "SKU-1" / "1.jpg"
+    gone = root / "PRUNE-1" / "1.jpg"
     gone.unlink()
 
     code, out = index_json(stack, str(root))
@@ -182,18 +186,18 @@ def test_prune_deletes_what_is_gone_from_the_folder(stack: dict, tmp_path: Path,
     ledger = Ledger(make_engine(stack["settings"].effective_database_url))
     assert ledger.get(ids[gone]).state == "deleted"  # type: ignore[union-attr]
     wait_skus_clean(stack["settings"])
-    left = held[ids[root / "SKU-1" / "2.jpg"]]["vector"]
-    sku = store.get_skus(SKUS_ALIAS, ["SKU-1"])[0]
+    left = held[ids[root / "PRUNE-1" / "2.jpg"]]["vector"]
+    sku = store.get_skus(SKUS_ALIAS, ["PRUNE-1"])[0]
     np.testing.assert_allclose(np.asarray(sku["vector"]), np.asarray(left), atol=1e-5)
     assert sku["image_count"] == 1
 
     # a SKU folder removed, given itself; a file removed, given itself
-    shutil.rmtree(root / "SKU-2")
-    (root / "SKU-1" / "2.jpg").unlink()
-    code, out = index_json(stack, str(root / "SKU-2"), str(root / "SKU-1" / "2.jpg"), "--prune")
+    shutil.rmtree(root / "PRUNE-2")
+    (root / "PRUNE-1" / "2.jpg").unlink()
+    code, out = index_json(stack, str(root / "PRUNE-2"), str(root / "PRUNE-1" / "2.jpg"), "--prune")
     assert code == 0, out
     assert sorted((Path(r.uri).parent.name, Path(r.uri).name, r.outcome) for r in out.results) == [
-        ("SKU-1", "2.jpg", "deleted"), ("SKU-2", "1.jpg", "deleted"), ("SKU-2", "2.jpg", "deleted"),
+        ("PRUNE-1", "2.jpg", "deleted"), ("PRUNE-2", "1.jpg", "deleted"), ("PRUNE-2", "2.jpg", "deleted"),
     ]  # fmt: skip
     assert store.get_images(IMAGES_ALIAS, list(ids.values())) == []
     # a folder emptied entirely, given itself: its images were pruned already, nothing is left to do
