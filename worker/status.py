@@ -170,8 +170,11 @@ def version_infos(ledger: Ledger) -> list[VersionInfo]:
 
 
 def _safe(url: str) -> str:
+    """``url`` with its password shown as ``***``; each URL of a ``;``-separated failover list too."""
     from urllib.parse import urlsplit, urlunsplit
 
+    if ";" in url:
+        return ";".join(_safe(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")

@@ -142,3 +142,15 @@ def test_up_says_a_low_disk_once_and_when_it_has_room_again(tmp_path: Path, monk
     assert _say_disk(settings, said) is None
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("warning: IMGSYNC_HOME") == 1 and "has room again" in err
+
+
+def test_status_masks_every_password_of_a_failover_broker_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """status showed the second URL of a `;` failover list with its password in clear."""
+    from worker.index.lite_server import free_port
+    from worker.status import collect_status
+
+    urls = f"redis://:pw1@127.0.0.1:{free_port()}/0;redis://:pw2secret@127.0.0.1:{free_port()}/0"
+    doc = collect_status(Settings(home=tmp_path, broker_url=urls, milvus_uri=f"http://127.0.0.1:{free_port()}"))
+    assert "pw1" not in doc.broker_url and "pw2secret" not in doc.broker_url
+    assert doc.broker_url.count(":***@") == 2 and not doc.ready
+    assert doc.errors and not any("pw1" in e or "pw2secret" in e for e in doc.errors), doc.errors

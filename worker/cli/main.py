@@ -352,7 +352,8 @@ def index(
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Enqueue images for indexing; with --wait print one result per image (exit 1 if any failed)."""
+    """Enqueue images for indexing; with --wait print one result per image (exit 1 if any failed or is
+    still pending when --timeout runs out)."""
     from worker.cli.indexing import collect_events, pruned_events, submit_and_report
 
     settings = settings_from(ctx)
