@@ -240,18 +240,23 @@ def test_invalid_rows_are_dead_lettered_once(setup) -> None:
     cat.image(p, "ftp://host/x.jpg")
     cat.image(p, uri("outside"), crop=(0.6, 0.0, 0.5, 1.0))
     cat.sql("INSERT INTO product_images (product_id, uri, crop_x) VALUES (:p, :u, 0.1)", p=p, u=uri("partial"))
+    relative = cat.image(p, "cdn.example.com/img/a.jpg")  # no scheme: it named a file under the relay's cwd
     cat.image(p, uri("good"))
     stats = relay.drain()
-    assert stats.dead_letters == 3 and stats.upserts == 1
+    assert stats.dead_letters == 4 and stats.upserts == 1
     assert set(rec.take()) == {uri("good")}
     assert cat.unprocessed() == 0
     letters = Ledger(make_engine(settings.effective_database_url)).dead_letter_rows()
-    assert len(letters) == 3
+    assert len(letters) == 4
     assert {d["task"] for d in letters} == {"sources.outbox"} and {d["reason"] for d in letters} == {"invalid_event"}
     bodies = " ".join(d["body"] for d in letters)
     assert "ftp://host/x.jpg" in bodies and uri("outside") in bodies and uri("partial") in bodies
+    assert any("relative path" in d["error"] and "cdn.example.com" in d["body"] for d in letters)
     assert relay.drain().rows == 0 and rec.take() == {}
-    assert len(Ledger(make_engine(settings.effective_database_url)).dead_letter_rows()) == 3
+    assert len(Ledger(make_engine(settings.effective_database_url)).dead_letter_rows()) == 4
+    # its delete publishes nothing either: such a uri never reached the index
+    cat.sql("DELETE FROM product_images WHERE id = :i", i=relative)
+    assert relay.drain().rows == 1 and rec.take() == {}
 
 
 def test_publish_failure_keeps_rows(setup) -> None:
@@ -337,6 +342,60 @@ def test_run_polls_and_stops(make_settings) -> None:
     relay.close()
 
 
+def test_embedded_default_relays_through_the_real_publish(make_settings, tmp_path: Path) -> None:
+    """The embedded default: the catalog is the state database (one SQLite file) and publishing
+    writes its ledger. The relay used to hold the file's write lock while publishing, so the
+    ledger write waited 30 s and failed: nothing was ever relayed. Now the image is recorded
+    pending in the ledger and its preprocess message waits in the embedded broker, through
+    `imgsync sources outbox --once` as a user runs it."""
+    from kombu import Connection
+
+    settings = make_settings()
+    upgrade(settings.effective_database_url)
+    upgrade_catalog(settings.effective_catalog_url)
+    cat = Catalog(settings.effective_catalog_url)
+    cat.image(cat.product("SKU-1"), uri("a"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMGSYNC_")}
+    env.update(IMGSYNC_HOME=str(settings.home), IMGSYNC_MODEL="tiny", IMGSYNC_METRICS_PORT="0")
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "sources", "outbox", "--once"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.monotonic() - started < 25, "the publish waited for the relay's own lock"
+    assert cat.unprocessed() == 0
+    ledger = Ledger(make_engine(settings.effective_database_url))
+    row = ledger.get(image_id_for(uri("a")))
+    assert row is not None and row.state == "pending" and row.sku == "SKU-1"
+    ledger.engine.dispose()
+    with Connection(settings.effective_broker_url) as conn:
+        depth = conn.default_channel.queue_declare(queue=settings.queues.preprocess, passive=True).message_count
+    assert depth == 1
+
+
+def test_a_slow_publish_does_not_hold_a_sqlite_catalog(setup) -> None:
+    """SQLite: while a batch is being published the catalog's own writers go on (they waited for the
+    relay's write lock, and failed after the busy timeout when a publish took longer)."""
+    settings, cat, relay, rec = setup
+    if relay.postgres:
+        pytest.skip("PostgreSQL locks rows, not the database")
+    p = cat.product("SKU-1")
+    cat.image(p, uri("a"))
+    rec.delay = 3.0
+    t = threading.Thread(target=relay.drain)
+    t.start()
+    time.sleep(0.5)  # the relay is publishing now
+    started = time.monotonic()
+    cat.image(p, uri("b"))  # a store's write
+    waited = time.monotonic() - started
+    t.join(30)
+    assert waited < 1.5, f"the catalog's writer waited {waited:.1f} s for the relay"
+    rec.delay = 0.0
+    relay.drain()
+    assert set(rec.take()) == {uri("a"), uri("b")} and cat.unprocessed() == 0
+
+
 # --- PostgreSQL only -----------------------------------------------------------------------------
 
 
@@ -366,6 +425,48 @@ def test_late_commit_is_relayed(make_settings, pg_database) -> None:
     assert set(got) == {uri("late")}
     assert cat.unprocessed() == 0
     relay.close()
+
+
+def test_a_repeatable_read_server_default_does_not_read_stale_state(make_settings, pg_database) -> None:
+    """A catalog database whose default isolation is REPEATABLE READ: relay A claims, a SKU change
+    commits, relay B relays it, then A ticks and reads. A used to read its claim's snapshot (the old
+    SKU) under the higher version, so the stale SKU won; it now reads committed state."""
+    url = pg_database()
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.replace("+psycopg", "")) as admin:
+        admin.autocommit = True
+        admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_isolation = \'repeatable read\'')
+    settings = make_settings(catalog_url=url)
+    upgrade(settings.effective_database_url)
+    upgrade_catalog(settings.effective_catalog_url)
+    cat, rec_a, rec_b = Catalog(settings.effective_catalog_url), Recorder(), Recorder()
+    relay_a, relay_b = OutboxRelay(settings, publish=rec_a), OutboxRelay(settings, publish=rec_b)
+    p = cat.product("SKU-1")
+    cat.image(p, uri("a"))
+    relay_a.drain()
+    rec_a.take()
+    cat.sql("UPDATE products SET sku = 'SKU-2' WHERE id = :p", p=p)
+    claimed, go = threading.Event(), threading.Event()
+    tick = relay_a._tick
+
+    def held_tick(conn):  # type: ignore[no-untyped-def]
+        claimed.set()
+        go.wait(30)
+        return tick(conn)
+
+    relay_a._tick = held_tick  # type: ignore[method-assign]
+    t = threading.Thread(target=relay_a.drain)
+    t.start()
+    assert claimed.wait(30)
+    cat.sql("UPDATE products SET sku = 'SKU-3' WHERE id = :p", p=p)  # after A's claim, before its tick
+    relay_b.drain()
+    go.set()
+    t.join(30)
+    events = [*rec_a.take().values(), *rec_b.take().values()]
+    newest = max(events, key=lambda e: e.version)
+    assert newest.sku == "SKU-3", [(e.sku, e.version) for e in events]
+    relay_a.close()
+    relay_b.close()
 
 
 def test_late_sku_change_outranks_a_change_relayed_before_it(make_settings, pg_database) -> None:

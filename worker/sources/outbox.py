@@ -1,10 +1,12 @@
 """``imgsync sources outbox``: relay catalog changes, written to ``catalog_outbox`` by the catalog's
 triggers (``migrations/catalog/``), as :class:`~schemas.events.ImageEvent` objects.
 
-A batch is one catalog transaction: claim up to ``IMGSYNC_OUTBOX_BATCH`` unprocessed rows
-(PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so relays share the work; SQLite: ``BEGIN IMMEDIATE``
-serializes them), tick the catalog clock, read the *current* catalog state of every uri the rows
-touch, publish one event per uri, then mark the rows processed and commit. Rows are claimed by
+A batch: claim up to ``IMGSYNC_OUTBOX_BATCH`` unprocessed rows, tick the catalog clock, read the
+*current* catalog state of every uri the rows touch, publish one event per uri, then mark the rows
+processed. PostgreSQL does it in one transaction (``FOR UPDATE SKIP LOCKED``, so relays share the
+work). SQLite cannot hold its write lock while publishing (publishing writes the ledger, the same
+file in the embedded default): it reads in one short transaction and marks in another, and relays
+of one catalog take turns on an advisory lock file (``<catalog file>.relay.lock``). Rows are claimed by
 ``processed_at IS NULL``, never by "id above the last one seen", so a transaction that commits late
 is relayed like any other. A crash between publish and commit publishes again (at least once).
 
@@ -28,6 +30,8 @@ PostgreSQL relays wake on ``LISTEN imgsync_catalog_outbox`` and poll every
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import signal
@@ -37,6 +41,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
+from urllib.parse import urlparse
 
 import sqlalchemy as sa
 import typer
@@ -127,30 +132,75 @@ class OutboxRelay:
     def relay_batch(self) -> RelayStats:
         """Claim, publish and mark one batch of outbox rows; returns what it did (rows 0: none left).
 
+        PostgreSQL: the rows stay locked (``FOR UPDATE SKIP LOCKED``) while they are published, so a
+        second relay takes other rows. SQLite: a write transaction holds the whole file, and
+        publishing writes the ledger, which in the embedded default is that same file; so the
+        clock is ticked and the catalog read in one short transaction, the events published outside
+        it, and the rows marked processed in a second one (the catalog's own writers never wait
+        for a publish either). A crash between publishing and marking relays the rows again: the
+        events are idempotent.
+
         Raises whatever the catalog, the state database or the broker raises; then nothing is
         marked processed and the rows are relayed again later.
         """
-        stats = RelayStats()
-        with self.engine.connect() as conn, conn.begin():
-            claim = sa.select(outbox).where(outbox.c.processed_at.is_(None)).order_by(outbox.c.id).limit(self.batch)
-            rows = conn.execute(claim.with_for_update(skip_locked=True) if self.postgres else claim).all()
-            if not rows:
-                return stats
-            version = self._tick(conn)
-            events, bad = self._events(conn, rows, version)
-            if events:
-                self._publish(self.settings, events)
-            for body, error in bad:
-                self._dead_letter(conn, body, error)
-            conn.execute(
-                outbox.update().where(outbox.c.id.in_([r.id for r in rows])).values(processed_at=datetime.now(UTC))
-            )
-        stats.rows, stats.batches, stats.dead_letters = len(rows), 1, len(bad)
+        claim = sa.select(outbox).where(outbox.c.processed_at.is_(None)).order_by(outbox.c.id).limit(self.batch)
+        if self.postgres:
+            # read committed whatever the server's default: the state read must see every change
+            # committed before the tick (a repeatable-read snapshot from the claim would not)
+            with self.engine.connect().execution_options(isolation_level="READ COMMITTED") as conn, conn.begin():
+                rows = conn.execute(claim.with_for_update(skip_locked=True)).all()
+                if not rows:
+                    return RelayStats()
+                version = self._tick(conn)
+                events, bad = self._events(conn, rows, version)
+                if events:
+                    self._publish(self.settings, events)
+                self._mark(conn, rows, bad)
+        else:
+            with self._sqlite_relay_lock():  # one relay at a time per catalog file, as the rows' lock does on PostgreSQL
+                with self.engine.begin() as conn:
+                    rows = conn.execute(claim).all()
+                    if not rows:
+                        return RelayStats()
+                    version = self._tick(conn)
+                    events, bad = self._events(conn, rows, version)
+                if events:
+                    self._publish(self.settings, events)
+                with self.engine.begin() as conn:
+                    self._mark(conn, rows, bad)
+        stats = RelayStats(rows=len(rows), batches=1, dead_letters=len(bad))
         stats.upserts = sum(1 for e in events if e.action == "upsert")
         stats.deletes = len(events) - stats.upserts
         log.info("outbox: %d row(s) → %d upsert(s), %d delete(s), %d dead letter(s), version %d",
                  stats.rows, stats.upserts, stats.deletes, stats.dead_letters, version)
         return stats
+
+    @contextlib.contextmanager
+    def _sqlite_relay_lock(self) -> Iterator[None]:
+        """An advisory lock on ``<catalog file>.relay.lock`` for one batch: relays of one SQLite
+        catalog take turns (each row is published by one of them) without holding the database's
+        write lock while they publish. The kernel drops it however its holder ends."""
+        path = sa.engine.make_url(self.url).database
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.relay.lock", "a+b") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _mark(self, conn: Connection, rows: Sequence[Row], bad: list[tuple[dict, str]]) -> None:
+        """Record the batch's dead letters and mark its rows processed (rows another relay marked
+        meanwhile stay as they are)."""
+        for body, error in bad:
+            self._dead_letter(conn, body, error)
+        conn.execute(
+            outbox.update()
+            .where(outbox.c.id.in_([r.id for r in rows]), outbox.c.processed_at.is_(None))
+            .values(processed_at=datetime.now(UTC))
+        )
 
     def drain(self, stop: threading.Event | None = None) -> RelayStats:
         """Relay batches until no unclaimed row is left (or ``stop`` is set between batches)."""
@@ -300,11 +350,14 @@ def _event_for(
     """The event for ``uri`` given its catalog rows: ``(event, "", body)`` or ``(None, error, body)``
     (error empty: nothing to publish)."""
     live = [r for r in rows if r.deleted_at is None and r.product_deleted_at is None and r.sku is not None]
+    relative = _relative(uri)
     if live:
         row = max(live, key=lambda r: (_aware(r.updated_at), r.id))  # one uri in two live rows: the newest
         crop = (row.crop_x, row.crop_y, row.crop_w, row.crop_h)
         body = {"uri": uri, "sku": row.sku, "action": "upsert", "image_row_id": row.id, "crop": crop}
         try:
+            if relative:
+                raise ValueError(relative)
             if any(c is not None for c in crop) and any(c is None for c in crop):
                 raise ValueError(f"crop box {crop}: give all of crop_x, crop_y, crop_w, crop_h, or none")
             box = CropBox(x=crop[0], y=crop[1], w=crop[2], h=crop[3]) if crop[0] is not None else None
@@ -318,6 +371,8 @@ def _event_for(
     body = {"uri": uri, "sku": sku, "action": "delete"}
     try:
         normalize_uri(uri)
+        if relative:
+            raise ValueError(relative)
     except ValueError:
         log.debug("outbox: delete of %r skipped: such a uri never reached the index", uri)
         return None, "", body
@@ -328,6 +383,15 @@ def _event_for(
     except (ValidationError, ValueError) as exc:
         return None, f"uri {uri!r}: {exc}", body
     return event, "", body
+
+
+def _relative(uri: str) -> str:
+    """Why a catalog uri names no image (a path relative to nothing: it would resolve against the
+    relay's working directory, a different image for every relay), or "" when it is absolute."""
+    text = uri.strip()
+    if urlparse(text).scheme or text.startswith("/"):
+        return ""
+    return "a relative path: catalog uris are s3://, http(s)://, file:// uris or absolute paths"
 
 
 def _aware(value: datetime | None) -> datetime:
