@@ -259,6 +259,32 @@ def test_invalid_rows_are_dead_lettered_once(setup) -> None:
     assert relay.drain().rows == 1 and rec.take() == {}
 
 
+@pytest.mark.parametrize("stamp", [1796492771, "", "2026-12-05T17:45:14.239Z", "2026-12-05"])
+def test_timestamps_a_store_writes_in_another_form_do_not_stall_the_relay(make_settings, stamp: object) -> None:
+    """SQLite keeps any type: a store writing updated_at/deleted_at as epoch seconds, "" or another
+    ISO form made every read of the batch raise, so no later row was ever relayed. Now the image is
+    relayed (a deleted_at of any value means deleted) and the rows after it too."""
+    settings = make_settings()
+    upgrade(settings.effective_database_url)
+    upgrade_catalog(settings.effective_catalog_url)
+    cat, rec = Catalog(settings.effective_catalog_url), Recorder()
+    relay = OutboxRelay(settings, publish=rec)
+    p = cat.product("SKU-1")
+    a = cat.image(p, uri("a"))
+    relay.drain()
+    rec.take()
+    cat.sql("UPDATE product_images SET updated_at = :v WHERE id = :i", v=stamp, i=a)
+    cat.image(p, uri("after"))
+    relay.drain()
+    got = rec.take()
+    assert got[uri("after")].action == "upsert" and cat.unprocessed() == 0
+    assert uri("a") not in got or got[uri("a")].action == "upsert"
+    cat.sql("UPDATE product_images SET deleted_at = :v WHERE id = :i", v=stamp, i=a)
+    relay.drain()
+    assert rec.take()[uri("a")].action == "delete" and cat.unprocessed() == 0
+    relay.close()
+
+
 def test_publish_failure_keeps_rows(setup) -> None:
     """When the broker refuses, no row is marked processed; the next pass publishes them."""
     _, cat, relay, rec = setup

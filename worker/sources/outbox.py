@@ -297,9 +297,13 @@ class OutboxRelay:
             for uri, pid in conn.execute(sa.select(pi.c.uri, pi.c.product_id).where(pi.c.product_id.in_(chunk))):
                 touched.setdefault(uri, []).extend(by_product[pid])
         state: dict[str, list[Row]] = {}
+        # deleted_at read as a flag and updated_at as text: a store writing SQLite timestamps in another
+        # form (epoch seconds, "") must not make every read of the batch fail (the relay stalled)
         query = sa.select(
-            pi.c.id, pi.c.uri, pi.c.deleted_at, pi.c.updated_at, pi.c.crop_x, pi.c.crop_y, pi.c.crop_w, pi.c.crop_h,
-            products.c.sku, products.c.deleted_at.label("product_deleted_at"),
+            pi.c.id, pi.c.uri, pi.c.deleted_at.is_not(None).label("deleted"),
+            sa.type_coerce(pi.c.updated_at, sa.String()).label("updated_at") if not self.postgres else pi.c.updated_at,
+            pi.c.crop_x, pi.c.crop_y, pi.c.crop_w, pi.c.crop_h,
+            products.c.sku, products.c.deleted_at.is_not(None).label("product_deleted"),
         ).select_from(pi.outerjoin(products, products.c.id == pi.c.product_id))
         for chunk in _chunks(list(touched), self.CHUNK):
             for s in conn.execute(query.where(pi.c.uri.in_(chunk))):
@@ -349,10 +353,10 @@ def _event_for(
 ) -> tuple[ImageEvent | None, str, dict]:
     """The event for ``uri`` given its catalog rows: ``(event, "", body)`` or ``(None, error, body)``
     (error empty: nothing to publish)."""
-    live = [r for r in rows if r.deleted_at is None and r.product_deleted_at is None and r.sku is not None]
+    live = [r for r in rows if not r.deleted and not r.product_deleted and r.sku is not None]
     relative = _relative(uri)
     if live:
-        row = max(live, key=lambda r: (_aware(r.updated_at), r.id))  # one uri in two live rows: the newest
+        row = max(live, key=lambda r: (_stamp(r.updated_at), r.id))  # one uri in two live rows: the newest
         crop = (row.crop_x, row.crop_y, row.crop_w, row.crop_h)
         body = {"uri": uri, "sku": row.sku, "action": "upsert", "image_row_id": row.id, "crop": crop}
         try:
@@ -367,7 +371,7 @@ def _event_for(
             return None, f"uri {uri!r}: {exc}", body
         return event, "", body
     known = [r for r in rows if r.sku is not None]
-    sku = max(known, key=lambda r: (_aware(r.updated_at), r.id)).sku if known else hint_sku
+    sku = max(known, key=lambda r: (_stamp(r.updated_at), r.id)).sku if known else hint_sku
     body = {"uri": uri, "sku": sku, "action": "delete"}
     try:
         normalize_uri(uri)
@@ -392,6 +396,22 @@ def _relative(uri: str) -> str:
     if urlparse(text).scheme or text.startswith("/"):
         return ""
     return "a relative path: catalog uris are s3://, http(s)://, file:// uris or absolute paths"
+
+
+def _stamp(value: object) -> datetime:
+    """A row's ``updated_at`` as an aware datetime for ordering, whatever form a store wrote it in
+    (SQLite keeps any type): a datetime, ISO text, epoch seconds; anything else sorts first."""
+    if isinstance(value, datetime):
+        return _aware(value)
+    text = str(value).strip() if value is not None else ""
+    try:
+        return _aware(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
+        pass
+    try:
+        return datetime.fromtimestamp(float(text), UTC)
+    except (ValueError, OverflowError, OSError):
+        return datetime.min.replace(tzinfo=UTC)
 
 
 def _aware(value: datetime | None) -> datetime:
