@@ -111,6 +111,20 @@ def uri(name: str) -> str:
     return f"s3://bucket/{name}.jpg"
 
 
+def _one_image_relayed(settings, sku: str):  # type: ignore[no-untyped-def]
+    """Schemas up, product ``sku`` with image ``uri("a")`` relayed already:
+    ``(catalog, recorder, relay, product id, image row id)``."""
+    upgrade(settings.effective_database_url)
+    upgrade_catalog(settings.effective_catalog_url)
+    cat, rec = Catalog(settings.effective_catalog_url), Recorder()
+    relay = OutboxRelay(settings, publish=rec)
+    p = cat.product(sku)
+    a = cat.image(p, uri("a"))
+    relay.drain()
+    rec.take()
+    return cat, rec, relay, p, a
+
+
 # --- schema --------------------------------------------------------------------------------------
 
 
@@ -264,15 +278,7 @@ def test_timestamps_a_store_writes_in_another_form_do_not_stall_the_relay(make_s
     """SQLite keeps any type: a store writing updated_at/deleted_at as epoch seconds, "" or another
     ISO form made every read of the batch raise, so no later row was ever relayed. Now the image is
     relayed (a deleted_at of any value means deleted) and the rows after it too."""
-    settings = make_settings()
-    upgrade(settings.effective_database_url)
-    upgrade_catalog(settings.effective_catalog_url)
-    cat, rec = Catalog(settings.effective_catalog_url), Recorder()
-    relay = OutboxRelay(settings, publish=rec)
-    p = cat.product("SKU-1")
-    a = cat.image(p, uri("a"))
-    relay.drain()
-    rec.take()
+    cat, rec, relay, p, a = _one_image_relayed(make_settings(), "SKU-1")
     cat.sql("UPDATE product_images SET updated_at = :v WHERE id = :i", v=stamp, i=a)
     cat.image(p, uri("after"))
     relay.drain()
@@ -499,14 +505,7 @@ def test_late_sku_change_outranks_a_change_relayed_before_it(make_settings, pg_d
     """A SKU change committed late (lower outbox id) still yields the highest version for the
     product's images, so the ledger keeps the new SKU (versions order reads, not writes)."""
     settings = make_settings(catalog_url=pg_database())
-    upgrade(settings.effective_database_url)
-    upgrade_catalog(settings.effective_catalog_url)
-    cat, rec = Catalog(settings.effective_catalog_url), Recorder()
-    relay = OutboxRelay(settings, publish=rec)
-    p = cat.product("OLD")
-    a = cat.image(p, uri("a"))
-    relay.drain()
-    rec.take()
+    cat, rec, relay, p, a = _one_image_relayed(settings, "OLD")
     late = psycopg.connect(settings.effective_catalog_url.replace("+psycopg", ""))
     try:
         late.execute("UPDATE products SET sku = 'NEW' WHERE id = %s", (p,))

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import urlparse
 
 import sqlalchemy as sa
@@ -72,6 +72,15 @@ log = logging.getLogger(__name__)
 #: ``task`` of the dead letters this source records
 DEAD_LETTER_TASK = "sources.outbox"
 SOURCE = "outbox"
+
+
+class _Batch(NamedTuple):
+    """One batch read: its outbox rows, the clock tick, the events and the dead letters."""
+
+    rows: Sequence[Row]
+    version: int
+    events: list[ImageEvent]
+    bad: list[tuple[dict, str]]
 
 
 @dataclass
@@ -148,26 +157,21 @@ class OutboxRelay:
             # read committed whatever the server's default: the state read must see every change
             # committed before the tick (a repeatable-read snapshot from the claim would not)
             with self.engine.connect().execution_options(isolation_level="READ COMMITTED") as conn, conn.begin():
-                rows = conn.execute(claim.with_for_update(skip_locked=True)).all()
-                if not rows:
+                batch = self._read(conn, claim.with_for_update(skip_locked=True))
+                if batch is None:
                     return RelayStats()
-                version = self._tick(conn)
-                events, bad = self._events(conn, rows, version)
-                if events:
-                    self._publish(self.settings, events)
-                self._mark(conn, rows, bad)
+                self._publish_batch(batch)
+                self._mark(conn, batch)
         else:
             with self._sqlite_relay_lock():  # one relay at a time per catalog file, as the rows' lock does on PostgreSQL
                 with self.engine.begin() as conn:
-                    rows = conn.execute(claim).all()
-                    if not rows:
-                        return RelayStats()
-                    version = self._tick(conn)
-                    events, bad = self._events(conn, rows, version)
-                if events:
-                    self._publish(self.settings, events)
+                    batch = self._read(conn, claim)
+                if batch is None:
+                    return RelayStats()
+                self._publish_batch(batch)
                 with self.engine.begin() as conn:
-                    self._mark(conn, rows, bad)
+                    self._mark(conn, batch)
+        rows, version, events, bad = batch
         stats = RelayStats(rows=len(rows), batches=1, dead_letters=len(bad))
         stats.upserts = sum(1 for e in events if e.action == "upsert")
         stats.deletes = len(events) - stats.upserts
@@ -191,9 +195,23 @@ class OutboxRelay:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _mark(self, conn: Connection, rows: Sequence[Row], bad: list[tuple[dict, str]]) -> None:
+    def _read(self, conn: Connection, claim: sa.Select) -> _Batch | None:
+        """Claim rows, tick the clock and read the state they touch; None when no row waits."""
+        rows = conn.execute(claim).all()
+        if not rows:
+            return None
+        version = self._tick(conn)
+        events, bad = self._events(conn, rows, version)
+        return _Batch(rows, version, events, bad)
+
+    def _publish_batch(self, batch: _Batch) -> None:
+        if batch.events:
+            self._publish(self.settings, batch.events)
+
+    def _mark(self, conn: Connection, batch: _Batch) -> None:
         """Record the batch's dead letters and mark its rows processed (rows another relay marked
         meanwhile stay as they are)."""
+        rows, bad = batch.rows, batch.bad
         for body, error in bad:
             self._dead_letter(conn, body, error)
         conn.execute(
