@@ -406,12 +406,15 @@ def test_embedded_default_relays_through_the_real_publish(make_settings, tmp_pat
     assert depth == 1
 
 
-def test_a_slow_publish_does_not_hold_a_sqlite_catalog(setup) -> None:
+def test_a_slow_publish_does_not_hold_a_sqlite_catalog(make_settings) -> None:
     """SQLite: while a batch is being published the catalog's own writers go on (they waited for the
-    relay's write lock, and failed after the busy timeout when a publish took longer)."""
-    settings, cat, relay, rec = setup
-    if relay.postgres:
-        pytest.skip("PostgreSQL locks rows, not the database")
+    relay's write lock, and failed after the busy timeout when a publish took longer). PostgreSQL
+    locks the claimed rows only."""
+    settings = make_settings()
+    upgrade(settings.effective_database_url)
+    upgrade_catalog(settings.effective_catalog_url)
+    cat, rec = Catalog(settings.effective_catalog_url), Recorder()
+    relay = OutboxRelay(settings, publish=rec)
     p = cat.product("SKU-1")
     cat.image(p, uri("a"))
     rec.delay = 3.0
@@ -426,6 +429,7 @@ def test_a_slow_publish_does_not_hold_a_sqlite_catalog(setup) -> None:
     rec.delay = 0.0
     relay.drain()
     assert set(rec.take()) == {uri("a"), uri("b")} and cat.unprocessed() == 0
+    relay.close()
 
 
 # --- PostgreSQL only -----------------------------------------------------------------------------
