@@ -111,14 +111,15 @@ def handle_errors(fn: F) -> F:
         except ConfigError as exc:
             _fail(exc, EXIT_USAGE, debug, as_json)
         except ServiceUnavailable as exc:
-            _fail(_with_disk_hint(exc, ctx), EXIT_UNREACHABLE, debug, as_json)
+            _fail(_with_disk_hint(exc, _settings_of(ctx)), EXIT_UNREACHABLE, debug, as_json)
         except TransientError as exc:
             _fail(exc, EXIT_UNREACHABLE, debug, as_json)
         except Exception as exc:  # noqa: BLE001 - only a service's or the disk's faults are expected here
-            unreachable = _broker_unreachable(exc) or _store_failing(exc)
+            settings = _settings_of(ctx)
+            unreachable = _broker_unreachable(exc) or _store_failing(exc, settings)
             if unreachable is None:
                 raise
-            _fail(_with_disk_hint(unreachable, ctx), EXIT_UNREACHABLE, debug, as_json)
+            _fail(_with_disk_hint(unreachable, settings), EXIT_UNREACHABLE, debug, as_json)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
@@ -139,49 +140,44 @@ def _broker_unreachable(exc: Exception) -> ServiceUnavailable | None:
     return ServiceUnavailable("broker", "IMGSYNC_BROKER_URL", safe_url(str(app.conf.broker_url or "")), str(exc))
 
 
-def _store_failing(exc: Exception) -> ServiceUnavailable | None:
+def _settings_of(ctx: typer.Context | None) -> Settings | None:
+    """The invocation's settings (read by the command, else read now); None when they do not parse
+    (that was reported before any service was used)."""
+    if ctx is not None and isinstance(ctx.obj, State) and ctx.obj.settings is not None:
+        return ctx.obj.settings
+    try:
+        return Settings()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _store_failing(exc: Exception, settings: Settings | None) -> ServiceUnavailable | None:
     """A state database that failed mid-command (connection lost, "database or disk is full") or a
     write refused for lack of space, as ServiceUnavailable naming what failed; else None."""
     import errno
 
     from sqlalchemy.exc import OperationalError as DatabaseError
 
+    from worker.ledger.db import safe_url
+
     if isinstance(exc, DatabaseError):
         cause = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc).splitlines()[0]
-        return ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", _state_url(), cause, state="failing")
+        url = safe_url(settings.effective_database_url) if settings is not None else "the state database"
+        return ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", url, cause, state="failing")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         where = str(exc.filename or "a file")
-        setting = "IMGSYNC_HOME" if _under_home(where) else ""  # a file elsewhere is on another disk, maybe
+        home = Path(settings.home).expanduser().absolute() if settings is not None else None
+        # a file elsewhere is on another disk, maybe
+        setting = "IMGSYNC_HOME" if home is not None and Path(where).absolute().is_relative_to(home) else ""
         return ServiceUnavailable("disk", setting, where, "no space left on device", state="full")
     return None
 
 
-def _under_home(path: str) -> bool:
-    try:
-        home = Path(Settings().home).expanduser().absolute()
-        return Path(path).absolute().is_relative_to(home)
-    except Exception:  # noqa: BLE001 - settings that do not parse were reported before any write
-        return False
-
-
-def _state_url() -> str:
-    from worker.ledger.db import safe_url
-
-    try:
-        return safe_url(Settings().effective_database_url)
-    except Exception:  # noqa: BLE001 - settings that do not parse were reported before any database use
-        return "the state database"
-
-
-def _with_disk_hint(exc: ServiceUnavailable, ctx: typer.Context | None) -> ServiceUnavailable:
+def _with_disk_hint(exc: ServiceUnavailable, settings: Settings | None) -> ServiceUnavailable:
     """``exc``, its message followed by the free-space line when IMGSYNC_HOME's disk is (nearly) full."""
     from worker.status import disk_problem
 
-    settings = ctx.obj.settings if ctx is not None and isinstance(ctx.obj, State) else None
-    try:
-        disk = disk_problem(settings or Settings())
-    except Exception:  # noqa: BLE001 - a hint only
-        disk = None
+    disk = disk_problem(settings) if settings is not None else None
     if disk is None or disk in str(exc):
         return exc
     return ServiceUnavailable(exc.service, exc.setting, exc.target, f"{exc.cause}; {disk}", state=exc.state)

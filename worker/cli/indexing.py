@@ -223,10 +223,7 @@ def wait_for(
                         outcome = "deleted" if pruning and row.outcome == "indexed" else row.outcome
                     elif row.version > ev.version and row.state != "pending":
                         # a newer event for the image overtook ours: report where it stands now
-                        if row.state == "deleted":
-                            outcome = "deleted" if pruning else "indexed"
-                        else:
-                            outcome = "indexed" if row.state == "indexed" else row.state
+                        outcome = "indexed" if row.state == "deleted" and not pruning else row.state
                     if outcome:
                         done[image_id] = IndexResult(
                             uri=ev.uri,

@@ -393,14 +393,11 @@ class Ledger(HousekeepingMixin):
         return recorded, dirty
 
     @staticmethod
-    def _forget_vectors(conn: Connection, row: ImageRow, model_id: str | None, *, serving: bool, now: datetime) -> bool:
-        """Drop ``row``'s vector records (of ``model_id``, or of every version); an indexed image whose
-        serving vector went waits again, pending. Returns True when it left its SKU (to mark dirty)."""
-        where = [image_vectors.c.image_id == row.image_id]
-        if model_id is not None:
-            where.append(image_vectors.c.model_id == model_id)
-        conn.execute(image_vectors.delete().where(*where))
-        if not (serving and row.state == ImageState.indexed):
+    def _forget_vectors(conn: Connection, row: ImageRow, now: datetime) -> bool:
+        """Drop ``row``'s vector records (of every version); an indexed image waits again, pending.
+        Returns True when it left its SKU (to mark dirty)."""
+        conn.execute(image_vectors.delete().where(image_vectors.c.image_id == row.image_id))
+        if row.state != ImageState.indexed:
             return False
         conn.execute(images.update().where(images.c.image_id == row.image_id).values(state=ImageState.pending, updated_at=now))
         return True
@@ -547,7 +544,7 @@ class Ledger(HousekeepingMixin):
             row = self._get(conn, image_id, lock=True)
             if _owes_no_vector(row):
                 return None
-            if self._forget_vectors(conn, row, None, serving=True, now=now):
+            if self._forget_vectors(conn, row, now):
                 self._mark_dirty(conn, [row.sku], now)
         return row
 
