@@ -291,6 +291,33 @@ def test_timestamps_a_store_writes_in_another_form_do_not_stall_the_relay(make_s
     relay.close()
 
 
+def test_text_that_is_not_utf8_is_a_dead_letter_not_a_stall(make_settings) -> None:
+    """SQLite keeps any bytes as TEXT: a uri or SKU a store wrote in another encoding made every read
+    of the batch raise (sqlite3 cannot decode it), so no later row was ever relayed. Now each such
+    image is a dead letter naming the bytes, and the rows around it are relayed."""
+    settings = make_settings()
+    cat, rec, relay, p, a = _one_image_relayed(settings, "SKU-1")
+    bad_uri = cat.sql("INSERT INTO product_images (product_id, uri, position) "
+                      "VALUES (:p, CAST(X'73333a2f2f6275636b65742f6361fffe2e6a7067' AS TEXT), 0) RETURNING id", p=p)[0][0]
+    q = cat.sql("INSERT INTO products (sku) VALUES (CAST(X'534b552de9' AS TEXT)) RETURNING id")[0][0]
+    cat.image(q, uri("latin1-sku"))
+    cat.image(p, uri("after"))
+    stats = relay.drain()
+    got = rec.take()
+    assert set(got) == {uri("after")} and got[uri("after")].sku == "SKU-1"
+    assert stats.dead_letters == 2 and cat.unprocessed() == 0
+    letters = Ledger(make_engine(settings.effective_database_url)).dead_letter_rows()
+    errors = sorted(d["error"] for d in letters)
+    assert all("not valid UTF-8" in e for e in errors), errors
+    assert any("\\xff\\xfe" in e for e in errors) and any("SKU-\\xe9" in e for e in errors), errors
+    # deleting the row whose uri was never relayed publishes nothing and stalls nothing either
+    cat.sql("DELETE FROM product_images WHERE id = :i", i=bad_uri)
+    cat.image(p, uri("later"))
+    relay.drain()
+    assert set(rec.take()) == {uri("later")} and cat.unprocessed() == 0
+    relay.close()
+
+
 def test_publish_failure_keeps_rows(setup) -> None:
     """When the broker refuses, no row is marked processed; the next pass publishes them."""
     _, cat, relay, rec = setup

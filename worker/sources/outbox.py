@@ -128,6 +128,11 @@ class OutboxRelay:
         self.url = settings.effective_catalog_url
         self.engine = catalog_engine(self.url)
         self.postgres = self.engine.dialect.name == "postgresql"
+        if not self.postgres:
+            # SQLite keeps any bytes as TEXT, and sqlite3 raises on text that is not UTF-8: one such
+            # uri or SKU made every read of its batch fail, so the relay stalled. Read it with its
+            # bad bytes as surrogates instead; the image becomes a dead letter (_undecodable).
+            sa.event.listen(self.engine, "connect", _lenient_text)
         self.batch = settings.outbox_batch
         self._publish = publish or publish_events
         # same database: dead letters join the relay's transaction (SQLite: a second connection
@@ -323,7 +328,8 @@ class OutboxRelay:
             pi.c.crop_x, pi.c.crop_y, pi.c.crop_w, pi.c.crop_h,
             products.c.sku, products.c.deleted_at.is_not(None).label("product_deleted"),
         ).select_from(pi.outerjoin(products, products.c.id == pi.c.product_id))
-        for chunk in _chunks(list(touched), self.CHUNK):
+        readable = [u for u in touched if not _undecodable(u)]  # a parameter must be UTF-8 to be sent
+        for chunk in _chunks(readable, self.CHUNK):
             for s in conn.execute(query.where(pi.c.uri.in_(chunk))):
                 state.setdefault(s.uri, []).append(s)
         events: dict[str, ImageEvent] = {}
@@ -371,6 +377,8 @@ def _event_for(
 ) -> tuple[ImageEvent | None, str, dict]:
     """The event for ``uri`` given its catalog rows: ``(event, "", body)`` or ``(None, error, body)``
     (error empty: nothing to publish)."""
+    if bad := _undecodable(uri):
+        return None, f"uri {bad} is not valid UTF-8: the catalog must store text as UTF-8", {"uri": bad, "sku": hint_sku}
     live = [r for r in rows if not r.deleted and not r.product_deleted and r.sku is not None]
     relative = _relative(uri)
     if live:
@@ -380,6 +388,8 @@ def _event_for(
         try:
             if relative:
                 raise ValueError(relative)
+            if bad := _undecodable(row.sku):
+                raise ValueError(f"sku {bad} is not valid UTF-8: the catalog must store text as UTF-8")
             if any(c is not None for c in crop) and any(c is None for c in crop):
                 raise ValueError(f"crop box {crop}: give all of crop_x, crop_y, crop_w, crop_h, or none")
             box = CropBox(x=crop[0], y=crop[1], w=crop[2], h=crop[3]) if crop[0] is not None else None
@@ -405,6 +415,22 @@ def _event_for(
     except (ValidationError, ValueError) as exc:
         return None, f"uri {uri!r}: {exc}", body
     return event, "", body
+
+
+def _lenient_text(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+
+
+def _undecodable(text: str | None) -> str:
+    """``text`` shown as the bytes a store wrote when they are not UTF-8 (read by
+    :func:`_lenient_text`), else ""."""
+    if not text:
+        return ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(text.encode("utf-8", "surrogateescape"))[1:]
+    return ""
 
 
 def _relative(uri: str) -> str:
