@@ -16,6 +16,7 @@ __all__ = [
     "Action",
     "CropBox",
     "ImageEvent",
+    "escape_bytes",
     "image_id_for",
     "normalize_uri",
     "normalize_version",
@@ -79,15 +80,30 @@ def normalize_uri(value: str) -> str:
         if parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
                 raise ValueError(f"uri {value!r} names host {parsed.netloc!r}: a file:// uri must name a local file")
-            return _local_uri(unquote(parsed.path))
+            return _local_uri(unquote(parsed.path, errors="surrogateescape"))
         if not parsed.netloc:
             raise ValueError(f"uri {value!r} has no host or bucket")
+        _utf8("uri", value)  # a file path keeps any bytes (percent-encoded); a key or URL is text
         return value
     if parsed.scheme and len(parsed.scheme) > 1:  # a Windows drive letter is not a scheme
         raise ValueError(
             f"uri {value!r} has scheme {parsed.scheme!r}, which is not supported; expected one of {', '.join(_SCHEMES)}"
         )
     return _local_uri(os.path.expanduser(value))
+
+
+def escape_bytes(text: str) -> str:
+    """``text`` with the bytes that were not UTF-8 (read by Python as surrogates: a file name in
+    another encoding, a SQLite text, a JSON ``\\udcff`` escape) shown as ``\\xNN``: printable,
+    and storable where only UTF-8 is (databases, brokers, JSON documents, Milvus)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8(what: str, value: str) -> None:
+    """Refuses text that is not UTF-8 (see :func:`escape_bytes`)."""
+    shown = escape_bytes(value)
+    if shown != value:
+        raise ValueError(f"{what} '{shown}' is not valid UTF-8")
 
 
 def _local_uri(path: str) -> str:
@@ -113,7 +129,7 @@ def path_from_uri(uri: str) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme != "file":
         raise ValueError(f"{uri!r} is not a file:// uri")
-    return Path(unquote(parsed.path))
+    return Path(unquote(parsed.path, errors="surrogateescape"))
 
 
 def image_id_for(uri: str) -> str:
@@ -155,6 +171,13 @@ class ImageEvent(BaseModel):
     @classmethod
     def _version(cls, value: object) -> str:
         return normalize_version(value)  # type: ignore[arg-type]
+
+    @field_validator("sku", mode="before")
+    @classmethod
+    def _sku_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            _utf8("sku", value)
+        return value
 
     @field_validator("sku")
     @classmethod

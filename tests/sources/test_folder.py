@@ -119,6 +119,39 @@ def test_rescan_deletes_what_is_gone(make_settings, ledger, tmp_path: Path) -> N
     assert int(gone.version) >= before
 
 
+def test_a_file_name_that_is_not_utf8_is_indexed_and_kept(make_settings, ledger, tmp_path: Path) -> None:
+    """A file whose name is not UTF-8 is published under a uri that keeps its bytes; the next rescan
+    finds that file again instead of deleting the image as gone."""
+    root = tmp_path / "root"
+    save(root / "SKU-1" / os.fsdecode(b"caf\xe9.jpg"))
+    source = FolderSource(make_settings(), root, publish=(rec := Recorder()))
+    assert source.rescan().upserts == 1
+    (event,) = rec.take()
+    assert event.uri.endswith("/SKU-1/caf%E9.jpg") and event.sku == "SKU-1"
+    ledger.accept(event)
+    stats = source.rescan()
+    assert stats.deletes == 0 and all(e.action == Action.upsert for e in rec.take())
+
+
+def test_a_sku_folder_that_names_no_sku_is_skipped_not_retried(make_settings, ledger, tmp_path: Path) -> None:
+    """A SKU folder whose name is no valid SKU (bytes that are not UTF-8, a control character) made
+    the rescan raise, and the source retried it forever, publishing nothing. Now its images are
+    skipped with one warning each and counted invalid; the other folders are published."""
+    from worker.metrics.sources import source_metrics
+
+    root = tmp_path / "root"
+    save(root / "SKU-1" / "a.jpg")
+    for name in (os.fsdecode(b"SK\xe9"), "tab\there"):
+        save(root / name / "b.jpg")
+    invalid = source_metrics().events.labels("folder", "invalid")
+    before = invalid._value.get()
+    source = FolderSource(make_settings(), root, publish=(rec := Recorder()))
+    assert source.rescan().upserts == 1
+    assert summary(rec.take()) == [("upsert", "a.jpg", "SKU-1")]
+    source.rescan()
+    assert invalid._value.get() - before == 2  # once per path, not once per rescan
+
+
 def test_file_restored_with_an_old_mtime_beats_its_delete(make_settings, tmp_path: Path) -> None:
     """A file moved back in with an old mtime (backup, `mv`) still gets a version newer than the
     delete published when it went away (the ctime counts)."""

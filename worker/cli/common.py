@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from config.settings import Settings
+from schemas.events import escape_bytes
 from worker.errors import ConfigError, ServiceUnavailable, TransientError
 
 __all__ = [
@@ -186,7 +187,8 @@ def _with_disk_hint(exc: ServiceUnavailable, settings: Settings | None) -> Servi
 def _fail(exc: Exception, code: int, debug: bool, as_json: bool) -> None:
     if debug:
         err_console.print_exception()
-    err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
+    message = escape_bytes(str(exc))  # a file name that is not UTF-8 prints, and fits JSON
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     if as_json and not _emitted:  # stdout still owes its one document: the error is that document
         from schemas.outputs import ErrorInfo, ErrorOutput
 
@@ -195,7 +197,7 @@ def _fail(exc: Exception, code: int, debug: bool, as_json: bool) -> None:
                 error=ErrorInfo(
                     kind="usage" if code == EXIT_USAGE else "unreachable",
                     exit_status=code,
-                    message=str(exc),
+                    message=message,
                     service=getattr(exc, "service", None) or None,
                     setting=getattr(exc, "setting", None) or None,
                 )

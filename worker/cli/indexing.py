@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from config.settings import Settings
-from schemas.events import Action, ImageEvent, normalize_uri, normalize_version, path_from_uri
+from schemas.events import Action, ImageEvent, escape_bytes, normalize_uri, normalize_version, path_from_uri
 from schemas.outputs import IndexResult
 from worker.errors import ConfigError
 from worker.ledger import Ledger, make_engine
@@ -52,7 +53,11 @@ def collect_events(targets: Sequence[str], sku: str | None, *, missing_ok: bool 
         if local is not None and not local.exists():
             continue
         for uri, image_sku in _expand(target, sku):
-            ev = ImageEvent(uri=uri, sku=image_sku, source="cli")
+            try:
+                ev = ImageEvent(uri=uri, sku=image_sku, source="cli")
+            except ValidationError as exc:  # a SKU folder named with control characters or other bytes
+                reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                raise ConfigError(f"{escape_bytes(uri)}: {reasons}" + ("" if sku else " (pass --sku)")) from exc
             events.setdefault(ev.image_id, ev)
     return list(events.values())
 

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from config.settings import Settings
-from schemas.events import Action, ImageEvent, normalize_uri, path_from_uri
+from schemas.events import Action, ImageEvent, escape_bytes, normalize_uri, path_from_uri
 from worker.cli.common import err_console, handle_errors, settings_from
 from worker.fetch.local import walk_tree
-from worker.metrics.sources import count_round, declare_source, serve_source_metrics
+from worker.metrics.sources import count_round, declare_source, serve_source_metrics, source_metrics
 
 __all__ = ["FolderSource", "FolderStats", "command"]
 
@@ -92,6 +93,7 @@ class FolderSource:
         self._overflow = False
         self._last_note = 0.0
         self._ledger: Any = None
+        self._invalid: set[str] = set()  # paths already warned about
 
     # --- what a path means -----------------------------------------------------------------------
 
@@ -122,13 +124,25 @@ class FolderSource:
             return None
         if not path.is_file():
             return None
-        return ImageEvent(
-            uri=str(path), sku=sku, action=Action.upsert, version=max(st.st_mtime_ns, st.st_ctime_ns), source=SOURCE
-        )
+        return self._event(str(path), sku, Action.upsert, max(st.st_mtime_ns, st.st_ctime_ns))
 
-    def delete_for(self, uri: str, sku: str) -> ImageEvent:
+    def delete_for(self, uri: str, sku: str) -> ImageEvent | None:
         """The delete event of an image that is gone, versioned now."""
-        return ImageEvent(uri=uri, sku=sku, action=Action.delete, version=time.time_ns(), source=SOURCE)
+        return self._event(uri, sku, Action.delete, time.time_ns())
+
+    def _event(self, uri: str, sku: str, action: Action, version: int) -> ImageEvent | None:
+        """The event, or None for a path that names no valid image (a SKU folder named with control
+        characters, bytes that are not UTF-8, more than 256 characters): warned about once and
+        counted invalid. Raising would have failed the whole rescan, retried forever."""
+        try:
+            return ImageEvent(uri=uri, sku=sku, action=action, version=version, source=SOURCE)
+        except ValidationError as exc:
+            if uri not in self._invalid:
+                self._invalid.add(uri)
+                reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+                log.warning("folder: %s is not indexed: %s", escape_bytes(uri), reasons)
+                source_metrics().events.labels(SOURCE, "invalid").inc()
+            return None
 
     # --- rescan ----------------------------------------------------------------------------------
 
@@ -271,8 +285,8 @@ class FolderSource:
             yield from self.gone_under(path)
             return
         sku = self.sku_of(path)
-        if sku is not None:
-            yield self.delete_for(str(path), sku)
+        if sku is not None and (event := self.delete_for(str(path), sku)) is not None:
+            yield event
 
     def _until_done(self, fn: Callable[[], object], stop: threading.Event) -> None:
         backoff = 0.0

@@ -49,7 +49,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Connection, Row
 
 from config.settings import Settings
-from schemas.events import Action, CropBox, ImageEvent, normalize_uri
+from schemas.events import Action, CropBox, ImageEvent, escape_bytes, normalize_uri
 from worker.cli.common import err_console, handle_errors, settings_from
 from worker.ledger.db import safe_url
 from worker.metrics.sources import OutboxCollector, count_round, serve_source_metrics
@@ -424,13 +424,8 @@ def _lenient_text(dbapi_conn: Any, _record: Any) -> None:
 def _undecodable(text: str | None) -> str:
     """``text`` shown as the bytes a store wrote when they are not UTF-8 (read by
     :func:`_lenient_text`), else ""."""
-    if not text:
-        return ""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return repr(text.encode("utf-8", "surrogateescape"))[1:]
-    return ""
+    shown = escape_bytes(text or "")
+    return f"'{shown}'" if shown != (text or "") else ""
 
 
 def _relative(uri: str) -> str:

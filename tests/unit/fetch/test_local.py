@@ -40,6 +40,16 @@ def test_reads_the_file_bytes(base: Path) -> None:
     assert fetch_local(normalize_uri(str(f)), _cfg()) == PAYLOAD
 
 
+def test_a_file_name_that_is_not_utf8_is_read(base: Path) -> None:
+    """A file name in another encoding (bytes Linux allows) keeps its bytes through its uri: the file
+    itself is read, not a look-alike with U+FFFD that does not exist."""
+    f = base / os.fsdecode(b"caf\xe9 \xff.jpg")
+    f.write_bytes(PAYLOAD)
+    uri = normalize_uri(str(f))
+    assert uri.isascii() and uri.endswith("/caf%E9%20%FF.jpg")
+    assert fetch_local(uri, _cfg(base)) == PAYLOAD
+
+
 def test_missing_file_is_not_found(base: Path) -> None:
     """A path that does not exist is refused as not_found."""
     assert _reason(normalize_uri(str(base / "nope.jpg")), _cfg()) == Reason.not_found
