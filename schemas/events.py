@@ -80,7 +80,10 @@ def normalize_uri(value: str) -> str:
         if parsed.scheme == "file":
             if parsed.netloc not in ("", "localhost"):
                 raise ValueError(f"uri {value!r} names host {parsed.netloc!r}: a file:// uri must name a local file")
-            return _local_uri(unquote(parsed.path, errors="surrogateescape"))
+            path = unquote(parsed.path, errors="surrogateescape")
+            if "\x00" in path:
+                raise ValueError(f"uri {value!r} contains a NUL character (%00)")
+            return _local_uri(path)
         if not parsed.netloc:
             raise ValueError(f"uri {value!r} has no host or bucket")
         _utf8("uri", value)  # a file path keeps any bytes (percent-encoded); a key or URL is text

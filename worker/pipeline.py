@@ -259,8 +259,8 @@ def settle_unchanged(rt: Runtime, events: Sequence[ImageEvent], request_id: str)
             continue
         try:
             digest = content_hash(fetch_bytes(event.uri, rt.settings.fetch), event.crop)
-        except ImgsyncError:
-            rest.append(event)  # the worker records what is wrong with it
+        except Exception:  # noqa: BLE001 - typed or not, the worker records what is wrong with it
+            rest.append(event)
             continue
         if versions is None:
             versions, serving = rt.active_versions(), rt.serving().model_id

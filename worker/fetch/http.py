@@ -11,7 +11,7 @@ import ipaddress
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -26,6 +26,8 @@ __all__ = ["fetch_http", "check_address", "resolve_checked"]
 
 #: statuses meaning "this image is not there (for us)": permanent
 _GONE = {401, 403, 404, 410, 451}
+#: statuses meaning "ask again later": transient (besides every 5xx)
+_LATER = {408, 425, 429}
 _REDIRECTS = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 _USER_AGENT = "imgsync/0.1 (+catalog image indexer)"
@@ -38,6 +40,14 @@ class Target:
     port: int
     path: str
     address: str  # the checked IP the connection goes to
+    #: the host's other checked addresses, tried in turn when a connection to one cannot be made
+    fallbacks: tuple[str, ...] = ()
+
+    def host_header(self) -> str:
+        """``Host``: an IPv6 literal in brackets, the port unless it is the scheme's default."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
 
 
 def _allowed_by_list(host: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: tuple[str, ...]) -> bool:
@@ -84,7 +94,10 @@ def resolve_checked(url: str, cfg: FetchConfig) -> Target:
         raise PermanentError(Reason.invalid_event, f"{url}: not an http(s) URL with a host")
     if parts.username or parts.password:
         raise PermanentError(Reason.invalid_event, f"{url}: credentials in URLs are not accepted")
-    host = parts.hostname
+    try:  # an internationalised name as DNS, TLS and the Host header know it (xn--)
+        host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError as exc:
+        raise PermanentError(Reason.invalid_event, f"{url}: {parts.hostname!r} is not a valid host name") from exc
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
@@ -101,7 +114,7 @@ def resolve_checked(url: str, cfg: FetchConfig) -> Target:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(parts.scheme, host, port, path, addresses[0])
+    return Target(parts.scheme, host, port, path, addresses[0], tuple(addresses[1:]))
 
 
 class _Deadline:
@@ -192,10 +205,11 @@ def fetch_http(url: str, cfg: FetchConfig) -> bytes:
     """Download an image over HTTP(S), safely.
 
     Raises:
-        PermanentError: ``forbidden_address``, ``not_found`` (401/403/404/410, too many redirects),
-            ``fetch_too_large``, ``invalid_event``.
+        PermanentError: ``forbidden_address``, ``not_found`` (401/403/404/410/451, any other status
+            but 200 and the transient ones, too many redirects), ``fetch_too_large``, ``corrupt``
+            (a body that does not decode as its Content-Encoding says), ``invalid_event``.
         TransientError: ``fetch_timeout`` (connect/read timeout, total deadline) or ``fetch_error``
-            (connection errors, 5xx, 429).
+            (connection refused or broken on every address of the host, 5xx, 408, 425, 429).
     """
     started = time.monotonic()
     deadline = _Deadline(cfg.deadline)
@@ -208,31 +222,23 @@ def fetch_http(url: str, cfg: FetchConfig) -> bytes:
 def _fetch(url: str, cfg: FetchConfig, started: float, deadline: _Deadline) -> bytes:
     current = url
     for _hop in range(cfg.max_redirects + 1):
-        target = resolve_checked(current, cfg)
-        remaining = cfg.deadline - (time.monotonic() - started)
-        if remaining <= 0:
-            raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline")
-        timeout = urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=min(cfg.read_timeout, remaining))
-        pool = _open(target, cfg, timeout)
-        _watch(pool, deadline)
-        host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
-        try:
-            resp = pool.urlopen(
-                "GET",
-                target.path,
-                headers={"Host": host_header, "User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"},
-                redirect=False,
-                preload_content=False,
-                assert_same_host=False,
-            )
-        except (urllib3.exceptions.ConnectTimeoutError, urllib3.exceptions.ReadTimeoutError) as exc:
-            pool.close()
-            raise TransientError(Reason.fetch_timeout, f"{url}: timed out: {exc}") from exc
-        except urllib3.exceptions.HTTPError as exc:
-            pool.close()
-            if deadline.expired:
-                raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline") from exc
-            raise TransientError(Reason.fetch_error, f"{url}: {type(exc).__name__}: {exc}") from exc
+        resolved = resolve_checked(current, cfg)
+        addresses = (resolved.address, *resolved.fallbacks)
+        for i, address in enumerate(addresses):  # the next address when one cannot be reached
+            target = replace(resolved, address=address, fallbacks=())
+            remaining = cfg.deadline - (time.monotonic() - started)
+            if remaining <= 0:
+                raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline")
+            timeout = urllib3.Timeout(connect=min(cfg.connect_timeout, remaining), read=min(cfg.read_timeout, remaining))
+            pool = _open(target, cfg, timeout)
+            _watch(pool, deadline)
+            try:
+                resp = _request(url, pool, target, cfg, deadline)
+                break
+            except _Unreachable as exc:
+                pool.close()
+                if i == len(addresses) - 1:
+                    raise exc.error from exc.__cause__
         try:
             if resp.status in _REDIRECTS:
                 location = resp.headers.get("Location")
@@ -247,10 +253,52 @@ def _fetch(url: str, cfg: FetchConfig, started: float, deadline: _Deadline) -> b
     raise PermanentError(Reason.not_found, f"{url}: more than {cfg.max_redirects} redirects")
 
 
+class _Unreachable(Exception):
+    """No connection could be made to one address (refused, unreachable, connect timeout): the
+    host's next address is tried; ``error`` is what the fetch raises when none is left."""
+
+    def __init__(self, error: TransientError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _request(url: str, pool: urllib3.HTTPConnectionPool, target: Target, cfg: FetchConfig, deadline: _Deadline):  # type: ignore[no-untyped-def]
+    """Send the GET and read the status line and headers.
+
+    Raises:
+        _Unreachable: no connection was made.
+        TransientError: ``fetch_timeout`` or ``fetch_error`` once connected.
+    """
+    try:
+        return pool.urlopen(
+            "GET",
+            target.path,
+            headers={"Host": target.host_header(), "User-Agent": _USER_AGENT, "Accept": "image/*,*/*;q=0.5"},
+            redirect=False,
+            preload_content=False,
+            assert_same_host=False,
+        )
+    # urllib3 2 makes NewConnectionError (refused, unreachable) a ConnectTimeoutError: test it first
+    except urllib3.exceptions.NewConnectionError as exc:
+        if deadline.expired:
+            raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline") from exc
+        raise _Unreachable(TransientError(Reason.fetch_error, f"{url}: cannot connect to {target.address}: {exc}")) from exc
+    except urllib3.exceptions.ConnectTimeoutError as exc:
+        raise _Unreachable(TransientError(Reason.fetch_timeout, f"{url}: connect to {target.address} timed out: {exc}")) from exc
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        pool.close()
+        raise TransientError(Reason.fetch_timeout, f"{url}: timed out: {exc}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        pool.close()
+        if deadline.expired:
+            raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline") from exc
+        raise TransientError(Reason.fetch_error, f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
 def _read_body(url: str, resp, cfg: FetchConfig, started: float, deadline: _Deadline) -> bytes:  # type: ignore[no-untyped-def]
     if resp.status in _GONE:
         raise PermanentError(Reason.not_found, f"{url}: HTTP {resp.status}")
-    if resp.status == 429 or resp.status >= 500:
+    if resp.status in _LATER or resp.status >= 500:
         raise TransientError(Reason.fetch_error, f"{url}: HTTP {resp.status}")
     if resp.status != 200:
         raise PermanentError(Reason.not_found, f"{url}: HTTP {resp.status}")
@@ -271,7 +319,9 @@ def _read_body(url: str, resp, cfg: FetchConfig, started: float, deadline: _Dead
                 raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline")
     except urllib3.exceptions.ReadTimeoutError as exc:
         raise TransientError(Reason.fetch_timeout, f"{url}: read timed out: {exc}") from exc
-    except urllib3.exceptions.ProtocolError as exc:
+    except urllib3.exceptions.DecodeError as exc:  # a Content-Encoding (gzip, deflate ...) its body does not follow
+        raise PermanentError(Reason.corrupt, f"{url}: the body does not decode as its Content-Encoding says: {exc}") from exc
+    except urllib3.exceptions.HTTPError as exc:  # connection broken, short body ...
         if deadline.expired:
             raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline") from exc
         raise TransientError(Reason.fetch_error, f"{url}: connection broken: {exc}") from exc

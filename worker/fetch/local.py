@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,20 +15,31 @@ from worker.errors import PermanentError, TransientError
 __all__ = ["fetch_local", "walk_tree"]
 
 
+#: errors that name no file to read until someone changes the tree: not retried
+_NEVER_READABLE = frozenset({errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENAMETOOLONG})
+
+
 def fetch_local(uri: str, cfg: FetchConfig) -> bytes:
     """The bytes of a ``file://`` image.
 
     Raises:
-        PermanentError: ``not_found``, ``forbidden_address`` (outside IMGSYNC_FILE_ROOTS, also via
-            a symlink) or ``fetch_too_large``.
+        PermanentError: ``not_found`` (also a file or folder it may not read, links that loop, a
+            name too long), ``forbidden_address`` (outside IMGSYNC_FILE_ROOTS, also via
+            a symlink), ``fetch_too_large`` or ``invalid_event`` (a NUL in the name).
         TransientError: an I/O error that may pass.
     """
     path = path_from_uri(uri)
+    if "\x00" in str(path):  # a %00 in a uri that skipped normalize_uri: no file is named so
+        raise PermanentError(Reason.invalid_event, f"{uri}: a file name cannot hold a NUL character")
     try:
         real = path.resolve(strict=True)
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise PermanentError(Reason.not_found, f"no such file: {path}") from exc
+    except RuntimeError as exc:  # Python 3.11/3.12: symbolic links that loop (3.13: OSError ELOOP)
+        raise PermanentError(Reason.not_found, f"symbolic links loop: {path}") from exc
     except OSError as exc:
+        if exc.errno in _NEVER_READABLE:  # as the read below treats a file it may not open
+            raise PermanentError(Reason.not_found, f"cannot reach {path}: {exc.strerror}") from exc
         raise TransientError(Reason.fetch_error, f"cannot resolve {path}: {exc}") from exc
     if cfg.file_roots and not any(_inside(real, root) for root in cfg.file_roots):
         raise PermanentError(

@@ -75,13 +75,16 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 def s3_client(cfg: FetchConfig) -> Any:
     """The process's S3 client for ``cfg.s3_endpoint_url`` and ``cfg.s3_region``, built once.
 
-    The client's timeouts are those of the ``cfg`` that built it.
+    The client's timeouts are those of the ``cfg`` that built it, each at most its deadline.
 
     Raises:
         ValueError: a malformed endpoint url.
         botocore.exceptions.BotoCoreError: a region or setting boto3 refuses.
     """
-    cache_key = (cfg.s3_endpoint_url, cfg.s3_region, cfg.connect_timeout, cfg.read_timeout)
+    # no single wait longer than the whole download may take: the request before the body (status,
+    # headers) is bounded by these and botocore's 2 attempts, the body by the deadline itself
+    connect_timeout, read_timeout = min(cfg.connect_timeout, cfg.deadline), min(cfg.read_timeout, cfg.deadline)
+    cache_key = (cfg.s3_endpoint_url, cfg.s3_region, connect_timeout, read_timeout)
     client = _CLIENTS.get(cache_key)
     if client is not None:
         return client
@@ -94,8 +97,8 @@ def s3_client(cfg: FetchConfig) -> Any:
                 endpoint_url=cfg.s3_endpoint_url or None,
                 region_name=cfg.s3_region or None,
                 config=Config(
-                    connect_timeout=cfg.connect_timeout,
-                    read_timeout=cfg.read_timeout,
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
                     retries={"max_attempts": 2, "mode": "standard"},
                 ),
             )
@@ -107,9 +110,11 @@ def fetch_s3(uri: str, cfg: FetchConfig) -> bytes:
     """The bytes of the ``s3://bucket/key`` object, at most ``cfg.max_bytes`` of them.
 
     The announced size is checked before any byte of the body is read; the body is then read in
-    chunks and never past ``cfg.max_bytes + 1``. ``cfg.deadline`` bounds the whole download: it is
-    checked between chunks, and each socket read waits at most the time left (and at most
-    ``cfg.read_timeout``).
+    chunks and never past ``cfg.max_bytes + 1``. ``cfg.deadline`` bounds the body: it is checked
+    between chunks, and each socket read waits at most the time left (and at most
+    ``cfg.read_timeout``). The request before it waits at most the deadline per socket operation,
+    in at most 2 attempts; unlike an http(s) download, a server dripping its headers is not cut
+    (S3 is the operator's own endpoint, not a URL from the catalog).
 
     Raises:
         PermanentError: ``not_found`` (no such key or bucket, access denied), ``fetch_too_large``

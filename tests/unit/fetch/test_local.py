@@ -61,6 +61,23 @@ def test_missing_parent_is_not_found(base: Path) -> None:
     assert _reason((base / "file" / "child.jpg").as_uri(), _cfg()) == Reason.not_found
 
 
+def test_links_that_loop_and_names_too_long_are_not_found(base: Path) -> None:
+    """Symbolic links that loop (Python 3.11 raises RuntimeError: it escaped untyped and was retried
+    until retries_exhausted) and a name longer than the file system allows are not_found for good."""
+    os.symlink(base / "b.jpg", base / "a.jpg")
+    os.symlink(base / "a.jpg", base / "b.jpg")
+    assert _reason(normalize_uri(str(base / "a.jpg")), _cfg()) == Reason.not_found
+    assert _reason(normalize_uri(str(base / ("x" * 300 + ".jpg"))), _cfg()) == Reason.not_found
+
+
+def test_a_nul_in_a_file_uri_is_refused(base: Path) -> None:
+    """%00 decodes to a NUL no file name holds: normalize_uri refuses it (it was accepted: its
+    check ran before decoding), and a uri that skipped it is an invalid_event, not a ValueError."""
+    with pytest.raises(ValueError, match="NUL"):
+        normalize_uri(f"file://{base}/a%00b.jpg")
+    assert _reason(f"file://{base}/a%00b.jpg", _cfg()) == Reason.invalid_event
+
+
 def test_directory_is_not_found(base: Path) -> None:
     """A directory is not an image file: not_found."""
     (base / "dir.jpg").mkdir()
