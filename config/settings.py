@@ -356,6 +356,32 @@ class Settings(BaseSettings):
             return [part for part in (p.strip() for p in value.split(",")) if part]
         return value
 
+    @field_validator("fetch_allow_hosts")
+    @classmethod
+    def _allow_hosts(cls, value: list[str]) -> list[str]:
+        """Each entry an IP address, a CIDR or a host name (as DNS knows it: ``xn--`` form); an
+        entry that is none of them matched nothing, silently."""
+        import ipaddress
+
+        out = []
+        for entry in value:
+            bare = entry.strip()
+            if bare.startswith("[") and bare.endswith("]"):  # an IPv6 address as URLs write it
+                bare = bare[1:-1]
+            try:
+                out.append(str(ipaddress.ip_network(bare, strict=False)))
+                continue
+            except ValueError:
+                pass
+            try:
+                name = bare.encode("idna").decode("ascii").lower()
+            except UnicodeError:
+                name = ""
+            if not name or not all(part and all(c.isalnum() or c in "-_" for c in part) for part in name.split(".")):
+                raise ValueError(f"{entry!r} is neither a host name, an IP address nor a CIDR such as 10.0.0.0/8")
+            out.append(name)
+        return out
+
     @field_validator("milvus_index_params", "milvus_search_params", mode="before")
     @classmethod
     def _json_object(cls, value: object) -> object:

@@ -187,6 +187,7 @@ def test_loopback_refused_without_allowlist(server: str, only_loopback_connectio
         "http://224.0.0.1/x.jpg",
         "http://[fe80::1]/x.jpg",
         "http://[fd00::1]/x.jpg",
+        "http://[fec0::1]/x.jpg",
     ],
 )
 def test_forbidden_addresses(url: str, only_loopback_connections: list[str]) -> None:
@@ -255,6 +256,12 @@ def test_host_header_of_international_names(server: str, dns: dict) -> None:
     assert fetch_bytes(f"http://bücher.test:{port}/echo-host", config) == f"xn--bcher-kva.test:{port}".encode()
     assert fetch_bytes(f"http://商品.test:{port}/echo-host", config) == f"xn--jvrxl.test:{port}".encode()
     assert reason_of(f"http://{'a' * 64}.test/x.jpg", config) == (PermanentError, Reason.invalid_event)
+
+
+def test_port_zero_is_invalid(dns: dict) -> None:
+    """Port 0 names no server (it was taken as "no port": port 80)."""
+    dns["zero.test"] = ["127.0.0.1"]
+    assert reason_of("http://zero.test:0/x.jpg", cfg(allow_hosts=("127.0.0.0/8",))) == (PermanentError, Reason.invalid_event)
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,14 @@ def test_missing_key_is_not_found(moto_endpoint: str, bucket: str) -> None:
     assert bucket in str(err) and "no such/key.jpg" in str(err)
 
 
+def test_archived_object_is_not_found_for_good(moto_endpoint: str, admin, bucket: str) -> None:
+    """An object archived in Glacier answers InvalidObjectState until someone restores it: not
+    retried (it was, to retries_exhausted, as a transient S3 answer)."""
+    admin.put_object(Bucket=bucket, Key="cold.jpg", Body=PAYLOAD, StorageClass="GLACIER")
+    err = _permanent(f"s3://{bucket}/cold.jpg", _cfg(moto_endpoint))
+    assert err.reason == Reason.not_found and "InvalidObjectState" in str(err)
+
+
 def test_missing_bucket_is_not_found(moto_endpoint: str) -> None:
     """A bucket that does not exist is a permanent not_found naming the bucket."""
     name = f"imgsync-absent-{uuid.uuid4().hex[:8]}"

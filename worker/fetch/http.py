@@ -80,7 +80,8 @@ def check_address(host: str, address: str, allow: tuple[str, ...] = ()) -> None:
             ip = inner
     if _allowed_by_list(host, ip, allow):
         return
-    if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified:
+    site_local = isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local  # fec0::/10, deprecated but routed
+    if not ip.is_global or ip.is_multicast or ip.is_reserved or ip.is_unspecified or site_local:
         raise PermanentError(
             Reason.forbidden_address,
             f"{host} resolves to {ip}, a non-public address (allow it with IMGSYNC_FETCH_ALLOW_HOSTS)",
@@ -99,9 +100,11 @@ def resolve_checked(url: str, cfg: FetchConfig) -> Target:
     except UnicodeError as exc:
         raise PermanentError(Reason.invalid_event, f"{url}: {parts.hostname!r} is not a valid host name") from exc
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError as exc:
         raise PermanentError(Reason.invalid_event, f"{url}: bad port") from exc
+    if port == 0:
+        raise PermanentError(Reason.invalid_event, f"{url}: bad port 0")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

@@ -38,7 +38,10 @@ __all__ = ["fetch_s3", "parse_s3_uri", "s3_client"]
 CHUNK_SIZE = 64 * 1024
 
 #: Error codes meaning "this object cannot be had as addressed": final, retrying cannot help.
-_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404", "AccessDenied", "Forbidden", "403"})
+#: answers that no retry cures (InvalidObjectState: archived in Glacier, readable once restored)
+_NOT_FOUND_CODES = frozenset(
+    {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "AccessDenied", "Forbidden", "403", "InvalidObjectState"}
+)
 
 _CLIENTS: dict[tuple[str, str, float, float], Any] = {}
 _CLIENTS_LOCK = threading.Lock()

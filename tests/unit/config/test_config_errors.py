@@ -188,3 +188,13 @@ def test_cli_exits_2_naming_the_setting(tmp_path: Path, setting: str, value: str
         assert proc.stdout == ""
     assert setting in proc.stderr and "Traceback" not in proc.stderr
     assert "s3cret" not in proc.stderr and "s3cret" not in proc.stdout
+
+
+def test_fetch_allow_hosts_entries_are_checked_and_normalised(tmp_path: Path) -> None:
+    """IMGSYNC_FETCH_ALLOW_HOSTS takes host names (xn-- form), addresses (also [IPv6]) and CIDRs;
+    anything else is refused naming the entry (a bracketed IPv6 or a URL used to match nothing)."""
+    settings = Settings(_env_file=None, home=tmp_path, fetch_allow_hosts="[::1], 10.0.0.0/8, Bücher.Example, intranet")
+    assert settings.fetch_allow_hosts == ["::1/128", "10.0.0.0/8", "xn--bcher-kva.example", "intranet"]
+    for bad in ("http://intranet/", "10.0.0.0/33", "a b"):
+        with pytest.raises(ValidationError, match="neither a host name"):
+            Settings(_env_file=None, home=tmp_path, fetch_allow_hosts=bad)
