@@ -22,6 +22,7 @@ import base64
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -68,8 +69,10 @@ class Redrive:
         for kind in ("image", "sku"):  # exported at 0 from the start, so rate() and dashboards see a series
             metrics().redriven.labels(kind)
 
-    def run_once(self, now: datetime | None = None) -> RedriveReport:
-        idle_since = (now or datetime.now(UTC)) - timedelta(seconds=self.settings.effective_redrive_after)
+    def run_once(self, now: datetime | None = None, idle_for: float | None = None) -> RedriveReport:
+        """One look at work idle for ``idle_for`` seconds (default ``Settings.effective_redrive_after``)."""
+        idle_for = self.settings.effective_redrive_after if idle_for is None else idle_for
+        idle_since = (now or datetime.now(UTC)) - timedelta(seconds=idle_for)
         image_rows = self.ledger.stalled_images(idle_since, BATCH)
         sku_ids = self.ledger.stalled_skus(idle_since, BATCH)
         if not image_rows and not sku_ids:
@@ -112,7 +115,7 @@ class Redrive:
             log.warning(
                 "redrive: sent again %d image(s) and %d SKU refresh(es) idle for over %.0f s with empty queues "
                 "(their broker messages were lost)",
-                len(payloads), len(sku_ids), self.settings.effective_redrive_after,
+                len(payloads), len(sku_ids), idle_for,
             )  # fmt: skip
         return RedriveReport(images=len(payloads), skus=len(sku_ids))
 
@@ -165,8 +168,18 @@ def is_leader(ledger: Ledger, name: str, preprocess_queue: str, max_age_seconds:
     return bool(names) and min(names) == name
 
 
+#: once IMGSYNC_HOME's disk has room again after running full, work idle this long (queues empty,
+#: no worker holding its message) is sent again at the next look instead of after the redrive delay:
+#: the steps that could not be recorded while it was full left their images waiting
+AFTER_DISK_FULL_SECONDS = 30.0
+#: seconds between two looks at that disk's free space
+DISK_LOOK_SECONDS = 10.0
+
+
 class RedriveThread:
-    """A daemon thread in a CPU worker node's main process: a look every interval, by the leader only."""
+    """A daemon thread in a CPU worker node's main process: a look every interval, by the leader only.
+    The first look after IMGSYNC_HOME's disk has room again (embedded mode) sends work idle for
+    :data:`AFTER_DISK_FULL_SECONDS`."""
 
     def __init__(self, redrive: Redrive, node_name: str, interval: float, max_age_seconds: float) -> None:
         self.redrive, self.node_name, self.interval, self.max_age = redrive, node_name, interval, max_age_seconds
@@ -181,11 +194,19 @@ class RedriveThread:
         self._stop.set()
 
     def _run(self) -> None:
+        from worker.status import disk_problem
+
         ledger = self.redrive.ledger
-        while not self._stop.wait(self.interval):
+        was_full, last_look = False, time.monotonic()
+        while not self._stop.wait(min(self.interval, DISK_LOOK_SECONDS)):
+            full = disk_problem(self.redrive.settings) is not None
+            recovered, was_full = was_full and not full, full
+            if not recovered and time.monotonic() - last_look < self.interval:
+                continue
+            last_look = time.monotonic()
             try:
                 if is_leader(ledger, self.node_name, self.redrive.settings.queues.preprocess, self.max_age):
-                    self.redrive.run_once()
+                    self.redrive.run_once(idle_for=AFTER_DISK_FULL_SECONDS if recovered else None)
             except Exception:  # noqa: BLE001 - a failed look is logged and tried again next interval
                 log.warning("redrive: look failed", exc_info=True)
             finally:

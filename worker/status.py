@@ -68,8 +68,8 @@ def disk_problem(settings: Settings, low: int | None = None) -> str | None:
         return None
     return (
         f"IMGSYNC_HOME ({where}) has {free / 2**20:.1f} MiB free: the embedded broker, state database, "
-        "pixel store and Milvus Lite cannot write once it is full. Free space there: images the ledger "
-        "holds as waiting are sent again by the redrive (IMGSYNC_REDRIVE_AFTER_SECONDS)"
+        "pixel store and Milvus Lite cannot write once it is full. Free space there: the redrive sends "
+        "the images left waiting again at its first look after that (IMGSYNC_REDRIVE_INTERVAL_SECONDS)"
     )
 
 

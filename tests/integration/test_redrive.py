@@ -3,6 +3,7 @@ PostgreSQL ledgers, the real embedded broker and Celery's own message format."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -131,6 +132,47 @@ def test_a_transient_retry_restarts_the_idle_clock(setup) -> None:
     backdate(ledger, [e.image_id])
     ledger.note_attempt(e.image_id, e.version, Reason.fetch_timeout, "slow")
     assert ledger.stalled_images(datetime.now(UTC) - timedelta(minutes=1)) == []
+
+
+def test_after_a_full_disk_work_idle_half_a_minute_is_sent_again_at_once(setup, monkeypatch) -> None:
+    """Embedded mode: steps that could not be recorded while IMGSYNC_HOME's disk was full left their
+    images pending, sent again only after the redrive delay (20 min by default). The first look
+    after the disk has room again sends what has been idle for AFTER_DISK_FULL_SECONDS, without
+    waiting for the look interval; other looks keep the full delay."""
+    import worker.redrive as redrive_module
+    import worker.status as status_module
+
+    settings, ledger = setup
+    stuck = ev("stuck")
+    ledger.accept(stuck)
+    with ledger.engine.begin() as conn:
+        conn.execute(images.update().where(images.c.image_id == stuck.image_id)
+                     .values(updated_at=datetime.now(UTC) - timedelta(seconds=45)))
+    redrive = Redrive(settings, ledger, dispatcher())
+    assert redrive.run_once().images == 0  # 45 s idle: under the 60 s delay
+    looks: list[float | None] = []
+    real_run_once = redrive.run_once
+
+    def run_once(now=None, idle_for=None):  # type: ignore[no-untyped-def]
+        looks.append(idle_for)
+        return real_run_once(now, idle_for)
+
+    disk = iter(["full"] * 3 + [None] * 1000)
+    monkeypatch.setattr(status_module, "disk_problem", lambda _settings: next(disk))
+    monkeypatch.setattr(redrive_module, "DISK_LOOK_SECONDS", 0.05)
+    monkeypatch.setattr(redrive_module, "is_leader", lambda *_: True)
+    monkeypatch.setattr(redrive, "run_once", run_once)
+    thread = redrive_module.RedriveThread(redrive, "node", interval=3600, max_age_seconds=60).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not looks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # no second look: the interval (an hour) has not passed
+    finally:
+        thread.stop()
+    assert looks == [redrive_module.AFTER_DISK_FULL_SECONDS]
+    sent = drain(settings)[settings.queues.preprocess]
+    assert [payload["event"]["uri"] for _task, payload in sent] == [stuck.uri]
 
 
 def test_the_leader_is_the_live_preprocess_node_with_the_smallest_name(setup) -> None:
