@@ -144,6 +144,9 @@ class VerifyOutput(BaseModel):
     #: holds no current vector of (a cutover or rollback re-queues them; not counted as problems)
     status: str | None = None
     uncovered: int | None = None
+    #: collections or serving aliases of the checked version Milvus lost (read as empty: what they
+    #: held is ``missing``); ``--repair`` makes them again
+    collections_missing: list[str] = []
 
 
 class ErrorInfo(BaseModel):

@@ -22,6 +22,7 @@ from schemas.tasks import EncodeBatchPayload, EncodePayload, PreprocessBatchPayl
 from worker import celery_app, pipeline
 from worker.dispatch import IMAGES_HEADER, TASK_ENCODE, GatheringDispatcher
 from worker.errors import ImgsyncError, PermanentError, TransientError
+from worker.index.milvus_store import CollectionMissing
 from worker.metrics import metrics
 
 __all__ = ["ImageTask", "ImageBatchTask", "ImageBatches", "SkuTask", "dead_letter", "encode_payloads", "images_in"]
@@ -355,6 +356,8 @@ class SkuTask(Task):
             return self.run(payload)
         except ImgsyncError as exc:
             settings = celery_app.settings()
+            if isinstance(exc, CollectionMissing):  # made again on the next attempt
+                celery_app.runtime().forget_collections()
             if payload.attempt >= settings.max_retries:
                 names = ", ".join(payload.all_skus[:5]) + (" …" if len(payload.all_skus) > 5 else "")
                 # the SKUs stay dirty in the ledger: the redrive sends them again once things settle

@@ -25,6 +25,7 @@ from worker.errors import ImgsyncError, PermanentError
 from worker.fetch import fetch_bytes
 from worker.imaging.decode import decode_and_crop
 from worker.imaging.device_decode import JpegHandoff, plan_handoff
+from worker.index.milvus_store import CollectionMissing
 from worker.ledger import ImageRow, ImageState, KnownImage, Ledger, VersionRow
 from worker.metrics import metrics
 from worker.runtime import Runtime
@@ -315,6 +316,9 @@ def record_failure(
     Returns ``failed`` or ``retried``.
     """
     event = payload.event
+    if isinstance(exc, CollectionMissing):
+        log.warning("%s; its collections are made again on the next attempt", exc)
+        rt.forget_collections()
     if isinstance(exc, PermanentError):
         if rt.ledger.mark_failed(event.image_id, event.version, exc.reason, str(exc), payload.request_id):
             metrics().failures.labels(str(exc.reason)).inc()

@@ -154,6 +154,14 @@ class Runtime:
                 self._names[row.model_id] = names
         return names
 
+    def forget_collections(self) -> None:
+        """After a :class:`~worker.index.CollectionMissing`: every version's collections are made
+        (and loaded, and the serving aliases set) again at their next use."""
+        with self._lock:
+            self._names.clear()
+            if "store" in self.__dict__:
+                self.store.forget_collections()
+
     def _bootstrap(self) -> None:
         """A fresh index: the configured model serves. Its collections (and the serving aliases) are
         created in Milvus at first use (:meth:`names_for`)."""

@@ -2,9 +2,10 @@
 with ``--model``, a standby or building version's), and enqueue exactly the fixes with ``--repair``.
 
 Kinds of drift: ``missing`` (ledger says indexed, no vector), ``orphans`` (a vector the ledger does not
-hold as indexed), ``stale`` (the vector's content hash or model differs from the ledger's), and
-``sku_mismatch`` (a SKU vector that is not the normalized mean of its current images, has the wrong
-image count, or exists without images / is absent with images).
+hold as indexed), ``stale`` (the vector's content hash, model, SKU or uri differs from the ledger's),
+and ``sku_mismatch`` (a SKU vector that is not the normalized mean of its current images, has the
+wrong image count, or exists without images / is absent with images). A collection (or serving
+alias) that Milvus lost is read as empty and named in ``collections_missing``; repair makes it again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import sqlalchemy as sa
@@ -19,8 +21,9 @@ import sqlalchemy as sa
 from schemas.tasks import PreprocessPayload
 from worker.dispatch import Dispatcher
 from worker.encoders.base import l2_normalize
-from worker.index import IMAGES_ALIAS, SKUS_ALIAS, MilvusStore
-from worker.ledger import ImageState, Ledger, VersionRow
+from worker.index import IMAGES_ALIAS, SKUS_ALIAS, CollectionMissing, MilvusStore
+from worker.index.milvus_store import SKU_MAX, URI_MAX
+from worker.ledger import ImageState, Ledger, VersionRow, VersionStatus
 from worker.ledger.tables import image_vectors, images
 
 __all__ = ["VerifyReport", "verify", "verify_version", "repair", "SKU_TOLERANCE"]
@@ -43,6 +46,8 @@ class VerifyReport:
     #: current vector of (not a problem: a cutover or rollback to it re-queues them)
     version: VersionRow | None = None
     uncovered: int | None = None
+    #: collections or serving aliases of the checked version that Milvus does not have (read as empty)
+    collections_missing: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -53,21 +58,25 @@ def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
     """Compare every ledger row with the serving collections (fetching vectors by primary key)."""
     report = VerifyReport()
     collection = store.serving_collection()
-    if collection is None:  # nothing indexed yet: every "indexed" row is missing
+    if collection is None:  # nothing indexed yet (or the alias was lost): every "indexed" row is missing
         with ledger.engine.connect() as conn:
             report.missing = sorted(
                 conn.execute(sa.select(images.c.image_id).where(images.c.state == ImageState.indexed)).scalars()
             )
+        if report.missing:
+            report.collections_missing = [IMAGES_ALIAS]
+            serving = ledger.serving_version()
+            report.model_id = serving.model_id if serving is not None else None
         return report
     model_id = ledger.model_for_collection(collection)
     report.model_id = model_id
-    in_milvus = _held(store, IMAGES_ALIAS)
+    in_milvus = _held(store, IMAGES_ALIAS, report)
     members: dict[str, list[str]] = defaultdict(list)
     indexed: set[str] = set()
     in_flight: set[str] = set()  # first-time images whose vector may already be written
     with ledger.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(images.c.image_id, images.c.sku, images.c.state, images.c.content_hash, images.c.model_id)
+            sa.select(images.c.image_id, images.c.uri, images.c.sku, images.c.state, images.c.content_hash, images.c.model_id)
         )
         for r in rows:
             if r.state == ImageState.pending:
@@ -79,7 +88,7 @@ def verify(ledger: Ledger, store: MilvusStore) -> VerifyReport:
             held = in_milvus.get(r.image_id)
             if held is None:
                 report.missing.append(r.image_id)
-            elif held != (r.content_hash, r.model_id) or (model_id and r.model_id != model_id):
+            elif held != _Held(r.content_hash, r.model_id, r.sku[:SKU_MAX], r.uri[:URI_MAX]) or (model_id and r.model_id != model_id):
                 report.stale.append(r.image_id)
     _conclude(report, ledger, store, in_milvus, members, known=indexed | in_flight)
     return report
@@ -96,13 +105,13 @@ def verify_version(ledger: Ledger, store: MilvusStore, version: VersionRow) -> V
     version records.
     """
     report = VerifyReport(model_id=version.model_id, version=version)
-    in_milvus = _held(store, version.images_collection)
+    in_milvus = _held(store, version.images_collection, report)
     uncovered = 0
     members: dict[str, list[str]] = defaultdict(list)
     known: set[str] = set()  # indexed or waiting: a vector of theirs is no orphan
     with ledger.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(images.c.image_id, images.c.sku, images.c.state, images.c.content_hash,
+            sa.select(images.c.image_id, images.c.uri, images.c.sku, images.c.state, images.c.content_hash,
                       image_vectors.c.content_hash.label("held_hash"), image_vectors.c.sku.label("held_sku"))
             .select_from(images.outerjoin(image_vectors, sa.and_(image_vectors.c.image_id == images.c.image_id,
                                                                   image_vectors.c.model_id == version.model_id)))
@@ -121,7 +130,7 @@ def verify_version(ledger: Ledger, store: MilvusStore, version: VersionRow) -> V
             held = in_milvus.get(r.image_id)
             if held is None:
                 report.missing.append(r.image_id)
-            elif held != (r.held_hash, version.model_id):
+            elif held != _Held(r.held_hash, version.model_id, r.held_sku[:SKU_MAX], r.uri[:URI_MAX]):
                 report.stale.append(r.image_id)
     report.uncovered = uncovered
     collections = (version.images_collection, version.skus_collection)
@@ -129,19 +138,31 @@ def verify_version(ledger: Ledger, store: MilvusStore, version: VersionRow) -> V
     return report
 
 
-def _held(store: MilvusStore, collection: str) -> dict[str, tuple[str | None, str | None]]:
-    """``image_id -> (content_hash, model_id)`` of every vector in ``collection``."""
-    return {
-        r["image_id"]: (r.get("content_hash"), r.get("model_id"))
-        for r in store.rows(collection, ["image_id", "content_hash", "model_id"], _PAGE)
-    }
+class _Held(NamedTuple):
+    """What a vector's row says of its image."""
+
+    content_hash: str | None
+    model_id: str | None
+    sku: str | None
+    uri: str | None
+
+
+def _held(store: MilvusStore, collection: str, report: VerifyReport) -> dict[str, _Held]:
+    """``image_id -> _Held`` of every vector in ``collection`` (none when Milvus lost it: noted in
+    ``report.collections_missing``)."""
+    fields = ["image_id", *_Held._fields]
+    try:
+        return {r["image_id"]: _Held(*(r.get(f) for f in _Held._fields)) for r in store.rows(collection, fields, _PAGE)}
+    except CollectionMissing:
+        report.collections_missing.append(collection)
+        return {}
 
 
 def _conclude(
     report: VerifyReport,
     ledger: Ledger,
     store: MilvusStore,
-    in_milvus: dict[str, tuple[str | None, str | None]],
+    in_milvus: dict[str, _Held],
     members: dict[str, list[str]],
     *,
     known: set[str],
@@ -153,7 +174,7 @@ def _conclude(
     report.missing.sort()
     report.stale.sort()
     awaiting = set(ledger.dirty_skus())
-    bad = _check_skus(store, members, set(in_milvus), images_in=collections[0], skus_in=collections[1])
+    bad = _check_skus(store, members, set(in_milvus), report, images_in=collections[0], skus_in=collections[1])
     report.sku_mismatch = [s for s in bad if s not in awaiting]
 
 
@@ -161,11 +182,16 @@ def _check_skus(
     store: MilvusStore,
     members: dict[str, list[str]],
     present: set[str],
+    report: VerifyReport,
     *,
     images_in: str = IMAGES_ALIAS,
     skus_in: str = SKUS_ALIAS,
 ) -> list[str]:
-    stored = {r["sku"]: r for r in store.rows(skus_in, ["sku", "vector", "image_count"], _PAGE)}
+    try:
+        stored = {r["sku"]: r for r in store.rows(skus_in, ["sku", "vector", "image_count"], _PAGE)}
+    except CollectionMissing:
+        report.collections_missing.append(skus_in)
+        stored = {}
     bad = set(stored) - set(members)  # SKU vectors whose SKU has no images left
     for sku, ids in members.items():
         row = stored.get(sku)
@@ -186,10 +212,14 @@ def _check_skus(
 def repair(report: VerifyReport, ledger: Ledger, store: MilvusStore, dispatch: Dispatcher) -> dict[str, int]:
     """Enqueue exactly the fixes: re-encode missing and stale images, delete orphan vectors, refresh
     mismatched SKUs. Returns how many of each were sent."""
+    checked = report.version or ledger.serving_version()
+    if report.collections_missing and checked is not None:  # made again (serving: with its aliases) before anything is sent
+        store.forget_collections()
+        store.ensure_version(checked.model_id, checked.dim, serve_if_unset=checked.status == VersionStatus.serving)
     redo = report.missing + report.stale
     rows = ledger.rows(redo)
     events = [r.event("repair") for r in rows.values()]
-    only = [report.version.model_id] if report.version is not None else []  # --model: that version alone
+    only = [checked.model_id] if checked is not None else []  # the version checked alone, not every active one
     dispatch.preprocess_many([PreprocessPayload(event=ev, force=True, models=only) for ev in events])
     if report.orphans:
         collection = report.version.images_collection if report.version is not None else store.serving_collection()

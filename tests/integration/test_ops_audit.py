@@ -327,6 +327,102 @@ def test_verify_checks_a_version_that_does_not_serve(home: Path, own_milvus: str
     ledger.engine.dispose()
 
 
+def test_verify_finds_wrong_fields_and_lost_collections_and_repair_makes_them_again(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image vector whose row names another SKU is stale (verify compared hash and model only:
+    search answered the wrong SKU, verify said clean). A serving SKU collection and alias that
+    Milvus lost are read as empty: every SKU mismatches and the collection is named (verify exited
+    3, "unreachable", though Milvus answered, and nothing could repair it); --repair makes them
+    again and re-encodes into the serving version only. Its own Milvus server: it drops collections."""
+    import numpy as np
+    from pymilvus import MilvusClient
+
+    from worker import verify as verifying
+    from worker.encoders.base import l2_normalize
+    from worker.index import SKUS_ALIAS, LiteServer
+    from worker.index.milvus_store import ImageEntity, store_for
+
+    server = LiteServer(tmp_path / "milvus")
+    server.start()
+    monkeypatch.setenv("IMGSYNC_MILVUS_URI", server.uri)
+    store = store_for(Settings(_env_file=None), server.uri)  # type: ignore[call-arg]
+    ledger = _ledger()
+    try:
+        names = store.ensure_version("lost-a", 8, serve_if_unset=True)
+        ledger.register_version("lost-a", "tiny", names.images, names.skus, 8, serve_if_first=True)
+        events = _indexed(ledger, "lost-a", *(f"s3://b/SKU-L/{i}.jpg" for i in range(3)), sku="SKU-L")
+        rng = np.random.default_rng(5)
+        vecs = [l2_normalize(rng.normal(size=8).astype(np.float32)) for _ in events]
+
+        def entity(i: int, sku: str = "SKU-L") -> ImageEntity:
+            return ImageEntity(events[i].image_id, sku, events[i].uri, vecs[i], "h", "lost-a", 0)
+
+        store.upsert_images(names, [entity(i) for i in range(3)])
+        store.upsert_skus(names, [("SKU-L", l2_normalize(np.mean(vecs, axis=0)), 3)])
+        store.flush()
+        dirty = ledger.sku_generations(["SKU-L"])["SKU-L"][0]
+        assert ledger.finish_skus([("SKU-L", dirty, 3)], "lost-a") == []
+
+        def check() -> tuple[int, dict]:
+            result = runner.invoke(app, ["verify", "--json"])
+            assert result.exit_code in (0, 1), result.output
+            return result.exit_code, json.loads(result.stdout)
+
+        code, doc = check()
+        assert (code, doc["problems"], doc["collections_missing"]) == (0, 0, [])
+        store.upsert_images(names, [entity(1, sku="SKU-WRONG")])
+        code, doc = check()
+        assert (code, doc["stale"], doc["missing"]) == (1, [events[1].image_id], [])
+        store.upsert_images(names, [entity(1)])
+        client = MilvusClient(uri=server.uri)
+        client.drop_alias(SKUS_ALIAS)
+        client.drop_collection(names.skus)
+        code, doc = check()
+        assert (code, doc["collections_missing"], doc["sku_mismatch"], doc["missing"]) == (1, [SKUS_ALIAS], ["SKU-L"], [])
+
+        class Recorder:  # what the repair sends, instead of a broker
+            def __init__(self) -> None:
+                self.payloads: list = []
+                self.skus: list = []
+
+            def preprocess_many(self, payloads: list) -> None:
+                self.payloads += payloads
+
+            def refresh_skus(self, skus: list, **_: object) -> None:
+                self.skus += skus
+
+        store.upsert_images(names, [entity(2, sku="SKU-WRONG")])
+        sent = Recorder()
+        verifying.repair(verifying.verify(ledger, store), ledger, store, sent)  # type: ignore[arg-type]
+        assert store.missing_collections(names) == [] and SKUS_ALIAS in client.list_aliases()["aliases"]
+        assert sent.skus == ["SKU-L"] and [p.event.image_id for p in sent.payloads] == [events[2].image_id]
+        assert all(p.models == ["lost-a"] for p in sent.payloads)  # the version checked, not every active one
+        client.close()
+    finally:
+        store.close()
+        ledger.engine.dispose()
+        server.stop()
+
+
+def test_a_milvus_call_failing_mid_command_names_milvus(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Milvus call that fails after the server answered (it went away, a timeout) is exit 3 naming
+    Milvus and its setting, like an unreachable one (service and setting were null)."""
+    from schemas.reasons import Reason
+    from worker import verify as verifying
+    from worker.errors import TransientError
+
+    def failing(*_: object) -> None:
+        raise TransientError(Reason.index_unavailable, "Milvus query failed: <_InactiveRpcError: StatusCode.UNAVAILABLE>")
+
+    monkeypatch.setattr(verifying, "verify", failing)
+    result = runner.invoke(app, ["verify", "--json"])
+    assert result.exit_code == 3, result.output
+    error = ErrorOutput.model_validate_json(result.stdout).error
+    assert (error.kind, error.service, error.setting) == ("unreachable", "Milvus", "IMGSYNC_MILVUS_URI")
+    assert "query failed" in error.message
+
+
 def test_a_text_search_on_an_empty_index_is_refused_for_an_image_only_model(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -153,6 +153,44 @@ def test_milvus_down_retries_with_backoff_then_gives_up(env, tmp_path: Path, mak
     assert retries._value.get() == before + 2  # each retry counted by its reason (the give-up is a failure)
 
 
+def test_collections_dropped_under_a_running_worker_are_made_again(make_settings, tiny_encoder, tmp_path: Path) -> None:
+    """The serving collections and aliases vanish while a worker runs (dropped by hand, a Milvus
+    restored from an older backup): the worker's next write fails, it forgets the collections it
+    knew, and the retry makes them again, so the image is indexed (it kept writing to the missing
+    collection until the image ended failed, retries_exhausted). Its own Milvus server: the
+    test drops collections."""
+    from pymilvus import MilvusClient
+
+    from worker.index import IMAGES_ALIAS, SKUS_ALIAS, LiteServer
+
+    server = LiteServer(tmp_path / "milvus")
+    server.start()
+    try:
+        settings = make_settings(milvus_uri=server.uri, max_retries=2)
+        upgrade(settings.effective_database_url)
+        rt, d = Runtime(settings), RecordingDispatcher(settings)
+        rt.__dict__["encoder"] = tiny_encoder
+        first = ImageEvent(uri=str(write_image(tmp_path / "S" / "a.jpg", 1)), sku="S")
+        d.preprocess(PreprocessPayload(event=first))
+        run_until_idle(rt, d)
+        names = rt.names()
+        client = MilvusClient(uri=server.uri)
+        for alias in (IMAGES_ALIAS, SKUS_ALIAS):
+            client.drop_alias(alias)
+        for coll in (names.images, names.skus):
+            client.drop_collection(coll)
+        second = ImageEvent(uri=str(write_image(tmp_path / "S" / "b.jpg", 2)), sku="S")
+        d.preprocess(PreprocessPayload(event=second))
+        run_until_idle(rt, d)
+        row = rt.ledger.get(second.image_id)
+        assert row is not None and row.state == "indexed", (row.state, row.reason, row.detail) if row else None
+        assert set(rt.store.image_vectors(IMAGES_ALIAS, [second.image_id])) == {second.image_id}
+        assert rt.store.get_skus(SKUS_ALIAS, ["S"])[0]["image_count"] == 1  # the new collection holds b alone
+        client.close()
+    finally:
+        server.stop()
+
+
 def test_a_server_that_never_answers_ends_fetch_timeout(env, make_settings, milvus_uri: str) -> None:
     """An image whose server accepts and never answers is retried with backoff (counted under
     fetch_timeout), then recorded failed with reason fetch_timeout, the contract's code for it, not

@@ -82,3 +82,28 @@ def test_a_real_run_of_an_empty_scope_reports_no_results(home: Path) -> None:
         "scope": "--sku", "images": 0, "skus": 0, "dry_run": True,
         "estimated_seconds": None, "measured_images_per_second": None,
     }
+
+
+def test_a_local_prefix_names_a_folder_also_once_it_is_gone(home: Path, tmp_path: Path) -> None:
+    """`--prefix CATALOG/SKU-1` scopes SKU-1's folder whether it exists, is written with a trailing
+    /, or was removed (it then widened to SKU-10 and SKU-11 beside it); a path that never was a
+    folder stays the start of file names."""
+    catalog = tmp_path / "catalog"
+    ledger = empty_ledger(Settings(_env_file=None).effective_database_url)  # type: ignore[call-arg]
+    events = [ImageEvent(uri=str(catalog / sku / f"{i}.jpg"), sku=sku, version=10) for sku in ("SKU-1", "SKU-10", "SKU-11") for i in range(2)]
+    ledger.accept_many(events, "r")
+    ledger.engine.dispose()
+
+    def scope(prefix: str) -> tuple[int, int]:
+        result = runner.invoke(app, ["reindex", "--prefix", prefix, "--dry-run", "--json"])
+        assert result.exit_code == 0, result.output
+        plan = json.loads(result.stdout)
+        return plan["images"], plan["skus"]
+
+    (catalog / "SKU-1").mkdir(parents=True)
+    assert scope(str(catalog / "SKU-1")) == (2, 1)
+    (catalog / "SKU-1").rmdir()
+    assert scope(str(catalog / "SKU-1")) == (2, 1)
+    assert scope(str(catalog / "SKU-1") + "/") == (2, 1)
+    assert scope(str(catalog / "SKU-1") + "1") == (2, 1)  # no folder SKU-11 here, but the ledger's
+    assert scope(str(catalog / "SKU")) == (6, 3)  # the start of names

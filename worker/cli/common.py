@@ -114,7 +114,7 @@ def handle_errors(fn: F) -> F:
         except ServiceUnavailable as exc:
             _fail(_with_disk_hint(exc, _settings_of(ctx)), EXIT_UNREACHABLE, debug, as_json)
         except TransientError as exc:
-            _fail(exc, EXIT_UNREACHABLE, debug, as_json)
+            _fail(_milvus_failing(exc, _settings_of(ctx)), EXIT_UNREACHABLE, debug, as_json)
         except Exception as exc:  # noqa: BLE001 - only a service's or the disk's faults are expected here
             settings = _settings_of(ctx)
             unreachable = _broker_unreachable(exc) or _store_failing(exc, settings)
@@ -182,6 +182,18 @@ def _with_disk_hint(exc: ServiceUnavailable, settings: Settings | None) -> Servi
     if disk is None or disk in str(exc):
         return exc
     return ServiceUnavailable(exc.service, exc.setting, exc.target, f"{exc.cause}; {disk}", state=exc.state)
+
+
+def _milvus_failing(exc: TransientError, settings: Settings | None) -> TransientError:
+    """A Milvus call that failed mid-command (the server went away after answering, a timeout) named
+    as the service it is, with its setting, like one that could not be reached at all."""
+    from schemas.reasons import Reason
+
+    if exc.reason != Reason.index_unavailable:
+        return exc
+    target = (settings.milvus_uri if settings is not None else "") or "the embedded Milvus Lite server"
+    cause = str(exc).removeprefix("Milvus ")
+    return ServiceUnavailable("Milvus", "IMGSYNC_MILVUS_URI", target, cause, state="failing")
 
 
 def _fail(exc: Exception, code: int, debug: bool, as_json: bool) -> None:

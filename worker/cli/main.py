@@ -75,6 +75,9 @@ def _root(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pymilvus logs each failed call with its traceback on a stderr handler of its own (a hundred
+    # lines when a server goes away); imgsync reports the failure itself, --debug shows them
+    logging.getLogger("pymilvus").setLevel(logging.WARNING if debug else logging.CRITICAL)
 
 
 # --- db ----------------------------------------------------------------------------------------
@@ -449,6 +452,7 @@ def verify(
         problems=report.problems, missing=report.missing, orphans=report.orphans, stale=report.stale,
         sku_mismatch=report.sku_mismatch, model_id=report.model_id, repaired=repaired,
         status=report.version.status if report.version is not None else None, uncovered=report.uncovered,
+        collections_missing=report.collections_missing,
     )  # fmt: skip
     if json_out:
         emit_json(doc)
@@ -459,6 +463,9 @@ def verify(
             items = getattr(doc, kind)
             table.add_row(kind, str(len(items)), plain(", ".join(items[:5])))
         console.print(table)
+        if doc.collections_missing:
+            console.print(f"Milvus lost {', '.join(doc.collections_missing)}: read as empty"
+                          + ("; made again by the repair" if repaired else " (--repair makes it again)"), markup=False)
         if doc.uncovered:
             console.print(f"{doc.uncovered} indexed image(s) not yet held by this version (a cutover or rollback re-queues them)")
         if repaired:

@@ -50,7 +50,7 @@ def reindex(
     serving = ledger.serving_version()
     uri_prefix = None
     if prefix:
-        uri_prefix = prefix if "://" in prefix else normalize_uri(prefix) + ("/" if Path(prefix).is_dir() else "")
+        uri_prefix = prefix if "://" in prefix else _local_prefix(prefix, ledger)
     states = (ImageState.failed,) if failed else (ImageState.pending, ImageState.indexed, ImageState.failed)
     rate = ledger.indexing_rate(datetime.now(UTC) - RATE_WINDOW)
     if model is not None and not (serving is not None and model.strip() in (serving.spec, serving.model_id)):
@@ -100,3 +100,14 @@ def reindex(
         console.print(f"re-indexing {len(rows)} image(s) over {len(skus)} SKU(s)")
     if not submit_and_report(settings, events, force=force, wait=wait, timeout=timeout, json_out=json_out, label="re-indexing"):
         raise typer.Exit(EXIT_FAILURES)
+
+
+def _local_prefix(prefix: str, ledger: Ledger) -> str:
+    """The uri prefix a local path names: a folder (what lies under it, not ``SKU-10`` beside
+    ``SKU-1``) when it ends with ``/``, is a folder, or is gone while the ledger holds images under
+    it as a folder (its files were removed: the same scope as before); else the start of file names."""
+    base = normalize_uri(prefix)
+    path = Path(prefix).expanduser()
+    if prefix.endswith("/") or path.is_dir() or (not path.exists() and ledger.select(uri_prefix=base + "/")):
+        return base + "/"
+    return base

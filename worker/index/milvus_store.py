@@ -21,7 +21,7 @@ import numpy as np
 from schemas.reasons import Reason
 from worker.errors import ServiceUnavailable, TransientError
 
-__all__ = ["MilvusStore", "store_for", "IMAGES_ALIAS", "SKUS_ALIAS", "version_names", "ImageEntity", "VersionNames"]
+__all__ = ["CollectionMissing", "MilvusStore", "store_for", "IMAGES_ALIAS", "SKUS_ALIAS", "version_names", "ImageEntity", "VersionNames"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -179,6 +179,18 @@ class MilvusStore:
         with _wrap("list collections"):
             existing = set(self.client.list_collections())
         return names.images in existing and names.skus in existing
+
+    def forget_collections(self) -> None:
+        """Forget which collections were made and loaded: a collection found missing (dropped by
+        hand, a Milvus restored from an older backup) is made again by the next :meth:`ensure_version`."""
+        self._ready.clear()
+        self._loaded.clear()
+
+    def missing_collections(self, names: VersionNames) -> list[str]:
+        """The collections of a version that Milvus does not have."""
+        with _wrap("list collections"):
+            existing = set(self.client.list_collections())
+        return [c for c in (names.images, names.skus) if c not in existing]
 
     def drop_version(self, names: VersionNames) -> None:
         """Drop a version's collections (never the serving one: the caller checks)."""
@@ -425,6 +437,16 @@ def _not_loaded(exc: Exception) -> bool:
     return getattr(exc, "code", None) == _NOT_LOADED or "call load()" in str(exc)
 
 
+#: pymilvus error code of a call naming a collection or alias that does not exist
+_MISSING = 100
+
+
+class CollectionMissing(TransientError):
+    """Milvus answered, but a collection the call named does not exist (dropped by hand, a Milvus
+    restored from an older backup): the caller forgets what it knew of the collections
+    (:meth:`MilvusStore.forget_collections`), and the retry makes the collection again."""
+
+
 class _wrap:
     """Turn pymilvus/grpc failures into :class:`TransientError` (``index_unavailable``)."""
 
@@ -438,6 +460,8 @@ class _wrap:
     def __exit__(self, exc_type, exc, tb) -> bool:  # type: ignore[no-untyped-def]
         if exc is None or isinstance(exc, (TransientError, ServiceUnavailable)):
             return False
+        if isinstance(exc, Exception) and getattr(exc, "code", None) == _MISSING and "does not exist" in str(exc):
+            raise CollectionMissing(Reason.index_unavailable, f"Milvus {self.what} failed: {getattr(exc, 'message', exc)}") from exc
         if isinstance(exc, Exception):
             raise TransientError(Reason.index_unavailable, f"Milvus {self.what} failed: {exc}") from exc
         return False
