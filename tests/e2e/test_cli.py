@@ -90,6 +90,17 @@ def test_unknown_queue_is_exit_2(home: Path) -> None:
     assert result.exit_code == 2 and "bogus" in result.output and "preprocess" in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [(["--queues", ","], "no queue named"), (["--concurrency", "-3"], "--concurrency"), (["--loglevel", "LOUD"], "--loglevel")],
+)
+def test_worker_options_that_name_nothing_are_exit_2(home: Path, args: list[str], says: str) -> None:
+    """`--queues ,` started a worker on no queue, `--concurrency -3` crashed inside Celery and exited
+    0, an unknown log level raised a traceback: each is a usage error, before any worker starts."""
+    result = runner.invoke(app, ["worker", *args])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
+
+
 def test_unreachable_milvus_is_exit_3(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A search against a Milvus that does not answer: exit 3, naming the setting and the URL."""
     from tests.helpers import photo
@@ -300,6 +311,7 @@ def test_demo_runs_and_prints_search(tmp_path: Path) -> None:
     assert "24 indexed" in out
     assert "images nearest to a new photo of" in out and "nearest SKUs" in out
     assert "tiny" in out and "RANDOM WEIGHTS" in out
+    assert "`IMGSYNC_MODEL=tiny imgsync up` serves it again" in out  # plain `up` checks the default model's weights
     assert not (tmp_path / "demo-home" / "milvus" / "server.json").exists()  # server stopped
     status = subprocess.run(
         [sys.executable, "-m", "worker.cli", "status", "--json"], env=env, capture_output=True, text=True, timeout=60

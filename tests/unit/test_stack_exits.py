@@ -34,3 +34,49 @@ def test_nothing_ended_is_an_empty_list(make_settings, tmp_path: Path) -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def test_a_worker_that_ended_with_2_or_3_is_reported_with_its_status_and_message(make_settings, tmp_path: Path) -> None:
+    """`up` and `demo` end with the status a worker ended with (2: configuration, 3: a service
+    unreachable) and its error line from its log; exit 3 used to become 1."""
+    import pytest
+    import typer
+
+    from worker.cli.main import _exit_as_worker
+    from worker.errors import ConfigError
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "worker-encode.log").write_text("starting\nerror: Milvus unreachable at http://127.0.0.1:9\n  (IMGSYNC_MILVUS_URI): refused\n")
+    cpu = subprocess.Popen(["sleep", "30"])
+    encode = subprocess.Popen(["sh", "-c", "exit 3"])
+    try:
+        encode.wait(10)
+        stack = EmbeddedStack(make_settings(), workers=[cpu, encode], log_dir=logs)
+        assert stack.worker_error() == (3, "Milvus unreachable at http://127.0.0.1:9 (IMGSYNC_MILVUS_URI): refused")
+        with pytest.raises(typer.Exit) as ended:
+            _exit_as_worker(stack)
+        assert ended.value.exit_code == 3
+        usage = subprocess.Popen(["sh", "-c", "exit 2"])
+        usage.wait(10)
+        (logs / "worker-encode.log").write_text("error: no such model\n")
+        with pytest.raises(ConfigError, match="no such model"):
+            _exit_as_worker(EmbeddedStack(make_settings(), workers=[cpu, usage], log_dir=logs))
+    finally:
+        cpu.kill()
+        cpu.wait()
+
+
+def test_up_with_a_broker_that_does_not_answer_exits_3_before_starting(home: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """IMGSYNC_BROKER_URL naming a server that is not there: `up` printed its ready banner and hung
+    while Celery retried for ever; now it exits 3 naming the setting, before starting anything."""
+    from typer.testing import CliRunner
+
+    from worker.cli.main import app
+    from worker.index.lite_server import free_port
+
+    monkeypatch.setenv("IMGSYNC_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    result = CliRunner().invoke(app, ["up"])
+    assert result.exit_code == 3, result.output
+    assert "IMGSYNC_BROKER_URL" in result.output and "Ctrl-C stops" not in result.output
+    assert not (home / "milvus" / "server.json").exists()

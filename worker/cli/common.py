@@ -141,6 +141,40 @@ def _broker_unreachable(exc: Exception) -> ServiceUnavailable | None:
     return ServiceUnavailable("broker", "IMGSYNC_BROKER_URL", safe_url(str(app.conf.broker_url or "")), str(exc))
 
 
+def sku_option(value: str | None) -> str | None:
+    """A ``--sku`` value as SKUs are stored (trimmed); None when not given.
+
+    Raises:
+        ConfigError: given but empty, or with control characters (it was ignored: a filter of all).
+    """
+    if value is None:
+        return None
+    sku = value.strip()
+    if not sku or any(ord(c) < 32 for c in sku):
+        raise ConfigError(f"--sku {value!r}: a SKU must be non-empty text without control characters")
+    return sku
+
+
+def check_broker(settings: Settings) -> None:
+    """Connect to a broker of its own once (the embedded one is a file: nothing to check).
+
+    Raises:
+        ServiceUnavailable: it does not answer within seconds (Celery would retry for ever).
+    """
+    if settings.embedded_broker:
+        return
+    from kombu import Connection
+    from kombu.exceptions import OperationalError as BrokerError
+
+    from worker.ledger.db import safe_url
+
+    try:
+        with Connection(settings.effective_broker_url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1, timeout=5)
+    except (BrokerError, OSError) as exc:
+        raise ServiceUnavailable("broker", "IMGSYNC_BROKER_URL", safe_url(settings.effective_broker_url), str(exc)) from exc
+
+
 def _settings_of(ctx: typer.Context | None) -> Settings | None:
     """The invocation's settings (read by the command, else read now); None when they do not parse
     (that was reported before any service was used)."""

@@ -11,7 +11,7 @@ from rich.table import Table
 from schemas.events import image_id_for, normalize_uri
 from schemas.outputs import DeadLetterItem, DeadLettersOutput, FailureItem, FailuresOutput, IndexOutput
 from schemas.reasons import Reason
-from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, plain, settings_from
+from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, plain, settings_from, sku_option
 from worker.errors import ConfigError
 from worker.ledger import ImageRow, Ledger, make_engine
 
@@ -68,7 +68,7 @@ def list_(
 ) -> None:
     """Failed images, newest first, with their reason codes (exit 1 when there are any)."""
     ledger = _ledger(ctx)
-    rows = ledger.failures(reason=_reason(reason), sku=sku, since=_since(since), limit=limit)
+    rows = ledger.failures(reason=_reason(reason), sku=sku_option(sku), since=_since(since), limit=limit)
     doc = FailuresOutput(failures=[_item(r) for r in rows], by_reason=ledger.failure_counts())
     if json_out:
         emit_json(doc)
@@ -121,11 +121,11 @@ def replay(
 
     settings = settings_from(ctx)
     ledger = _ledger(ctx)
-    rows = ledger.failures(reason=_reason(reason), sku=sku, since=_since(since), limit=100_000)
+    rows = ledger.failures(reason=_reason(reason), sku=sku_option(sku), since=_since(since), limit=100_000)
     events = [r.event("replay") for r in rows]
     if not events:
         if json_out:
-            emit_json(IndexOutput(results=[]))
+            emit_json(IndexOutput(results=[], queued=0))
         else:
             console.print("nothing to replay")
         return

@@ -22,6 +22,7 @@ from worker.cli.common import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     State,
+    check_broker,
     console,
     emit_json,
     ensure_schema,
@@ -30,6 +31,7 @@ from worker.cli.common import (
     milvus_session,
     plain,
     settings_from,
+    sku_option,
 )
 from worker.cli.evaluate import evaluate
 from worker.cli.failures import failures_app
@@ -161,7 +163,7 @@ def role_settings(settings: Settings, queues: list[str]) -> Settings:
 def worker(
     ctx: typer.Context,
     queues: Annotated[str, typer.Option(help="Comma-separated queues: preprocess, encode, sku.")] = "",
-    concurrency: Annotated[int, typer.Option(help="Prefork processes (CPU queues). 0: from settings.")] = 0,
+    concurrency: Annotated[int, typer.Option(min=0, help="Prefork processes (CPU queues). 0: from settings.")] = 0,
     loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker. The encode queue gets one process (one model per device) with micro-batching;
@@ -173,13 +175,16 @@ def worker(
     from worker.metrics import declare_worker_series, metrics
     from worker.pixels import open_pixel_store
 
-    logging.getLogger().setLevel(loglevel.upper())
+    try:
+        logging.getLogger().setLevel(loglevel.upper())
+    except ValueError as exc:
+        raise ConfigError(f"--loglevel: {exc}; one of DEBUG, INFO, WARNING, ERROR, CRITICAL") from exc
     settings = settings_from(ctx)
     known = settings.queues.all()
     chosen = [q.strip() for q in (queues or ",".join(known)).split(",") if q.strip()]
     unknown = [q for q in chosen if q not in known]
-    if unknown:
-        raise ConfigError(f"--queues: unknown queue(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    if unknown or not chosen:
+        raise ConfigError(f"--queues: {'unknown queue(s) ' + ', '.join(unknown) if unknown else 'no queue named'}; valid: {', '.join(known)}")
     settings = role_settings(settings, chosen)
     ensure_schema(settings)
     if settings.queues.encode in chosen or settings.queues.preprocess in chosen:
@@ -271,6 +276,7 @@ def up(ctx: typer.Context) -> None:
     settings = settings_from(ctx)
     upgrade(settings.effective_database_url)
     check_model_setting(settings)
+    check_broker(settings)  # its workers would wait for it for ever under a ready banner
     stack = EmbeddedStack(settings)
     stopping = False
 
@@ -318,8 +324,7 @@ def up(ctx: typer.Context) -> None:
             gone = stack.exited()
             if gone:
                 err_console.print(f"[bold red]a stack process ended: {'; '.join(gone)}[/]", highlight=False)
-                if (problem := stack.usage_error()) is not None:
-                    raise ConfigError(problem)  # exit 2, as the worker said
+                _exit_as_worker(stack)
                 raise typer.Exit(EXIT_FAILURES)
             if not folder.is_alive():
                 err_console.print("[bold red]the folder source stopped (see the log above)[/]")
@@ -361,9 +366,17 @@ def index(
 
     settings = settings_from(ctx)
     ensure_schema(settings)
-    events = collect_events(targets, sku, missing_ok=prune)
+    events = collect_events(targets, sku_option(sku), missing_ok=prune)
     if prune:
         events += pruned_events(settings, targets, {e.image_id for e in events})
+    if not events and prune:  # already pruned, and nothing left to index: nothing to do
+        from schemas.outputs import IndexOutput
+
+        if json_out:
+            emit_json(IndexOutput(results=[], queued=0))
+        else:
+            console.print(f"nothing to index or prune under {', '.join(targets)}", markup=False)
+        return
     if not events:
         raise ConfigError(f"no images found in {', '.join(targets)}")
     if not submit_and_report(settings, events, force=force, wait=wait, timeout=timeout, json_out=json_out):
@@ -528,6 +541,19 @@ def status(ctx: typer.Context, json_out: JsonOpt = False) -> None:
         raise typer.Exit(EXIT_USAGE if schema_problem else EXIT_UNREACHABLE)
 
 
+def _exit_as_worker(stack) -> None:  # type: ignore[no-untyped-def]
+    """A worker that ended with exit status 2 (configuration) or 3 (a service unreachable): the same
+    status and its message."""
+    found = stack.worker_error()
+    if found is None:
+        return
+    code, problem = found
+    if code == EXIT_USAGE:
+        raise ConfigError(problem)
+    err_console.print(Text.assemble(("error:", "bold red"), " ", problem), highlight=False)
+    raise typer.Exit(EXIT_UNREACHABLE)
+
+
 #: how often `up` looks at the free space under IMGSYNC_HOME
 DISK_LOOK_SECONDS = 10.0
 
@@ -604,8 +630,7 @@ def demo(
         events = collect_events([str(root)], None)
         request_id = publish(settings, events)
         results = wait_for(settings, events, request_id, timeout=timeout, label="indexing", give_up=stopped)
-        if (problem := stack.usage_error()) is not None:
-            raise ConfigError(problem)  # exit 2, as the worker said
+        _exit_as_worker(stack)
         print_results(results)
         sku = random.Random(1).choice(sorted(queries))
         query = queries[sku]
@@ -617,9 +642,12 @@ def demo(
     finally:
         with console.status("stopping the stack …"):
             stack.stop()
+    model_env = f"IMGSYNC_MODEL={settings.model} " if notice else ""  # the fallback model: the default's weights are not here
     console.print(
-        f"done. Data stays in {settings.home}: `imgsync up` serves it again, "
-        f"`imgsync search --image FILE` queries it."
+        f"done. Data stays in {settings.home}: `{model_env}imgsync up` serves it again, "
+        "`imgsync search --image FILE` queries it.",
+        markup=False,
+        soft_wrap=True,
     )
     if any(r.outcome in ("failed", "pending") for r in results):
         raise typer.Exit(EXIT_FAILURES)

@@ -12,7 +12,7 @@ import typer
 
 from schemas.events import normalize_uri
 from schemas.outputs import IndexOutput
-from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, settings_from
+from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, settings_from, sku_option
 from worker.errors import ConfigError
 from worker.ledger import ImageState, Ledger, make_engine
 
@@ -39,6 +39,7 @@ def reindex(
     """Re-index a scope: --sku, --prefix, --all or --failed (exactly one)."""
     from worker.cli.indexing import submit_and_report
 
+    sku = sku_option(sku)
     chosen = [name for name, on in (("--sku", sku), ("--prefix", prefix), ("--all", all_), ("--failed", failed)) if on]
     if len(chosen) != 1:
         raise ConfigError("give exactly one scope: --sku S, --prefix P, --all or --failed")
@@ -91,7 +92,7 @@ def reindex(
         return
     if not rows:  # answered like `index --wait` (and `failures replay`) with no image: nothing failed
         if json_out:
-            emit_json(IndexOutput(results=[]))
+            emit_json(IndexOutput(results=[], queued=0))
         else:
             console.print(f"nothing to re-index: no image in {' '.join(x for x in (chosen[0], sku or prefix) if x)}")
         return

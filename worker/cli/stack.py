@@ -162,12 +162,13 @@ class EmbeddedStack:
                 gone.append(f"{name} worker (pid {p.pid}) {_status(code)}, log {logs / f'worker-{name}.log'}")
         return gone
 
-    def usage_error(self) -> str | None:
-        """The message of a worker that ended with exit status 2 (a configuration error it found at
-        start, e.g. a model architecture that does not exist), read from its log; else None."""
+    def worker_error(self) -> tuple[int, str] | None:
+        """``(exit status, message)`` of a worker that ended with exit status 2 (a configuration
+        error it found at start, e.g. a model architecture that does not exist) or 3 (a service it
+        needs is unreachable, e.g. IMGSYNC_MILVUS_URI), read from its log; else None."""
         logs = self.log_dir or self.settings.home / "logs"
         for name, p in zip(("cpu", "encode"), self.workers, strict=False):
-            if p.poll() == 2:
+            if (code := p.poll()) in (2, 3):
                 try:
                     with (logs / f"worker-{name}.log").open("rb") as f:
                         f.seek(self._log_starts.get(name, 0))
@@ -176,9 +177,10 @@ class EmbeddedStack:
                     lines = []
                 starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
                 if not starts:
-                    return f"the {name} worker found a configuration error; see {logs / f'worker-{name}.log'}"
+                    what = "a configuration error" if code == 2 else "a service it needs unreachable"
+                    return code, f"the {name} worker found {what}; see {logs / f'worker-{name}.log'}"
                 text = " ".join(" ".join(lines[starts[-1] :]).removeprefix("error:").split())  # the log wraps lines
-                return text if len(text) <= 800 else text[:800] + f" … (see {logs / f'worker-{name}.log'})"
+                return code, text if len(text) <= 800 else text[:800] + f" … (see {logs / f'worker-{name}.log'})"
         return None
 
     def stop(self) -> None:

@@ -44,6 +44,8 @@ def resolve_version(ledger: Ledger, text: str) -> VersionRow:
         ConfigError: no such version, or several match (the message lists the known ones).
     """
     text = text.strip()
+    if not text:
+        raise ConfigError("an empty model version: give its model id, its spec or a prefix of its id")
     every = ledger.versions((VersionStatus.serving, VersionStatus.standby, VersionStatus.building, VersionStatus.retired))
     exact = [v for v in every if v.model_id == text]
     matches = exact or [v for v in every if _same_spec(v, text)] or [v for v in every if v.model_id.startswith(text)]

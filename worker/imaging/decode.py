@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import logging
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -85,15 +86,18 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
         except UnidentifiedImageError as exc:
             magic = _magic_format(data)
             if magic in formats:  # an accepted format's signature that Pillow cannot parse
+                # Pillow's "cannot identify image file <_io.BytesIO object at 0x…>": a new address each
+                # time, so two failures of one file would read differently
+                said = f"{magic} file Pillow cannot parse"
                 if cut_short(data):
-                    raise PermanentError(Reason.truncated, f"{magic} file cut short ({len(data)} bytes): {exc}") from exc
-                raise PermanentError(Reason.corrupt, f"damaged {magic} file: {exc}") from exc
+                    raise PermanentError(Reason.truncated, f"{said}, cut short ({len(data)} bytes)") from exc
+                raise PermanentError(Reason.corrupt, f"damaged {said}") from exc
             raise PermanentError(
                 Reason.unsupported_format,
                 f"not an image in an accepted format ({', '.join(sorted(formats))}): {_sniff(data)}",
             ) from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise PermanentError(Reason.decompression_bomb, str(exc)) from exc
+            raise _bomb(exc, limits.max_pixels) from exc
         except Exception as exc:  # noqa: BLE001 - any other parse failure is a damaged file
             raise _damaged(exc, data) from exc
         width, height = img.size
@@ -115,7 +119,7 @@ def decode_image(data: bytes, limits: ImagingConfig, *, min_side: int | None = N
             img = ImageOps.exif_transpose(img)
             rgb = _to_rgb(img, fmt)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise PermanentError(Reason.decompression_bomb, str(exc)) from exc
+            raise _bomb(exc, limits.max_pixels) from exc
         except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes a decoder raise
             raise _damaged(exc, data) from exc
     if min(rgb.size) < limits.min_side:
@@ -169,6 +173,14 @@ def _damaged(exc: Exception, data: bytes) -> PermanentError:
     if cut_short(data):
         return PermanentError(Reason.truncated, f"{len(data)} bytes, fewer than its own structure declares: {text}")
     return PermanentError(Reason.corrupt, f"{type(exc).__name__}: {text}")
+
+
+def _bomb(exc: Exception, max_pixels: int) -> PermanentError:
+    """Pillow's guard, in the terms of the setting: Pillow quotes its own limit, which is twice the
+    setting past the point where its warning becomes an error ("exceeds limit of 200000000 pixels")."""
+    size = re.search(r"\((\d+) pixels\)", str(exc))
+    said = f"{size.group(1)} pixels" if size else "the picture"
+    return PermanentError(Reason.decompression_bomb, f"{said} is over IMGSYNC_MAX_IMAGE_PIXELS={max_pixels}")
 
 
 def apply_crop(img: Image.Image, crop: CropBox | None) -> Image.Image:

@@ -253,6 +253,27 @@ def test_header_only_bomb_is_refused_quickly(width: int, height: int, max_pixels
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.parametrize(("width", "height"), [(3000, 2000), (5000, 5000)])
+def test_a_bomb_is_reported_against_the_setting(width: int, height: int) -> None:
+    """Past twice the limit Pillow raises with its own threshold ("exceeds limit of 2000000 pixels"),
+    not the setting's; the detail names the picture's pixels and IMGSYNC_MAX_IMAGE_PIXELS."""
+    with pytest.raises(PermanentError) as info:
+        decode_image(_header_only_png(width, height), ImagingConfig(max_pixels=1_000_000, min_side=8))
+    assert str(info.value).endswith(f"{width * height} pixels is over IMGSYNC_MAX_IMAGE_PIXELS=1000000"), str(info.value)
+
+
+def test_a_damaged_file_reads_the_same_every_time() -> None:
+    """Pillow's "cannot identify image file <_io.BytesIO object at 0x…>" named a new address for
+    each attempt at one file; the detail now names the format alone."""
+    data = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+    details = set()
+    for _ in range(2):
+        with pytest.raises(PermanentError) as info:
+            decode_image(data, LIMITS)
+        details.add(str(info.value))
+    assert len(details) == 1 and "0x" not in details.pop()
+
+
 def test_tiny_image_is_too_small() -> None:
     """A 1×1 image with min_side=8 is refused as too_small."""
     data = _encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG")

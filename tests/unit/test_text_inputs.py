@@ -1,10 +1,12 @@
-"""Names that are not UTF-8: a Linux file name may hold any bytes (Python reads them as surrogates),
-a SQLite text column too, and JSON may carry lone ``\\udcXX`` escapes. A file keeps its bytes through
-its (percent-encoded) uri; a SKU or an S3/HTTP uri must be text, and is refused with its bytes shown
-as ``\\xNN``. Nothing prints a traceback or writes a document no JSON reader takes."""
+"""Text a user or a store hands in: names that are not UTF-8 (a Linux file name may hold any bytes,
+Python reads them as surrogates; SQLite text too; JSON may carry lone ``\\udcXX`` escapes) and empty
+filters. A file keeps its bytes through its (percent-encoded) uri; a SKU or an S3/HTTP uri must be
+text, and is refused with its bytes shown as ``\\xNN``; an empty ``--sku`` or version reference is a
+usage error, not a filter of everything. Nothing prints a traceback or a document no JSON reader takes."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -82,3 +84,26 @@ def test_index_queues_a_file_named_in_another_encoding(home: Path, tmp_path: Pat
     missing = runner.invoke(app, ["index", str(image.with_name(os.fsdecode(b"gone\xff.jpg"))), "--json"])
     assert missing.exit_code == 2
     assert "gone\\xff.jpg: no such file or folder" in ErrorOutput.model_validate_json(missing.stdout).error.message
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["index", "{image}", "--sku", ""], ["index", "{image}", "--sku", "   "], ["reindex", "--sku", "", "--dry-run"],
+     ["failures", "list", "--sku", ""], ["failures", "replay", "--sku", " "], ["cutover", " "], ["verify", "--model", ""]],
+)
+def test_an_empty_sku_or_version_is_a_usage_error_not_a_filter_of_all(home: Path, tmp_path: Path, args: list[str]) -> None:
+    """`--sku ""` was ignored (index took the folder's name, `failures replay` replayed every failure),
+    and an empty version reference matched the only version (`cutover ''` switched to it)."""
+    image = save(tmp_path / "SKU-1" / "a.jpg")
+    result = runner.invoke(app, [a.format(image=image) for a in args] + ["--json"])
+    assert result.exit_code == 2, result.output
+    assert ErrorOutput.model_validate_json(result.stdout).error.kind == "usage"
+
+
+def test_a_sku_filter_is_trimmed_as_skus_are_stored(home: Path, tmp_path: Path) -> None:
+    """SKUs are stored trimmed: `reindex --sku " SKU-1"` found nothing."""
+    image = save(tmp_path / "SKU-1" / "a.jpg")
+    assert runner.invoke(app, ["index", str(image)]).exit_code == 0
+    result = runner.invoke(app, ["reindex", "--sku", " SKU-1 ", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 1
