@@ -434,6 +434,9 @@ def test_wait_without_workers_hints_and_times_out(home: Path, tmp_path: Path, mo
 def test_failures_options_validated(home: Path) -> None:
     """`failures list` refuses an unknown reason or time filter (exit 2) and is empty on a new ledger."""
     assert runner.invoke(app, ["failures", "list", "--reason", "nope"]).exit_code == 2
+    transient = runner.invoke(app, ["failures", "list", "--reason", "fetch_error"])  # no failed image ends with it
+    assert transient.exit_code == 2 and "retries_exhausted" in transient.output, transient.output
+    assert runner.invoke(app, ["failures", "list", "--reason", "fetch_timeout"]).exit_code == 0
     assert runner.invoke(app, ["failures", "list", "--since", "yesterday"]).exit_code == 2
     result = runner.invoke(app, ["failures", "list", "--since", "7d", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout) == {"failures": [], "by_reason": {}}

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from schemas.events import image_id_for, normalize_uri
 from schemas.outputs import DeadLetterItem, DeadLettersOutput, FailureItem, FailuresOutput, IndexOutput
-from schemas.reasons import Reason
+from schemas.reasons import NAMED_AFTER_RETRIES, PERMANENT_REASONS, Reason
 from worker.cli.common import EXIT_FAILURES, console, emit_json, ensure_schema, handle_errors, plain, settings_from, sku_option
 from worker.errors import ConfigError
 from worker.ledger import ImageRow, Ledger, make_engine
@@ -38,8 +38,12 @@ def _since(text: str | None) -> datetime | None:
 
 
 def _reason(text: str | None) -> str | None:
-    if text is not None and text not in {r.value for r in Reason}:
-        raise ConfigError(f"--reason {text!r}: valid reasons are {', '.join(r.value for r in Reason)}")
+    """A ``--reason`` a failed image can have: a transient cause (fetch_error, …) never is one (an
+    image whose retries ran out ends ``retries_exhausted``), so filtering on it found nothing."""
+    final = sorted(PERMANENT_REASONS | NAMED_AFTER_RETRIES)
+    if text is not None and text not in final:
+        why = " (a transient cause: its images end retries_exhausted)" if text in {r.value for r in Reason} else ""
+        raise ConfigError(f"--reason {text!r}{why}: failed images have one of {', '.join(final)}")
     return text
 
 
@@ -113,7 +117,7 @@ def replay(
     sku: SkuOpt = None,
     since: SinceOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the replayed images to their outcome.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Re-enqueue failed images (e.g. after their files were fixed); reports what happened to each."""

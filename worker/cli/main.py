@@ -350,7 +350,7 @@ def index(
     sku: Annotated[str | None, typer.Option(help="SKU for all given images (default: the parent folder).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the images to their outcome.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-encode even unchanged images.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")] = None,
     prune: Annotated[
         bool,
         typer.Option(
@@ -580,7 +580,7 @@ def demo(
     ctx: typer.Context,
     images: Annotated[int, typer.Option(min=1, max=100_000, help="Images in the synthetic catalog.")] = 200,
     skus: Annotated[int, typer.Option(min=1, max=10_000, help="SKUs in the synthetic catalog.")] = 50,
-    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 1800,
+    timeout: Annotated[float, typer.Option(min=0, help="Give up waiting after this many seconds.")] = 1800,
 ) -> None:
     """Make a synthetic catalog, start the embedded stack, index it, show a search."""
     import random

@@ -33,7 +33,7 @@ def reindex(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be done; change nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Re-encode even unchanged images.")] = False,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the work with a progress bar.")] = True,
-    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Re-index a scope: --sku, --prefix, --all or --failed (exactly one)."""
