@@ -80,3 +80,21 @@ def test_up_with_a_broker_that_does_not_answer_exits_3_before_starting(home: Pat
     assert result.exit_code == 3, result.output
     assert "IMGSYNC_BROKER_URL" in result.output and "Ctrl-C stops" not in result.output
     assert not (home / "milvus" / "server.json").exists()
+
+
+def test_up_with_its_metrics_port_taken_exits_2_before_starting(home: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Another program listens on IMGSYNC_METRICS_PORT: `up` refuses before starting Milvus and the
+    workers (it started the whole stack, then found the port taken and stopped it again)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from worker.cli.main import app
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        monkeypatch.setenv("IMGSYNC_METRICS_PORT", str(taken.getsockname()[1]))
+        result = CliRunner().invoke(app, ["up"])
+    assert result.exit_code == 2 and "IMGSYNC_METRICS_PORT" in result.output, result.output
+    assert not (home / "milvus").exists() and not (home / "logs").exists()

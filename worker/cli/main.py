@@ -277,6 +277,10 @@ def up(ctx: typer.Context) -> None:
     upgrade(settings.effective_database_url)
     check_model_setting(settings)
     check_broker(settings)  # its workers would wait for it for ever under a ready banner
+    if settings.metrics_port:
+        from worker.metrics import check_metrics_port
+
+        check_metrics_port(settings.metrics_port)  # before the stack starts, not after
     stack = EmbeddedStack(settings)
     stopping = False
 

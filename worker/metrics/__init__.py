@@ -168,6 +168,28 @@ def enable_multiprocess(directory: Path, *, wipe: bool) -> None:
     _multiprocess_dir = directory
 
 
+def check_metrics_port(port: int) -> None:
+    """Refuse a port another program listens on before a stack is started for nothing.
+
+    Raises:
+        ConfigError: naming IMGSYNC_METRICS_PORT.
+    """
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter binds it
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise _port_error(port, exc) from exc
+
+
+def _port_error(port: int, exc: OSError) -> Exception:
+    from worker.errors import ConfigError
+
+    return ConfigError(f"IMGSYNC_METRICS_PORT={port}: cannot listen ({exc.strerror}); choose another port or 0")
+
+
 def start_exporter(port: int, *, extra: list[Any] | None = None) -> Any:
     """Serve ``/metrics`` on ``port``: every process's samples (multiprocess mode) plus ``extra``
     collectors (ledger and queue gauges read at scrape time). Returns the server."""
@@ -186,9 +208,7 @@ def start_exporter(port: int, *, extra: list[Any] | None = None) -> Any:
     try:
         server, _thread = start_http_server(port, addr="0.0.0.0", registry=registry)
     except OSError as exc:
-        from worker.errors import ConfigError
-
-        raise ConfigError(f"IMGSYNC_METRICS_PORT={port}: cannot listen ({exc.strerror}); choose another port or 0") from exc
+        raise _port_error(port, exc) from exc
     return server
 
 
