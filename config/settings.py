@@ -87,6 +87,8 @@ class FetchConfig:
     allow_hosts: tuple[str, ...] = ()
     s3_endpoint_url: str = ""
     s3_region: str = ""
+    #: PEM file of the CAs trusted for https:// and S3 over TLS ("": certifi's public bundle)
+    ca_bundle: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,11 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Hosts or CIDRs that may be fetched although private/loopback (comma-separated).",
     )
+    fetch_ca_bundle: Path | None = Field(
+        None,
+        description="PEM file of the certificate authorities trusted for https:// and S3 fetches (a private CA of an "
+        "internal CDN or MinIO). Empty: the public CAs (certifi).",
+    )
     auto_trim: bool = Field(True, description="Trim a uniform (white or transparent) border when no crop is given.")
     jpeg_decode: Literal["preprocess", "encoder"] = Field(
         "preprocess",
@@ -355,6 +362,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part for part in (p.strip() for p in value.split(",")) if part]
         return value
+
+    @field_validator("fetch_ca_bundle", mode="before")
+    @classmethod
+    def _ca_bundle(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        path = Path(str(value)).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{value!r} is not a file (a PEM bundle of CA certificates)")
+        return path.resolve()
 
     @field_validator("fetch_allow_hosts")
     @classmethod
@@ -530,6 +547,7 @@ class Settings(BaseSettings):
             allow_hosts=tuple(self.fetch_allow_hosts),
             s3_endpoint_url=self.s3_endpoint_url,
             s3_region=self.s3_region,
+            ca_bundle=str(self.fetch_ca_bundle or ""),
         )
 
     @property

@@ -10,13 +10,14 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 __all__ = [
     "Action",
     "CropBox",
     "ImageEvent",
     "escape_bytes",
+    "invalid_reasons",
     "image_id_for",
     "normalize_uri",
     "normalize_version",
@@ -100,6 +101,11 @@ def escape_bytes(text: str) -> str:
     another encoding, a SQLite text, a JSON ``\\udcff`` escape) shown as ``\\xNN``: printable,
     and storable where only UTF-8 is (databases, brokers, JSON documents, Milvus)."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def invalid_reasons(exc: ValidationError) -> str:
+    """What an event's validation found, in a line (pydantic's ``Value error,`` prefixes left out)."""
+    return "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
 
 
 def _utf8(what: str, value: str) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +275,45 @@ def test_host_header(scheme: str, host: str, port: int, header: str) -> None:
     """IPv6 literals in brackets; the port left out only when it is the scheme's own (it was left
     out for 80 and 443 whatever the scheme, and an IPv6 address went out bare)."""
     assert http_fetch.Target(scheme, host, port, "/", "127.0.0.1").host_header() == header
+
+
+@pytest.fixture(scope="module")
+def private_ca_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server whose certificate a private CA signed (made here with the openssl command):
+    ``(base URL on localhost, CA bundle)``."""
+    import ssl
+    import subprocess
+    from http.server import ThreadingHTTPServer
+
+    d = tmp_path_factory.mktemp("private-ca")
+    (d / "ext.cnf").write_text(
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\nauthorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n"
+    )
+    for cmd in (
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=imgsync-test-CA "
+        "-addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign",
+        "openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=localhost",
+        "openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf",
+    ):
+        subprocess.run(cmd.split(), cwd=d, check=True, capture_output=True)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(d / "srv.pem", d / "srv.key")
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://localhost:{httpd.server_address[1]}", d / "ca.pem"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_https_from_a_private_ca_needs_its_bundle(private_ca_server: tuple[str, Path]) -> None:
+    """An internal CDN whose certificate a private CA signed: refused as untrusted with the public
+    CAs (a transient fetch_error: the operator can fix it), fetched with IMGSYNC_FETCH_CA_BUNDLE."""
+    base, bundle = private_ca_server
+    allow = ("127.0.0.0/8", "::1", "localhost")
+    assert reason_of(f"{base}/ok.jpg", cfg(allow_hosts=allow)) == (TransientError, Reason.fetch_error)
+    assert fetch_bytes(f"{base}/ok.jpg", cfg(allow_hosts=allow, ca_bundle=str(bundle))) == BODY

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from config.settings import Settings
-from schemas.events import Action, ImageEvent, escape_bytes, normalize_uri, normalize_version, path_from_uri
+from schemas.events import Action, ImageEvent, escape_bytes, invalid_reasons, normalize_uri, normalize_version, path_from_uri
 from schemas.outputs import IndexResult
 from worker.errors import ConfigError
 from worker.ledger import Ledger, make_engine
@@ -56,8 +56,7 @@ def collect_events(targets: Sequence[str], sku: str | None, *, missing_ok: bool 
             try:
                 ev = ImageEvent(uri=uri, sku=image_sku, source="cli")
             except ValidationError as exc:  # a SKU folder named with control characters or other bytes
-                reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-                raise ConfigError(f"{escape_bytes(uri)}: {reasons}" + ("" if sku else " (pass --sku)")) from exc
+                raise ConfigError(f"{escape_bytes(uri)}: {invalid_reasons(exc)}" + ("" if sku else " (pass --sku)")) from exc
             events.setdefault(ev.image_id, ev)
     return list(events.values())
 

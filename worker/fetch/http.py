@@ -193,7 +193,7 @@ def _open(target: Target, cfg: FetchConfig, timeout: urllib3.Timeout):  # type: 
             server_hostname=target.host,
             assert_hostname=target.host,
             cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
+            ca_certs=cfg.ca_bundle or certifi.where(),
         )
     return urllib3.HTTPConnectionPool(target.address, target.port, timeout=timeout, retries=False, maxsize=1)
 
@@ -284,6 +284,7 @@ def _request(url: str, pool: urllib3.HTTPConnectionPool, target: Target, cfg: Fe
     # urllib3 2 makes NewConnectionError (refused, unreachable) a ConnectTimeoutError: test it first
     except urllib3.exceptions.NewConnectionError as exc:
         if deadline.expired:
+            pool.close()
             raise TransientError(Reason.fetch_timeout, f"{url}: over the {cfg.deadline}s deadline") from exc
         raise _Unreachable(TransientError(Reason.fetch_error, f"{url}: cannot connect to {target.address}: {exc}")) from exc
     except urllib3.exceptions.ConnectTimeoutError as exc:

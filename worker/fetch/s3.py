@@ -43,7 +43,7 @@ _NOT_FOUND_CODES = frozenset(
     {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "AccessDenied", "Forbidden", "403", "InvalidObjectState"}
 )
 
-_CLIENTS: dict[tuple[str, str, float, float], Any] = {}
+_CLIENTS: dict[tuple[str, str, float, float, str], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
@@ -87,7 +87,7 @@ def s3_client(cfg: FetchConfig) -> Any:
     # no single wait longer than the whole download may take: the request before the body (status,
     # headers) is bounded by these and botocore's 2 attempts, the body by the deadline itself
     connect_timeout, read_timeout = min(cfg.connect_timeout, cfg.deadline), min(cfg.read_timeout, cfg.deadline)
-    cache_key = (cfg.s3_endpoint_url, cfg.s3_region, connect_timeout, read_timeout)
+    cache_key = (cfg.s3_endpoint_url, cfg.s3_region, connect_timeout, read_timeout, cfg.ca_bundle)
     client = _CLIENTS.get(cache_key)
     if client is not None:
         return client
@@ -99,6 +99,7 @@ def s3_client(cfg: FetchConfig) -> Any:
                 "s3",
                 endpoint_url=cfg.s3_endpoint_url or None,
                 region_name=cfg.s3_region or None,
+                verify=cfg.ca_bundle or None,  # None: botocore's own bundle
                 config=Config(
                     connect_timeout=connect_timeout,
                     read_timeout=read_timeout,

@@ -186,12 +186,6 @@ class MilvusStore:
         self._ready.clear()
         self._loaded.clear()
 
-    def missing_collections(self, names: VersionNames) -> list[str]:
-        """The collections of a version that Milvus does not have."""
-        with _wrap("list collections"):
-            existing = set(self.client.list_collections())
-        return [c for c in (names.images, names.skus) if c not in existing]
-
     def drop_version(self, names: VersionNames) -> None:
         """Drop a version's collections (never the serving one: the caller checks)."""
         with _wrap("drop collections"):

@@ -34,7 +34,7 @@ import typer
 from pydantic import ValidationError
 
 from config.settings import Settings
-from schemas.events import Action, ImageEvent, escape_bytes, normalize_uri, path_from_uri
+from schemas.events import Action, ImageEvent, escape_bytes, invalid_reasons, normalize_uri, path_from_uri
 from worker.cli.common import err_console, handle_errors, settings_from
 from worker.fetch.local import walk_tree
 from worker.metrics.sources import count_round, declare_source, serve_source_metrics, source_metrics
@@ -139,8 +139,7 @@ class FolderSource:
         except ValidationError as exc:
             if uri not in self._invalid:
                 self._invalid.add(uri)
-                reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-                log.warning("folder: %s is not indexed: %s", escape_bytes(uri), reasons)
+                log.warning("folder: %s is not indexed: %s", escape_bytes(uri), invalid_reasons(exc))
                 source_metrics().events.labels(SOURCE, "invalid").inc()
             return None
 

@@ -198,3 +198,13 @@ def test_fetch_allow_hosts_entries_are_checked_and_normalised(tmp_path: Path) ->
     for bad in ("http://intranet/", "10.0.0.0/33", "a b"):
         with pytest.raises(ValidationError, match="neither a host name"):
             Settings(_env_file=None, home=tmp_path, fetch_allow_hosts=bad)
+
+
+def test_fetch_ca_bundle_must_be_a_file(tmp_path: Path) -> None:
+    """IMGSYNC_FETCH_CA_BUNDLE names a PEM file; a path that is not one is refused at once."""
+    with pytest.raises(ValidationError, match="not a file"):
+        Settings(_env_file=None, home=tmp_path, fetch_ca_bundle=str(tmp_path / "nope.pem"))
+    pem = tmp_path / "ca.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert Settings(_env_file=None, home=tmp_path, fetch_ca_bundle=str(pem)).fetch.ca_bundle == str(pem.resolve())
+    assert Settings(_env_file=None, home=tmp_path, fetch_ca_bundle="").fetch.ca_bundle == ""
