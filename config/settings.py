@@ -460,7 +460,11 @@ class Settings(BaseSettings):
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
-        return value.expanduser().resolve()
+        home = value.expanduser().resolve()
+        odd = sorted({c for c in str(home) if c in "?#%"})
+        if odd:  # the embedded SQLite URLs (sqlite:///<home>/state.db) would end or decode there
+            raise ValueError(f"{str(home)!r} holds {' '.join(odd)}, which a SQLite URL cannot hold: choose a folder without them")
+        return home
 
     @model_validator(mode="after")
     def _visibility_covers_retries(self) -> Settings:
@@ -607,6 +611,11 @@ def _check_database_url(url: str, setting: str) -> None:
             f"{setting}={shown!r} is not a SQLAlchemy URL ({exc}); e.g. "
             "postgresql+psycopg://user:password@host:5432/db or sqlite:////absolute/path/state.db"
         ) from exc
+    if parsed.host and "@" in parsed.host:  # an @ in the password, not percent-encoded: the rest is taken for the host
+        raise ConfigError(
+            f"{setting}: its password holds an '@' that is not percent-encoded (write it %40; also : / % # ? as "
+            "%3A %2F %25 %23 %3F), so part of it was read as the host"
+        )
     try:
         dialect.import_dbapi()
     except ImportError as exc:

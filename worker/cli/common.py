@@ -275,17 +275,26 @@ def emit_json(doc: BaseModel | dict[str, Any]) -> None:
 def ensure_schema(settings: Settings) -> None:
     """Embedded mode upgrades its own SQLite state; a production database must be upgraded on purpose
     (``imgsync db upgrade``) and is only checked here."""
-    from worker.ledger.db import current_revision, head_revision, upgrade
+    import sqlalchemy as sa
+
+    from worker.ledger.db import current_revision, head_revision, known_revisions, safe_url, unknown_revision_message, upgrade
 
     if not settings.database_url:
         upgrade(settings.effective_database_url)
         return
     try:
         rev = current_revision(settings.effective_database_url)
+    except sa.exc.ProgrammingError as exc:  # reachable, but this role may not read imgsync's tables
+        raise ConfigError(
+            f"the state database at {safe_url(settings.effective_database_url)} (IMGSYNC_DATABASE_URL) refused to show "
+            f"its schema revision: {str(exc.orig).strip()} — grant this role use of imgsync's schema and tables"
+        ) from exc
     except Exception as exc:  # noqa: BLE001
         raise ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", settings.effective_database_url, str(exc)) from exc
     if rev is None:
         raise ConfigError("the state database has no schema yet: run `imgsync db upgrade` (IMGSYNC_DATABASE_URL)")
+    if rev not in known_revisions():
+        raise ConfigError(unknown_revision_message(rev, settings.effective_database_url))
     if rev != head_revision():
         raise ConfigError(
             f"the state database is at schema revision {rev}, this imgsync needs {head_revision()}: "

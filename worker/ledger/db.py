@@ -123,10 +123,19 @@ def upgrade(url: str, revision: str = "head") -> str:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
+            conn.begin()  # alembic runs inside it (an "external" transaction)
+            if conn.dialect.name == "postgresql":  # several `db upgrade` at once: one after the other
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            _refuse_foreign_schema(conn, url)
             cfg = _alembic_config(url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
             conn.commit()
+    except sa.exc.ProgrammingError as exc:  # a privilege the role lacks (CREATE on the schema, owning a table)
+        refused = _privilege_error(exc, url)
+        if refused is None:
+            raise
+        raise refused from exc
     except sa.exc.OperationalError as exc:
         if engine.dialect.name == "sqlite" and any(w in str(exc.orig).lower() for w in _SQLITE_NOT_WRITABLE):
             from worker.errors import ConfigError
@@ -139,6 +148,66 @@ def upgrade(url: str, revision: str = "head") -> str:
     finally:
         engine.dispose()
     return current_revision(url) or ""
+
+
+#: PostgreSQL advisory lock held while the state schema is upgraded (the catalog's has its own key)
+ADVISORY_LOCK_KEY = 0x1A65_57A7
+
+
+def _refuse_foreign_schema(conn: sa.Connection, url: str) -> None:
+    """Refuse a database whose alembic history this code does not know (a newer imgsync upgraded it,
+    or another application keeps its own ``alembic_version`` there), or that holds tables of the
+    state schema's names without its history (another application's ``images``).
+
+    Raises:
+        ConfigError: saying which, naming IMGSYNC_DATABASE_URL.
+    """
+    from alembic.runtime.migration import MigrationContext
+
+    from worker.errors import ConfigError
+    from worker.ledger.tables import metadata
+
+    rev = MigrationContext.configure(conn).get_current_revision()
+    if rev is not None:
+        if rev not in known_revisions():
+            raise ConfigError(unknown_revision_message(rev, url))
+        return
+    inspector = sa.inspect(conn)
+    clash = sorted(set(inspector.get_table_names()) & set(metadata.tables))
+    if clash:
+        raise ConfigError(
+            f"the state database at {safe_url(url)} (IMGSYNC_DATABASE_URL) already has {', '.join(clash)} but no imgsync "
+            "schema: another application's tables; give imgsync a database (or a PostgreSQL schema, "
+            "?options=-csearch_path%3Dimgsync) of its own"
+        )
+
+
+def known_revisions() -> set[str]:
+    """Every revision of the state schema's history this code has."""
+    from alembic.script import ScriptDirectory
+
+    return {s.revision for s in ScriptDirectory.from_config(_alembic_config("sqlite://")).walk_revisions()}
+
+
+def unknown_revision_message(rev: str, url: str) -> str:
+    return (
+        f"the state database at {safe_url(url)} (IMGSYNC_DATABASE_URL) is at schema revision {rev!r}, which this "
+        f"imgsync does not know (its newest is {head_revision()}): a newer imgsync upgraded it (run that version), "
+        "or another application keeps its alembic history there (give imgsync a database of its own)"
+    )
+
+
+def _privilege_error(exc: sa.exc.ProgrammingError, url: str) -> Exception | None:
+    """A privilege missing, as a setting to fix (exit 2, not an outage); None for another refusal."""
+    from worker.errors import ConfigError
+
+    if "permission denied" in str(exc.orig).lower() or "must be owner" in str(exc.orig).lower():
+        return ConfigError(
+            f"the state database at {safe_url(url)} (IMGSYNC_DATABASE_URL) refused the schema upgrade: {exc.orig}".strip()
+            + " — grant that role CREATE on its schema (and ownership of imgsync's tables), or run `imgsync db upgrade` "
+            "as their owner"
+        )
+    return None
 
 
 #: what SQLite says of a database file it cannot open or write (a local setting, not an outage)

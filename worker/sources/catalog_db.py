@@ -143,7 +143,16 @@ def _refuse_foreign_tables(conn: sa.Connection, url: str) -> None:
 
     from worker.errors import ConfigError
 
-    if MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision() is not None:
+    rev = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    if rev is not None:
+        from alembic.script import ScriptDirectory
+
+        known = {s.revision for s in ScriptDirectory.from_config(_alembic_config(url)).walk_revisions()}
+        if rev not in known:
+            raise ConfigError(
+                f"the catalog at {safe_url(url)} ({SETTING}) is at catalog schema revision {rev!r}, which this imgsync "
+                f"does not know (its newest is {HEAD}): a newer imgsync upgraded it; run that version"
+            )
         return
     inspector = sa.inspect(conn)
     clash = sorted((set(inspector.get_table_names()) | set(inspector.get_view_names())) & set(metadata.tables))
@@ -151,7 +160,7 @@ def _refuse_foreign_tables(conn: sa.Connection, url: str) -> None:
         raise ConfigError(
             f"the catalog at {safe_url(url)} ({SETTING}) already has {', '.join(clash)} but no imgsync catalog "
             f"schema ({VERSION_TABLE}): hook your own tables to the outbox by hand and stamp revision "
-            f"{HEAD!r} (README, 'Catalog sources'), or point {SETTING} at an empty database"
+            f"{HEAD!r} (README, 'Catalog outbox'), point {SETTING} at an empty database, or upgrade with `imgsync db upgrade --skip-catalog`"
         )
 
 

@@ -471,14 +471,19 @@ class _Listener:
     def __init__(self, url: str) -> None:
         from sqlalchemy.engine import make_url
 
-        self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        # the connection parameters as the relay's own engine passes them (a URL rendered again
+        # re-encodes query values: options=-c%20… became -c+…, which the server refused)
+        parsed = make_url(url).set(drivername="postgresql+psycopg")
+        _args, params = sa.create_engine(parsed).dialect.create_connect_args(parsed)
+        params.pop("context", None)  # SQLAlchemy's type adapters, not a connection parameter
+        self.params: dict[str, Any] = params
         self.conn: Any = None
 
     def open(self) -> None:
         import psycopg
 
         try:
-            self.conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=10)
+            self.conn = psycopg.connect(**{"connect_timeout": 10, **self.params}, autocommit=True)
             self.conn.execute(f'LISTEN "{NOTIFY_CHANNEL}"')
         except psycopg.Error as exc:
             log.warning("outbox: LISTEN failed (%s); polling until it works", exc)
@@ -531,8 +536,8 @@ def command(
     from worker.cli.common import ensure_schema
 
     settings = settings_from(ctx)
+    ensure_schema(settings)  # dead letters are kept in the state database; checked before the catalog is written
     revision = upgrade_catalog(settings.effective_catalog_url)
-    ensure_schema(settings)  # dead letters are kept in the state database
     relay = OutboxRelay(settings)
     where = safe_url(relay.url)
     try:
