@@ -155,10 +155,11 @@ def test_invalid_bucket_name_is_invalid(moto_endpoint: str) -> None:
 
 
 def test_client_is_built_once_per_endpoint_region_and_timeouts(moto_endpoint: str, admin, bucket: str) -> None:
-    """Fetches with the same endpoint, region and timeouts share one cached client; other timeouts get their own."""
+    """Fetches with the same endpoint, region, timeouts and CA bundle share one cached client; other
+    timeouts or another bundle get their own."""
     admin.put_object(Bucket=bucket, Key="a.jpg", Body=PAYLOAD)
     cfg = _cfg(moto_endpoint)
-    key = (moto_endpoint, REGION, cfg.connect_timeout, cfg.read_timeout)
+    key = (moto_endpoint, REGION, cfg.connect_timeout, cfg.read_timeout, "")
     assert fetch_bytes(f"s3://{bucket}/a.jpg", cfg) == PAYLOAD
     first = s3_module._CLIENTS[key]
     assert fetch_bytes(f"s3://{bucket}/a.jpg", _cfg(moto_endpoint)) == PAYLOAD
@@ -166,6 +167,7 @@ def test_client_is_built_once_per_endpoint_region_and_timeouts(moto_endpoint: st
     assert s3_client(cfg) is first
     other = replace(cfg, read_timeout=cfg.read_timeout + 1)
     assert s3_client(other) is not first
+    assert s3_client(replace(cfg, ca_bundle="/etc/ssl/certs/ca-certificates.crt")) is not first
 
 
 def test_unreachable_endpoint_is_transient() -> None:
