@@ -157,3 +157,17 @@ def test_an_unencoded_at_in_a_database_password_is_refused_without_showing_it(tm
     with pytest.raises(ConfigError, match="%40") as info:
         Settings(_env_file=None, home=tmp_path, database_url="postgresql+psycopg://u:p@Ssw0rdTail@127.0.0.1/db")  # type: ignore[call-arg]
     assert "Ssw0rdTail" not in str(info.value)
+
+
+@pytest.mark.parametrize("command", [["up"], ["demo", "--images", "4", "--skus", "2"]])
+def test_up_and_demo_leave_a_database_of_its_own_to_db_upgrade(pg_database, tmp_path: Path, monkeypatch, command: list) -> None:  # type: ignore[no-untyped-def]
+    """With IMGSYNC_DATABASE_URL set, `up` and `demo` upgraded that database without being asked; a
+    production database is upgraded on purpose (`imgsync db upgrade`), as every other command says."""
+    url = pg_database()
+    monkeypatch.setenv("IMGSYNC_DATABASE_URL", url)
+    monkeypatch.setenv("IMGSYNC_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("IMGSYNC_MODEL", "tiny")
+    monkeypatch.setenv("IMGSYNC_METRICS_PORT", "0")
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2 and "db upgrade" in result.output, result.output
+    assert current_revision(url) is None

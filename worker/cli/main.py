@@ -270,11 +270,10 @@ def up(ctx: typer.Context) -> None:
     import threading
 
     from worker.cli.stack import EmbeddedStack
-    from worker.ledger.db import upgrade
     from worker.sources.folder import FolderSource
 
     settings = settings_from(ctx)
-    upgrade(settings.effective_database_url)
+    ensure_schema(settings)  # the embedded state is upgraded; a database of its own only checked (`db upgrade`)
     check_model_setting(settings)
     check_broker(settings)  # its workers would wait for it for ever under a ready banner
     if settings.metrics_port:
@@ -593,7 +592,6 @@ def demo(
     from worker.cli.indexing import collect_events, print_results, publish, wait_for
     from worker.cli.stack import EmbeddedStack
     from worker.encoders import create_encoder
-    from worker.ledger.db import upgrade
     from worker.search import run_search
     from worker.sources.folder import FolderSource
 
@@ -606,7 +604,7 @@ def demo(
     if notice:
         err_console.print(f"[bold yellow]note:[/] {notice}", highlight=False)
     check_model_setting(settings)
-    upgrade(settings.effective_database_url)
+    ensure_schema(settings)
     root = settings.home / "demo-catalog"
     with console.status(f"writing {images} product photos over {min(skus, images)} SKUs to {root} …"):
         files, queries = make_catalog(root, images, min(skus, images))
