@@ -58,6 +58,10 @@ def configure(settings: Settings) -> Celery:
             "visibility_timeout": settings.broker_visibility_timeout,
             "unacked_restore_interval": max(1, min(10, settings.broker_visibility_timeout // 4)),
             "unacked_restore_throttle": 1,
+            # a Redis that accepts connections but never answers held a publish (and a source's
+            # stop) for ever: no socket read waits longer than this (workers poll with 1 s BRPOPs)
+            "socket_timeout": BROKER_SOCKET_TIMEOUT,
+            "socket_connect_timeout": BROKER_SOCKET_TIMEOUT,
         },
         "timezone": "UTC",
     }
@@ -73,6 +77,10 @@ def configure(settings: Settings) -> Celery:
     _state["settings"] = settings
     _state.pop("runtime", None)
     return app
+
+
+#: seconds a Redis broker socket read or connect may wait
+BROKER_SOCKET_TIMEOUT = 10.0
 
 
 def _drop_broker_pools() -> None:

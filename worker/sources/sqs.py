@@ -53,6 +53,13 @@ MAX_FAILED_ROUNDS = 10
 #: pause after a failed round, doubled each time, capped by MAX_BACKOFF_SECONDS
 BACKOFF_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 30.0
+#: SQS error codes of credentials or permissions it refuses
+_REFUSED_CREDENTIALS = frozenset({
+    "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch", "InvalidAccessKeyId",
+    "AccessDenied", "AccessDeniedException", "ExpiredToken", "ExpiredTokenException", "MissingAuthenticationToken",
+})
+#: pause after a short poll (IMGSYNC_SQS_WAIT_SECONDS=0) that brought nothing: no busy loop
+IDLE_PAUSE_SECONDS = 1.0
 #: seconds to connect to SQS; the read timeout is the long-poll wait plus this margin
 CONNECT_TIMEOUT = 5.0
 READ_MARGIN = 10.0
@@ -78,7 +85,9 @@ class RoundStats:
     deleted: int = 0
     kept: int = 0  # left in the queue for redelivery (publish or dead-letter failed)
     request_id: str | None = None
-    failed: bool = False  # SQS or the broker failed: the loop backs off
+    failed: bool = False  # SQS, the broker or the state database failed: the loop backs off
+    #: what failed when ``failed`` (the service named to the operator)
+    error: ServiceUnavailable | None = None
 
     def add(self, other: RoundStats) -> None:
         self.messages += other.messages
@@ -133,6 +142,18 @@ class SqsSource:
         try:
             self.client.get_queue_attributes(QueueUrl=self.queue_url, AttributeNames=["QueueArn"])
         except Exception as exc:  # noqa: BLE001 - any client fault means the same to the operator
+            answer = getattr(exc, "response", None) or {}
+            code = str(answer.get("Error", {}).get("Code", ""))
+            status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            named = next((c for c in _REFUSED_CREDENTIALS if c in str(exc)), "")  # an answer botocore could not parse
+            if code in _REFUSED_CREDENTIALS or named or status in (401, 403):  # a setting to fix, not an outage
+                code = named or code or f"HTTP {status}"
+                from worker.errors import ConfigError
+
+                raise ConfigError(
+                    f"SQS refused the AWS credentials for {self.queue_url} ({code}): check AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY / AWS_PROFILE and the queue's policy (IMGSYNC_SQS_QUEUE_URL)"
+                ) from exc
             raise self._unavailable(exc) from exc
 
     def receive(self, wait_seconds: int | None = None) -> list[dict[str, Any]]:
@@ -182,11 +203,11 @@ class SqsSource:
                 stats.published = len(events)
             except Exception as exc:  # noqa: BLE001 - the broker's faults are many; all mean "later"
                 published = False
-                stats.failed = True
+                stats.failed, stats.error = True, self._publish_failure(exc)
                 log.warning("sqs: could not publish %d event(s), their messages stay queued: %s", len(events), exc)
         done: list[dict[str, Any]] = []
         for msg, why in poison:
-            if self._dead_letter(msg.get("Body", ""), f"message {msg.get('MessageId', '?')}: {why}"):
+            if self._dead_letter(msg.get("Body", ""), f"message {msg.get('MessageId', '?')}: {why}", stats):
                 stats.dead_letters += 1
                 done.append(msg)
         for msg, conv in converted:
@@ -194,7 +215,7 @@ class SqsSource:
             if conv.events and not published:
                 continue
             recorded = all(
-                self._dead_letter(bad.body(), f"message {msg.get('MessageId', '?')}, record {bad.index}: {bad.error}")
+                self._dead_letter(bad.body(), f"message {msg.get('MessageId', '?')}, record {bad.index}: {bad.error}", stats)
                 for bad in conv.invalid
             )
             stats.dead_letters += len(conv.invalid) if recorded else 0
@@ -226,15 +247,22 @@ class SqsSource:
             except ServiceUnavailable as exc:
                 stats, error = RoundStats(failed=True), exc
             if stats.failed and error is None:
-                error = ServiceUnavailable(
+                error = stats.error or ServiceUnavailable(
                     "broker", "IMGSYNC_BROKER_URL", self.settings.effective_broker_url, "could not publish events"
                 )
             totals.add(stats)
-            _count(stats, error)
             if stats.messages and report:
                 report(stats.line())
+            if error is None and not stats.messages and failures:
+                # an empty receive proves nothing while the messages a failed round kept are hidden
+                # (visibility timeout): the failures and the source's health stand as they were
+                self._idle_pause()
+                continue
+            _count(stats, error)
             if error is None:
                 failures = 0
+                if not stats.messages:
+                    self._idle_pause()
             else:
                 failures += 1
                 if once or failures >= MAX_FAILED_ROUNDS:
@@ -253,13 +281,35 @@ class SqsSource:
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _dead_letter(self, body: str, error: str) -> bool:
+    def _idle_pause(self) -> None:
+        """A short poll (IMGSYNC_SQS_WAIT_SECONDS=0) that brought nothing waits a moment before the
+        next: it answered at once, ~400 times a second on an empty queue."""
+        if self.settings.sqs_wait_seconds < IDLE_PAUSE_SECONDS and not self.stopping:
+            self._sleep(IDLE_PAUSE_SECONDS)
+
+    def _publish_failure(self, exc: Exception) -> ServiceUnavailable:
+        """The service a failed publish names: the state database (the ledger records the events
+        first) or the broker."""
+        import sqlalchemy as sa
+
+        from worker.ledger.db import safe_url
+
+        if isinstance(exc, ServiceUnavailable):
+            return exc
+        if isinstance(exc, sa.exc.DBAPIError):
+            return ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", safe_url(self.settings.effective_database_url),
+                                      str(getattr(exc, "orig", exc)), state="failing")
+        return ServiceUnavailable("broker", "IMGSYNC_BROKER_URL", safe_url(self.settings.effective_broker_url),
+                                  f"could not publish events: {exc}")
+
+    def _dead_letter(self, body: str, error: str, stats: RoundStats) -> bool:
         from schemas.reasons import Reason
 
         try:
             self.ledger.dead_letter(task=TASK, body=body, reason=str(Reason.invalid_event), error=error)
-        except Exception:  # noqa: BLE001 - the message stays and comes back; nothing is lost
+        except Exception as exc:  # noqa: BLE001 - the message stays and comes back; nothing is lost
             log.exception("sqs: could not record a dead letter; the message stays queued")
+            stats.failed, stats.error = True, stats.error or self._publish_failure(exc)
             return False
         log.warning("sqs: dead-lettered: %s", error.splitlines()[0])
         return True
