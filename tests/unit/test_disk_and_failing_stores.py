@@ -154,3 +154,27 @@ def test_status_masks_every_password_of_a_failover_broker_list(tmp_path: Path, m
     assert "pw1" not in doc.broker_url and "pw2secret" not in doc.broker_url
     assert doc.broker_url.count(":***@") == 2 and not doc.ready
     assert doc.errors and not any("pw1" in e or "pw2secret" in e for e in doc.errors), doc.errors
+
+
+def test_a_state_file_another_process_keeps_locked_is_exit_3(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds the embedded state.db's write lock past the wait: sqlite3's own
+    OperationalError (raised by BEGIN IMMEDIATE, not wrapped by SQLAlchemy) was a traceback, exit 1.
+    Now exit 3 naming the database, with the JSON error document."""
+    import sqlite3
+
+    from schemas.outputs import ErrorOutput
+    from worker.cli.main import app
+    from worker.ledger import db as ledger_db
+
+    assert CliRunner().invoke(app, ["failures", "list", "--json"]).exit_code == 0  # the state exists
+    monkeypatch.setattr(ledger_db.begin_immediate, "__defaults__", (300,))  # wait 0.3 s, not 30 s
+    holder = sqlite3.connect(home / "state.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        result = CliRunner().invoke(app, ["failures", "list", "--json"])
+    finally:
+        holder.rollback()
+        holder.close()
+    assert result.exit_code == 3, result.output
+    error = ErrorOutput.model_validate_json(result.stdout).error
+    assert error.service == "database" and "locked" in error.message

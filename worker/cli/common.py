@@ -190,13 +190,17 @@ def _store_failing(exc: Exception, settings: Settings | None) -> ServiceUnavaila
     """A state database that failed mid-command (connection lost, "database or disk is full") or a
     write refused for lack of space, as ServiceUnavailable naming what failed; else None."""
     import errno
+    import sqlite3
 
     from sqlalchemy.exc import OperationalError as DatabaseError
 
     from worker.ledger.db import safe_url
 
-    if isinstance(exc, DatabaseError):
-        cause = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc).splitlines()[0]
+    if isinstance(exc, (DatabaseError, sqlite3.OperationalError)):  # sqlite3's own: raised by BEGIN IMMEDIATE
+        orig = getattr(exc, "orig", None)
+        cause = str(orig if orig is not None else exc).splitlines()[0]
+        if "locked" in cause:
+            cause += " (another process held its write lock for 30 s)"
         url = safe_url(settings.effective_database_url) if settings is not None else "the state database"
         return ServiceUnavailable("database", "IMGSYNC_DATABASE_URL", url, cause, state="failing")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
