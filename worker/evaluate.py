@@ -90,6 +90,11 @@ class Sample:
         return Sample(self.seed, self.requested, tuple(i for i in kept if counts[i.sku] >= 2))
 
 
+def per_sku_cap(size: int, max_per_sku: int = MAX_PER_SKU) -> int:
+    """Images one SKU gives a sample of ``size`` at most: a small sample still spans two SKUs."""
+    return max(2, min(max_per_sku, size // 2))
+
+
 def draw_sample(images: Iterable[SampleImage], size: int, seed: int, *, max_per_sku: int = MAX_PER_SKU) -> Sample:
     """Up to ``size`` images, SKU by SKU: SKUs with >= 2 images in a seeded order, each with up to
     ``max_per_sku`` of its images (seeded choice). The same catalog and seed give the same sample,
@@ -104,9 +109,10 @@ def draw_sample(images: Iterable[SampleImage], size: int, seed: int, *, max_per_
     skus = sorted(s for s, members in by_sku.items() if len(members) >= 2)
     rng = np.random.default_rng(seed)
     chosen: list[SampleImage] = []
+    per_sku = per_sku_cap(size, max_per_sku)
     for s in (skus[i] for i in rng.permutation(len(skus))):
         members = sorted(by_sku[s], key=lambda i: i.image_id)
-        take = min(len(members), max_per_sku, size - len(chosen))
+        take = min(len(members), per_sku, size - len(chosen))
         if take < 2:
             break
         chosen.extend(members[i] for i in sorted(rng.permutation(len(members))[:take]))

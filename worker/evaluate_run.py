@@ -19,12 +19,12 @@ from worker.encoders import Encoder, create_encoder
 from worker.errors import ConfigError, ImgsyncError
 from worker.evaluate import (
     BOOTSTRAP_RESAMPLES,
-    MAX_PER_SKU,
     Sample,
     SampleImage,
     ann_recall,
     bootstrap_interval,
     exact_top_k,
+    per_sku_cap,
     ranking_metrics,
     silhouette_cosine,
 )
@@ -284,7 +284,7 @@ def run_evaluation(
         )
     info = SampleInfo(
         seed=sample.seed, requested=sample.requested, images=len(measured.images), skus=measured.skus,
-        queries=len(measured.images), max_per_sku=MAX_PER_SKU, left_out=len(sample.images) - len(measured.images),
+        queries=len(measured.images), max_per_sku=per_sku_cap(sample.requested), left_out=len(sample.images) - len(measured.images),
         key=measured.key, bootstrap_resamples=BOOTSTRAP_RESAMPLES,
     )  # fmt: skip
     models = [_score(run, source, measured) for run, source in zip(runs, sources, strict=True)]
@@ -334,7 +334,8 @@ def measure_ann(
     scans every vector the collection holds for the ledger's indexed images."""
     reporter = reporter or _Silent()
     everything = sorted(ledger.held_by(serving.model_id, [r.image_id for r in indexed]))
-    wanted = [i.image_id for i in sample.images if i.image_id in set(everything)][:ANN_QUERIES]
+    held = set(everything)  # once: a set per sampled image made the check sample × catalog
+    wanted = [i.image_id for i in sample.images if i.image_id in held][:ANN_QUERIES]
     stored = store.image_vectors(serving.images_collection, wanted)
     query_ids = [i for i in wanted if i in stored]
     if not query_ids:
@@ -348,7 +349,8 @@ def measure_ann(
         ann_hits.append([(str(h["image_id"]), float(h["score"])) for h in hits])
         reporter.advance()
     return AnnRecall(
-        model_id=serving.model_id, collection=serving.images_collection, index_type=settings.milvus_index_type,
+        model_id=serving.model_id, collection=serving.images_collection,
+        index_type=store.index_type(serving.images_collection) or settings.milvus_index_type,  # as built, not as set now
         k=ANN_K, queries=len(query_ids), vectors_scanned=scanned,
         recall_at_k=ann_recall(ann_hits, exact_ids, exact_scores, ANN_K),
     )  # fmt: skip

@@ -8,9 +8,9 @@ from pathlib import Path
 from config.settings import Settings
 from schemas.outputs import SearchHit
 from worker.encoders import Encoder, create_encoder
-from worker.errors import ConfigError, PermanentError
+from worker.errors import ConfigError, PermanentError, ServiceUnavailable
 from worker.imaging.decode import decode_and_crop
-from worker.index import MilvusStore
+from worker.index import IMAGES_ALIAS, MilvusStore
 from worker.index.milvus_store import store_for, version_names
 from worker.ledger import Ledger, make_engine
 
@@ -65,17 +65,26 @@ def run_search(
     """
     data = b""
     if image is not None:  # an unreadable query is an error whether or not anything is indexed yet
-        try:
-            data = image.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"--image {image}: {exc.strerror or exc}") from exc
+        data = _query_bytes(image, settings)
     store = store_for(settings, milvus_uri)
     ledger = Ledger(make_engine(settings.effective_database_url))
     try:
         coll = store.serving_collection()
         if coll is None:  # nothing indexed yet: no hits, but a text query the model cannot take is still an error
+            if (indexed := ledger.counts().get("indexed", 0)) > 0:  # Milvus lost the serving aliases: not "no hits"
+                raise ServiceUnavailable(
+                    "Milvus", "IMGSYNC_MILVUS_URI", milvus_uri,
+                    f"it has no serving collection ({IMAGES_ALIAS}) while the ledger holds {indexed} indexed image(s): "
+                    "`imgsync verify --repair` makes it again",
+                    state="failing",
+                )  # fmt: skip
             if text is not None and (encoder or create_encoder(settings.encoder)).has_text_tower() is False:
                 raise ConfigError(f"model {settings.model} has no text tower: search by image instead")
+            if image is not None:  # a file that is no picture is an error too, as it is once images are indexed
+                try:
+                    decode_and_crop(data, settings.imaging, None)
+                except PermanentError as exc:
+                    raise ConfigError(f"--image {image}: {exc.reason}: {exc}") from exc
             return []
         model_id = ledger.model_for_collection(coll)
         if model_id is None:
@@ -106,3 +115,17 @@ def run_search(
         SearchHit(uri=h.get("uri"), image_id=h.get("image_id"), sku=h["sku"], score=min(1.0, max(-1.0, float(h["score"]))))
         for h in raw
     ]
+
+
+def _query_bytes(image: Path, settings: Settings) -> bytes:
+    """The query file's bytes, at most IMGSYNC_MAX_IMAGE_BYTES (the limit indexing applies: a huge
+    file, or /dev/zero, is refused instead of read into memory)."""
+    limit = settings.max_image_bytes
+    try:
+        with image.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"--image {image}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise ConfigError(f"--image {image}: over IMGSYNC_MAX_IMAGE_BYTES={limit} bytes")
+    return data

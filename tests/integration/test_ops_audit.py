@@ -491,3 +491,52 @@ def test_failures_show_names_the_state_of_any_image(home: Path) -> None:
     from datetime import datetime, timedelta
 
     assert datetime.fromisoformat(doc["updated_at"]).utcoffset() == timedelta(0)
+
+
+def test_a_version_prefix_ends_where_a_part_of_the_model_name_ends(home: Path) -> None:
+    """`random:6` named the `random:64` version (a prefix of its id): `evaluate --model random:6`
+    measured the wrong model, `cutover random:6` would switch to it. Within the name a prefix must
+    end where a part ends; after the `@` it may stop anywhere (a digest typed short)."""
+    from worker.cli.versions import resolve_version
+    from worker.errors import ConfigError
+
+    ledger = _ledger()
+    ledger.register_version("random:64@pixels-sha256#d438eb2e37cb", "random:64", "i1", "s1", 64, serve_if_first=True)
+    assert resolve_version(ledger, "random:64").spec == "random:64"
+    assert resolve_version(ledger, "random").spec == "random:64"
+    assert resolve_version(ledger, "random:64@pixels-sha256#d4").spec == "random:64"
+    with pytest.raises(ConfigError, match="not a known model version"):
+        resolve_version(ledger, "random:6")
+    ledger.engine.dispose()
+
+
+def test_search_refuses_a_query_that_is_no_picture_or_too_large_also_on_an_empty_index(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an empty index a text file as --image answered `{"hits": []}`, exit 0 (exit 2 once anything
+    was indexed); a query file over IMGSYNC_MAX_IMAGE_BYTES was read whole into memory."""
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    result = runner.invoke(app, ["search", "--image", str(text), "--json"])
+    assert result.exit_code == 2, result.output
+    assert "unsupported_format" in ErrorOutput.model_validate_json(result.stdout).error.message
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8\xff" + b"\0" * 2048)
+    monkeypatch.setenv("IMGSYNC_MAX_IMAGE_BYTES", "1024")
+    result = runner.invoke(app, ["search", "--image", str(big), "--json"])
+    assert result.exit_code == 2 and "IMGSYNC_MAX_IMAGE_BYTES" in result.output, result.output
+
+
+def test_search_with_the_serving_aliases_lost_is_not_an_empty_answer(home: Path, tmp_path: Path) -> None:
+    """The ledger holds indexed images but Milvus has no serving alias (lost): search answered no
+    hits, exit 0; now exit 3 naming Milvus and the repair."""
+    ledger = _ledger()
+    ledger.register_version("lost-b", "tiny", "imgsync_images__lostb", "imgsync_skus__lostb", 64, serve_if_first=True)
+    _indexed(ledger, "lost-b", "s3://b/SKU-1/a.jpg")
+    ledger.engine.dispose()
+    query = tmp_path / "q.jpg"
+    photo(64, 48, seed=1).save(query)
+    result = runner.invoke(app, ["search", "--image", str(query), "--json"])
+    assert result.exit_code == 3, result.output
+    error = ErrorOutput.model_validate_json(result.stdout).error
+    assert error.service == "Milvus" and "verify --repair" in error.message

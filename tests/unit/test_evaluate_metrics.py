@@ -138,6 +138,14 @@ def test_sample_needs_two_skus_with_two_images() -> None:
         draw_sample(_catalog(5, [3]), 3, seed=0)  # room for one SKU only
 
 
+@pytest.mark.parametrize("size", [4, 5, 9])
+def test_a_small_sample_spans_two_skus(size: int) -> None:
+    """`--sample 4` on a catalog of SKUs with 10 images each was refused ("holds 1 SKU"): the first
+    SKU took every place. A sample takes at most half its size from one SKU."""
+    sample = draw_sample(_catalog(10, [10]), size, seed=0)
+    assert sample.skus >= 2 and 4 <= len(sample.images) <= size
+
+
 def test_exact_top_k_over_chunks_equals_brute_force() -> None:
     """Streaming top-k over chunks gives the brute-force ranking."""
     rng = np.random.default_rng(0)

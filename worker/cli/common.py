@@ -226,11 +226,14 @@ def _milvus_failing(exc: TransientError, settings: Settings | None) -> Transient
     """A Milvus call that failed mid-command (the server went away after answering, a timeout) named
     as the service it is, with its setting, like one that could not be reached at all."""
     from schemas.reasons import Reason
+    from worker.index.milvus_store import CollectionMissing
 
     if exc.reason != Reason.index_unavailable:
         return exc
     target = (settings.milvus_uri if settings is not None else "") or "the embedded Milvus Lite server"
     cause = str(exc).removeprefix("Milvus ")
+    if isinstance(exc, CollectionMissing):  # it answered, but lost a collection: what makes it again
+        cause += "; `imgsync verify --repair` (or `verify --model M --repair` for another version) makes it again"
     return ServiceUnavailable("Milvus", "IMGSYNC_MILVUS_URI", target, cause, state="failing")
 
 

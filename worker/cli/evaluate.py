@@ -42,6 +42,7 @@ def evaluate(
 ) -> None:
     """Same-SKU retrieval (Recall@1 with a 95% interval, Recall@5, mAP, silhouette), encode speed,
     size and memory of each model on a seeded sample of the catalog; exact search, not the index."""
+    from worker.encoders.spec import spec_given_by
     from worker.evaluate import draw_sample, save_evaluation
     from worker.evaluate_run import run_evaluation, sample_images
     from worker.index.milvus_store import store_for
@@ -57,7 +58,7 @@ def evaluate(
         with milvus_session(settings) if needs_milvus else nullcontext(None) as uri:
             store = store_for(settings, uri) if uri else None
             try:
-                with _progress(enabled=not json_out) as progress:
+                with _progress(enabled=not json_out) as progress, spec_given_by("--model") if model else nullcontext():
                     doc = run_evaluation(
                         settings, ledger, store, sources, drawn, indexed=indexed, ann=ann, reporter=_Bar(progress)
                     )
@@ -84,7 +85,7 @@ def resolve_models(ledger: Ledger, texts: Sequence[str]):  # type: ignore[no-unt
     Raises:
         ConfigError: a value that is neither a known version nor a spec, or nothing to evaluate.
     """
-    from worker.cli.versions import resolve_version
+    from worker.cli.versions import id_prefix, resolve_version
     from worker.encoders import BACKENDS, parse_spec
     from worker.evaluate_run import ModelSource
     from worker.ledger import VersionStatus
@@ -101,15 +102,16 @@ def resolve_models(ledger: Ledger, texts: Sequence[str]):  # type: ignore[no-unt
             source = ModelSource(v.spec or v.model_id, v)
         except ConfigError as not_version:
             every = ledger.versions(tuple(VersionStatus.ACTIVE) + (VersionStatus.retired,))
-            if sum(v.model_id.startswith(text.strip()) for v in every) > 1:
+            if sum(id_prefix(v.model_id, text.strip()) for v in every) > 1:
                 raise  # an ambiguous prefix: the message lists the candidates
             try:
                 parse_spec(text)
-            except ConfigError:
+            except ConfigError as not_spec:
                 known = "; ".join(f"{v.model_id} ({v.status})" for v in every) or "none yet"
+                why = str(not_spec).replace("IMGSYNC_MODEL", "--model")
                 raise ConfigError(
                     f"--model {text!r} is neither a model version of the index (known versions: {known}) nor a "
-                    f"model spec <backend>:<name>[@<weights>] (backends: {', '.join(BACKENDS)})"
+                    f"model spec <backend>:<name>[@<weights>] (backends: {', '.join(BACKENDS)}): {why}"
                 ) from not_version
             source = ModelSource(text.strip())
         if source not in out:

@@ -29,7 +29,7 @@ from worker.encoders.spec import spec_given_by
 from worker.errors import ConfigError
 from worker.ledger import ImageRow, ImageState, Ledger, VersionRow, VersionStatus, make_engine
 
-__all__ = ["cutover", "rollback", "retire", "build_version", "resolve_version"]
+__all__ = ["cutover", "rollback", "retire", "build_version", "id_prefix", "resolve_version"]
 
 #: seconds between polls of the ledger while following a build
 POLL_SECONDS = 0.5
@@ -48,12 +48,22 @@ def resolve_version(ledger: Ledger, text: str) -> VersionRow:
         raise ConfigError("an empty model version: give its model id, its spec or a prefix of its id")
     every = ledger.versions((VersionStatus.serving, VersionStatus.standby, VersionStatus.building, VersionStatus.retired))
     exact = [v for v in every if v.model_id == text]
-    matches = exact or [v for v in every if _same_spec(v, text)] or [v for v in every if v.model_id.startswith(text)]
+    matches = exact or [v for v in every if _same_spec(v, text)] or [v for v in every if id_prefix(v.model_id, text)]
     if len(matches) == 1:
         return matches[0]
     known = "; ".join(f"{v.model_id} ({v.status})" for v in every) or "none yet"
     what = "matches several versions" if matches else "is not a known model version"
     raise ConfigError(f"{text!r} {what}: known versions: {known}")
+
+
+def id_prefix(model_id: str, text: str) -> bool:
+    """``text`` starts ``model_id``; within the model's name (before its ``@`` weights) it must end
+    where a part of the name ends: ``random:6`` is another model than ``random:64@…``, while
+    ``random:64@pixels-sha256#d4`` may stop anywhere in the digest."""
+    if not model_id.startswith(text):
+        return False
+    rest = model_id[len(text) :]
+    return not rest or "@" in text or not (rest[0].isalnum() and text[-1].isalnum())
 
 
 def _same_spec(version: VersionRow, text: str) -> bool:

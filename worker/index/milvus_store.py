@@ -180,6 +180,14 @@ class MilvusStore:
             existing = set(self.client.list_collections())
         return names.images in existing and names.skus in existing
 
+    def index_type(self, collection: str) -> str | None:
+        """The type of the vector index ``collection`` was built with (None when Milvus cannot say)."""
+        try:
+            with _wrap("describe index"):
+                return str(self.client.describe_index(collection, "vector").get("index_type") or "") or None
+        except TransientError:
+            return None
+
     def forget_collections(self) -> None:
         """Forget which collections were made and loaded: a collection found missing (dropped by
         hand, a Milvus restored from an older backup) is made again by the next :meth:`ensure_version`."""
