@@ -152,3 +152,46 @@ def test_a_redis_broker_that_never_answers_fails_the_publish(make_settings, tmp_
         with pytest.raises(Exception):  # noqa: B017 - kombu's OperationalError or redis' TimeoutError
             publish_events(settings, [ImageEvent(uri="s3://b/SKU-1/a.jpg", sku="SKU-1")])
         assert time.monotonic() - started < 30
+
+
+def test_failed_rounds_are_forgotten_once_their_messages_could_have_come_back(
+    make_settings, moto_endpoint: str, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Empty receives do not end an outage while the failed round's messages are hidden, but once the
+    visibility timeout has passed an empty queue means they were handled (here: removed elsewhere):
+    a single failure days later must not add to an old count and end the source."""
+    client = boto3.client("sqs", endpoint_url=moto_endpoint, region_name=REGION)
+    body = json.dumps({"Records": [aws_record("c%2FSKU-1%2Fa.jpg", bucket="b")]})
+    settings = _settings(make_settings, moto_endpoint, queue, sqs_wait_seconds=1, sqs_visibility_timeout=1)
+    calls: list[int] = []
+
+    def publish(_settings, events):  # type: ignore[no-untyped-def]
+        calls.append(len(events))
+        client.purge_queue(QueueUrl=queue)  # handled elsewhere meanwhile: it never comes back
+        raise ConnectionError("broker away")
+
+    source = SqsSource(settings, queue, publish=publish)
+    monkeypatch.setattr(sqs_module, "MAX_FAILED_ROUNDS", 2)
+    monkeypatch.setattr(sqs_module, "BACKOFF_SECONDS", 0.1)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            source.run()
+        except BaseException as exc:  # noqa: BLE001 - kept for the assertion
+            outcome.append(exc)
+
+    client.send_message(QueueUrl=queue, MessageBody=body)
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(4)  # past the visibility timeout and a long poll: the failure is forgotten
+    client.send_message(QueueUrl=queue, MessageBody=body)
+    while len(calls) < 2 and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    time.sleep(1)
+    source.stopping = True
+    thread.join(10)
+    assert len(calls) == 2 and outcome == [], outcome

@@ -239,7 +239,7 @@ class SqsSource:
             ServiceUnavailable: MAX_FAILED_ROUNDS rounds in a row failed (or the one round, ``once``).
         """
         totals = RoundStats()
-        failures = 0
+        failures, failed_at = 0, 0.0
         while not self.stopping:
             error: ServiceUnavailable | None = None
             try:
@@ -253,7 +253,8 @@ class SqsSource:
             totals.add(stats)
             if stats.messages and report:
                 report(stats.line())
-            if error is None and not stats.messages and failures:
+            hidden = time.monotonic() - failed_at < self.settings.sqs_visibility_timeout + self.settings.sqs_wait_seconds
+            if error is None and not stats.messages and failures and hidden:
                 # an empty receive proves nothing while the messages a failed round kept are hidden
                 # (visibility timeout): the failures and the source's health stand as they were
                 self._idle_pause()
@@ -264,7 +265,7 @@ class SqsSource:
                 if not stats.messages:
                     self._idle_pause()
             else:
-                failures += 1
+                failures, failed_at = failures + 1, time.monotonic()
                 if once or failures >= MAX_FAILED_ROUNDS:
                     raise error
                 log.warning("sqs: round %d failed, backing off: %s", failures, error)
