@@ -474,8 +474,8 @@ class _Listener:
         # the connection parameters as the relay's own engine passes them (a URL rendered again
         # re-encodes query values: options=-c%20… became -c+…, which the server refused)
         parsed = make_url(url).set(drivername="postgresql+psycopg")
-        _args, params = sa.create_engine(parsed).dialect.create_connect_args(parsed)
-        params.pop("context", None)  # SQLAlchemy's type adapters, not a connection parameter
+        _args, params = parsed.get_dialect()().create_connect_args(parsed)
+        params.pop("context", None)  # type adapters an engine's dialect adds, not a connection parameter
         self.params: dict[str, Any] = params
         self.conn: Any = None
 
