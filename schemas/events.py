@@ -19,6 +19,7 @@ __all__ = [
     "escape_bytes",
     "invalid_reasons",
     "image_id_for",
+    "normalize_sku",
     "normalize_uri",
     "normalize_version",
     "path_from_uri",
@@ -146,6 +147,18 @@ def image_id_for(uri: str) -> str:
     return hashlib.blake2b(uri.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def normalize_sku(value: str) -> str:
+    """A SKU as it is stored: trimmed, non-empty, without control characters.
+
+    Raises:
+        ValueError: empty or with control characters.
+    """
+    sku = value.strip()
+    if not sku or any(ord(c) < 32 for c in sku):
+        raise ValueError(f"sku {sku!r} is empty or has control characters")
+    return sku
+
+
 def normalize_version(value: str | int) -> str:
     """A version (S3 sequencer hex, catalog timestamp in µs, event id) as a sortable string."""
     text = str(value).strip().upper()
@@ -191,10 +204,7 @@ class ImageEvent(BaseModel):
     @field_validator("sku")
     @classmethod
     def _sku(cls, value: str) -> str:
-        value = value.strip()
-        if not value or any(ord(c) < 32 for c in value):
-            raise ValueError(f"sku {value!r} is empty or has control characters")
-        return value
+        return normalize_sku(value)
 
     @property
     def image_id(self) -> str:

@@ -70,7 +70,21 @@ def test_an_outage_that_keeps_its_messages_ends_the_source_and_names_the_databas
     settings = _settings(make_settings, moto_endpoint, queue, sqs_wait_seconds=1, sqs_visibility_timeout=2)
     down = settings.model_copy(update={"database_url": f"postgresql+psycopg://imgsync@127.0.0.1:{free_port()}/gone"})
     source = SqsSource(down, queue, ledger=_ledger(settings))  # dead letters could be kept; the publish fails
-    monkeypatch.setattr(sqs_module, "MAX_FAILED_ROUNDS", 3)
+    thread, outcome = _running(source, monkeypatch, max_failed_rounds=3)
+    thread.join(40)
+    source.stopping = True
+    thread.join(10)
+    assert outcome, "the source went on although every round failed"
+    assert isinstance(outcome[0], ServiceUnavailable) and outcome[0].setting == "IMGSYNC_DATABASE_URL", outcome
+    attrs = client.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages",
+                                                                        "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    assert sum(int(v) for v in attrs.values()) == 1  # still queued: nothing lost
+
+
+def _running(source: SqsSource, monkeypatch: pytest.MonkeyPatch, *, max_failed_rounds: int) -> tuple[threading.Thread, list]:
+    """``source.run()`` started in a thread, ending after ``max_failed_rounds`` failed rounds with
+    0.1 s backoffs: ``(thread, what it raised)``."""
+    monkeypatch.setattr(sqs_module, "MAX_FAILED_ROUNDS", max_failed_rounds)
     monkeypatch.setattr(sqs_module, "BACKOFF_SECONDS", 0.1)
     outcome: list[BaseException] = []
 
@@ -82,14 +96,7 @@ def test_an_outage_that_keeps_its_messages_ends_the_source_and_names_the_databas
 
     thread = threading.Thread(target=run)
     thread.start()
-    thread.join(40)
-    source.stopping = True
-    thread.join(10)
-    assert outcome, "the source went on although every round failed"
-    assert isinstance(outcome[0], ServiceUnavailable) and outcome[0].setting == "IMGSYNC_DATABASE_URL", outcome
-    attrs = client.get_queue_attributes(QueueUrl=queue, AttributeNames=["ApproximateNumberOfMessages",
-                                                                        "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-    assert sum(int(v) for v in attrs.values()) == 1  # still queued: nothing lost
+    return thread, outcome
 
 
 def _ledger(settings):  # type: ignore[no-untyped-def]
@@ -171,19 +178,8 @@ def test_failed_rounds_are_forgotten_once_their_messages_could_have_come_back(
         raise ConnectionError("broker away")
 
     source = SqsSource(settings, queue, publish=publish)
-    monkeypatch.setattr(sqs_module, "MAX_FAILED_ROUNDS", 2)
-    monkeypatch.setattr(sqs_module, "BACKOFF_SECONDS", 0.1)
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            source.run()
-        except BaseException as exc:  # noqa: BLE001 - kept for the assertion
-            outcome.append(exc)
-
     client.send_message(QueueUrl=queue, MessageBody=body)
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = _running(source, monkeypatch, max_failed_rounds=2)
     deadline = time.monotonic() + 20
     while not calls and time.monotonic() < deadline:
         time.sleep(0.1)

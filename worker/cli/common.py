@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from config.settings import Settings
-from schemas.events import escape_bytes
+from schemas.events import escape_bytes, normalize_sku
 from worker.errors import ConfigError, ServiceUnavailable, TransientError
 
 __all__ = [
@@ -149,10 +149,10 @@ def sku_option(value: str | None) -> str | None:
     """
     if value is None:
         return None
-    sku = value.strip()
-    if not sku or any(ord(c) < 32 for c in sku):
-        raise ConfigError(f"--sku {value!r}: a SKU must be non-empty text without control characters")
-    return sku
+    try:
+        return normalize_sku(value)  # the rule ImageEvent applies
+    except ValueError as exc:
+        raise ConfigError(f"--sku {value!r}: {exc}") from exc
 
 
 def check_broker(settings: Settings) -> None:

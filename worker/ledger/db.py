@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import sqlite3
 import time
@@ -182,11 +183,17 @@ def _refuse_foreign_schema(conn: sa.Connection, url: str) -> None:
         )
 
 
-def known_revisions() -> set[str]:
-    """Every revision of the state schema's history this code has."""
+@functools.cache
+def _scripts():  # type: ignore[no-untyped-def]
+    """The state schema's migration scripts, read once per process (every command checks them)."""
     from alembic.script import ScriptDirectory
 
-    return {s.revision for s in ScriptDirectory.from_config(_alembic_config("sqlite://")).walk_revisions()}
+    return ScriptDirectory.from_config(_alembic_config("sqlite://"))
+
+
+def known_revisions() -> set[str]:
+    """Every revision of the state schema's history this code has."""
+    return {s.revision for s in _scripts().walk_revisions()}
 
 
 def unknown_revision_message(rev: str, url: str) -> str:
@@ -228,9 +235,7 @@ def current_revision(url: str) -> str | None:
 
 def head_revision() -> str:
     """The newest schema revision this code needs."""
-    from alembic.script import ScriptDirectory
-
-    return str(ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head())
+    return str(_scripts().get_current_head())
 
 
 def safe_url(url: str) -> str:
